@@ -1,0 +1,34 @@
+# The two commands of the README:  make demo  |  make test
+# Both create .venv if absent and install the project into it (C++ extension included).
+
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+# CPU wheel from local disk on our machines; set TORCH_SPEC="torch" (or a CUDA index) on a GPU box.
+TORCH_SPEC ?= torch==2.13.0
+EXTRAS ?= test,plot
+comma  := ,
+STAMP  := $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS))
+NATIVE := setup.py pyproject.toml CMakeLists.txt $(wildcard csrc/*)
+
+.PHONY: demo test bench install clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --upgrade setuptools wheel pybind11
+	$(BIN)/pip install "$(TORCH_SPEC)"
+
+$(STAMP): $(BIN)/python $(NATIVE)
+	$(BIN)/pip install --no-build-isolation -e ".[$(EXTRAS)]"
+	touch $@
+
+install: $(STAMP)
+
+demo: install
+	$(BIN)/python -m fastsae demo
+
+test: install
+	$(BIN)/python -m pytest -q
+
+clean:
+	rm -rf build $(VENV) *.egg-info fastsae/_C*.so

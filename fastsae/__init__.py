@@ -1,0 +1,39 @@
+"""fastsae: fast sparse autoencoders for wide dictionaries.
+
+    import fastsae
+    sae = fastsae.TopKSAE(d_in=768, d_sae=32768, k=32)
+    acts = sae.encode(x)          # SparseActs(values [..., k], indices [..., k])
+    x_hat = sae.decode(acts)
+    out = sae.training_forward(x) # .loss, .mse, .fvu, .sparsity, .l0
+    sae.save_pretrained("ckpt"); sae = fastsae.load("ckpt")
+"""
+
+from .checkpoint import load_sae as _load_sae
+from .config import SAEConfig
+from .errors import CheckpointError, ConfigError, FastSAEError, InputError
+from .sae import (
+    SAE_CLASSES,
+    BaseSAE,
+    BatchTopKSAE,
+    JumpReLUSAE,
+    StandardSAE,
+    TopKSAE,
+    TrainOutput,
+    build_sae,
+    sae_class,
+)
+from .sparse import SparseActs
+
+__version__ = "0.1.0"
+
+
+def load(path, device=None, dtype=None) -> BaseSAE:
+    """Load an SAE checkpoint directory (cfg.json + sae_weights.safetensors)."""
+    return _load_sae(path, device=device, dtype=dtype)
+
+
+__all__ = [
+    "SAEConfig", "BaseSAE", "StandardSAE", "TopKSAE", "BatchTopKSAE", "JumpReLUSAE",
+    "TrainOutput", "SparseActs", "SAE_CLASSES", "sae_class", "build_sae", "load",
+    "FastSAEError", "InputError", "ConfigError", "CheckpointError", "__version__",
+]

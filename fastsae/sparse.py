@@ -1,0 +1,71 @@
+"""SparseActs: the compact result of a TopK-family encode.
+
+values/indices have shape [..., m]: m = k for TopK; for BatchTopK and thresholded
+encodes m is the largest number of active latents in any row, and shorter rows are
+padded with value 0 (at an arbitrary index: a padded slot adds nothing when decoded
+or densified).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class SparseActs:
+    values: torch.Tensor
+    indices: torch.Tensor
+    d_sae: int
+
+    def __post_init__(self) -> None:
+        if self.values.shape != self.indices.shape:
+            raise ValueError(
+                f"SparseActs: values {tuple(self.values.shape)} and indices "
+                f"{tuple(self.indices.shape)} must have the same shape"
+            )
+
+    @property
+    def shape(self) -> torch.Size:
+        """Shape of the dense tensor this stands for: [..., d_sae]."""
+        return torch.Size((*self.values.shape[:-1], self.d_sae))
+
+    @property
+    def device(self) -> torch.device:
+        return self.values.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.values.dtype
+
+    def to_dense(self) -> torch.Tensor:
+        dense = self.values.new_zeros(self.shape)
+        # scatter_add, not scatter: a padded slot (value 0) must not overwrite a real value.
+        return dense.scatter_add(-1, self.indices, self.values)
+
+    def l0(self) -> torch.Tensor:
+        """Active latents per row, shape [...]."""
+        return (self.values != 0).sum(-1)
+
+    def flatten_rows(self) -> "SparseActs":
+        m = self.values.shape[-1]
+        return SparseActs(self.values.reshape(-1, m), self.indices.reshape(-1, m), self.d_sae)
+
+    def reshape_rows(self, lead: tuple[int, ...]) -> "SparseActs":
+        m = self.values.shape[-1]
+        return SparseActs(self.values.reshape(*lead, m), self.indices.reshape(*lead, m), self.d_sae)
+
+    def to(self, *args, **kwargs) -> "SparseActs":
+        values = self.values.to(*args, **kwargs)
+        return SparseActs(values, self.indices.to(values.device), self.d_sae)
+
+    @staticmethod
+    def from_dense(dense: torch.Tensor) -> "SparseActs":
+        """Compact a dense [..., n] tensor to its nonzeros (differentiable through values)."""
+        nz = dense != 0
+        m = int(nz.sum(-1).max().item()) if dense.numel() else 0
+        # topk over the 0/1 mask puts every nonzero first; ties among them are irrelevant.
+        idx = nz.to(torch.float32).topk(m, dim=-1).indices if m > 0 else nz.new_zeros(
+            (*dense.shape[:-1], 0), dtype=torch.long)
+        return SparseActs(dense.gather(-1, idx), idx, dense.shape[-1])

@@ -1,0 +1,1 @@
+"""Triton kernels of fastsae, installed as fastsae.kernels (one file per kernel family)."""
