@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from .sparse import SparseActs
+from .sparse import RowSparseGrads, SparseActs
 
 
 def pre_activations(x, W_enc, b_enc, b_dec=None):
@@ -111,13 +111,15 @@ def dense_decode(acts, W_dec, b_dec):
     return out if b_dec is None else out + b_dec
 
 
-def topk_sae_backward(x, values, indices, grad_out, W_enc, W_dec, b_dec=None):
+def topk_sae_backward(x, values, indices, grad_out, W_enc, W_dec, b_dec=None, row_sparse=False):
     """Gradients of a TopK-family step, written out sparsely (DESIGN.md formulas).
 
     values/indices are the post-ReLU encode result, grad_out = ∂L/∂x_hat [N, d].
     b_dec: the bias subtracted from x before encoding, or None if not applied.
     Returns dict: dvalues [N,k], dW_enc [d,n], db_enc [n], dW_dec [n,d], dx [N,d],
     db_dec [d] (decoder-bias part plus, when applied to the input, the encoder part).
+    With row_sparse=True, dW_enc/db_enc/dW_dec are replaced by "rows": a RowSparseGrads
+    holding only the latents that appear in `indices`.
     """
     n = W_dec.shape[0]
     xin = x - b_dec if b_dec is not None else x
@@ -139,6 +141,16 @@ def topk_sae_backward(x, values, indices, grad_out, W_enc, W_dec, b_dec=None):
     db_dec = grad_out.sum(0)
     if b_dec is not None:
         db_dec = db_dec - dxin.sum(0)
+    if row_sparse:
+        latents = torch.unique(flat_idx)
+        rows = RowSparseGrads(
+            latents=latents,
+            W_enc=dW_enc_t[latents].t(),
+            b_enc=db_enc[latents],
+            W_dec=dW_dec[latents],
+            d_sae=n,
+        )
+        return {"dvalues": dvalues, "rows": rows, "dx": dxin, "db_dec": db_dec}
     return {
         "dvalues": dvalues,
         "dW_enc": dW_enc_t.t(),

@@ -69,3 +69,28 @@ class SparseActs:
         idx = nz.to(torch.float32).topk(m, dim=-1).indices if m > 0 else nz.new_zeros(
             (*dense.shape[:-1], 0), dtype=torch.long)
         return SparseActs(dense.gather(-1, idx), idx, dense.shape[-1])
+
+
+@dataclass
+class RowSparseGrads:
+    """Gradients of the latent-indexed parameters, restricted to the latents that fired.
+
+    latents: sorted unique latent ids [u]; W_enc: the gradient's columns for them [d_in, u];
+    b_enc: [u]; W_dec: the gradient's rows [u, d_in]. Every other latent's gradient is zero.
+    """
+
+    latents: torch.Tensor
+    W_enc: torch.Tensor
+    b_enc: torch.Tensor
+    W_dec: torch.Tensor
+    d_sae: int
+
+    def to_dense(self) -> dict[str, torch.Tensor]:
+        d_in = self.W_dec.shape[1]
+        dW_enc = self.W_enc.new_zeros(d_in, self.d_sae)
+        dW_enc[:, self.latents] = self.W_enc
+        db_enc = self.b_enc.new_zeros(self.d_sae)
+        db_enc[self.latents] = self.b_enc
+        dW_dec = self.W_dec.new_zeros(self.d_sae, d_in)
+        dW_dec[self.latents] = self.W_dec
+        return {"dW_enc": dW_enc, "db_enc": db_enc, "dW_dec": dW_dec}
