@@ -1,7 +1,8 @@
 // Sparse decoder on CPU: x_hat[b] = sum_s values[b,s] * W_dec[indices[b,s]] + b_dec.
-// fp32 accumulation whatever the storage dtype; rows are independent, so the loop
+// Accumulates in fp32 for fp16/bf16/fp32 storage and in fp64 for fp64; rows are independent, so the loop
 // over rows is split across threads and the result is deterministic.
 #include <ATen/ATen.h>
+#include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
@@ -23,26 +24,29 @@ at::Tensor sparse_decode_cpu(const at::Tensor& values, const at::Tensor& indices
                 d, "], got ", b_dec->sizes());
   }
 
-  auto vals = values.contiguous().to(at::kFloat);
-  auto idx = indices.contiguous();
   auto W = W_dec.contiguous();
-  const int64_t B = vals.size(0), k = vals.size(1);
-  auto out = b_dec.has_value() ? b_dec->to(at::kFloat).expand({B, d}).contiguous()
-                               : at::zeros({B, d}, vals.options());
+  auto idx = indices.contiguous();
+  const int64_t B = values.size(0), k = values.size(1);
+  at::Tensor out;
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, W.scalar_type(), "sparse_decode", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const auto acc_dtype = c10::CppTypeToScalarType<acc_t>::value;
+    auto vals = values.contiguous().to(acc_dtype);
+    out = b_dec.has_value() ? b_dec->to(acc_dtype).expand({B, d}).contiguous()
+                            : at::zeros({B, d}, vals.options());
     const scalar_t* w = W.data_ptr<scalar_t>();
-    const float* v = vals.data_ptr<float>();
+    const acc_t* v = vals.data_ptr<acc_t>();
     const int64_t* ix = idx.data_ptr<int64_t>();
-    float* o = out.data_ptr<float>();
+    acc_t* o = out.data_ptr<acc_t>();
     at::parallel_for(0, B, 16, [&](int64_t b0, int64_t b1) {
       for (int64_t b = b0; b < b1; ++b) {
-        float* orow = o + b * d;
+        acc_t* orow = o + b * d;
         for (int64_t s = 0; s < k; ++s) {
-          const float c = v[b * k + s];
-          if (c == 0.f) continue;
+          const acc_t c = v[b * k + s];
+          if (c == acc_t(0)) continue;
           const scalar_t* wrow = w + ix[b * k + s] * d;
-          for (int64_t j = 0; j < d; ++j) orow[j] += c * static_cast<float>(wrow[j]);
+          for (int64_t j = 0; j < d; ++j) orow[j] += c * static_cast<acc_t>(wrow[j]);
         }
       }
     });
