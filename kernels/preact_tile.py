@@ -1,0 +1,70 @@
+"""The shared inner loop of every encoder kernel: one [BLOCK_B, BLOCK_N] tile of
+pre-activations (x - b_dec) @ W_enc + b_enc, accumulated in fp32 and kept in registers.
+
+Also the small host-side helpers every launch wrapper needs (interpreter detection,
+dot precision, autotune config lists)."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+
+def interpreted() -> bool:
+    """True when Triton runs on CPU tensors through its interpreter (tests, no GPU)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """fp32 inputs: plain tf32 only when torch itself allows it for matmuls; otherwise the
+    3-pass tf32 split, which matches fp32 closely enough that top-k sets agree with torch."""
+    if interpreted():
+        return "ieee"
+    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
+        return "tf32x3"
+    return "tf32"
+
+
+def upcast(dtype: torch.dtype) -> bool:
+    """Whether kernels must upcast tiles to fp32 before arithmetic (bf16 under the interpreter)."""
+    return interpreted() and dtype == torch.bfloat16
+
+
+def configs(gpu: list[triton.Config], cpu: triton.Config) -> list[triton.Config]:
+    """The autotune search space on a GPU; one small config under the interpreter (fast tests)."""
+    return [cpu] if interpreted() else gpu
+
+
+@triton.jit
+def preact_tile(
+    x_ptr, bdec_ptr, w_ptr, benc_ptr,
+    rows, cols, B, D, N,
+    stride_xb, stride_xd, stride_wd, stride_wn,
+    HAS_BDEC: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+):
+    """fp32 [BLOCK_B, BLOCK_N] pre-activations of `rows` x `cols`. Entries of rows >= B or
+    cols >= N are meaningless: callers mask them to what their epilogue needs."""
+    row_ok = rows < B
+    col_ok = cols < N
+    acc = tl.zeros((BLOCK_B, BLOCK_N), dtype=tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        ds = d0 + tl.arange(0, BLOCK_D)
+        d_ok = ds < D
+        xt = tl.load(x_ptr + rows[:, None] * stride_xb + ds[None, :] * stride_xd,
+                     mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+        wt = tl.load(w_ptr + ds[:, None] * stride_wd + cols[None, :] * stride_wn,
+                     mask=d_ok[:, None] & col_ok[None, :], other=0.0)
+        if UPCAST:  # the interpreter has no bf16 arithmetic: fp32 math on bf16 storage
+            xt = xt.to(tl.float32)
+            wt = wt.to(tl.float32)
+        if HAS_BDEC:
+            # subtract in fp32, round once to the storage dtype: what torch's x - b_dec does
+            bd = tl.load(bdec_ptr + ds, mask=d_ok, other=0.0)
+            xt = (xt.to(tl.float32) - bd.to(tl.float32)[None, :]).to(wt.dtype)
+        acc = tl.dot(xt.to(wt.dtype), wt, acc, input_precision=DOT_PRECISION)
+    be = tl.load(benc_ptr + cols, mask=col_ok, other=0.0)
+    return acc + be.to(tl.float32)[None, :]
