@@ -12,6 +12,7 @@ from .errors import ConfigError
 
 ARCHITECTURES = ("standard", "topk", "batchtopk", "jumprelu")
 _K_ARCHITECTURES = ("topk", "batchtopk")
+NORMALIZATIONS = ("none", "layer_norm", "constant_norm_rescale")
 
 
 def dtype_from_str(name: str | torch.dtype) -> torch.dtype:
@@ -62,6 +63,9 @@ class SAEConfig:
     check_finite: bool = True
     backend: str = "auto"
     metadata: dict[str, Any] = field(default_factory=dict)
+    # Per-row input normalisation undone on the output ("none", "layer_norm" as OpenAI and
+    # SAELens, "constant_norm_rescale" as SAELens). forward() undoes it; decode() alone cannot.
+    normalize_activations: str = "none"
 
     def __post_init__(self) -> None:
         if isinstance(self.dtype, torch.dtype):
@@ -92,6 +96,11 @@ class SAEConfig:
                     "(k is how many latents fire per row)"
                 )
         dtype_from_str(self.dtype)
+        if self.normalize_activations not in NORMALIZATIONS:
+            raise ConfigError(
+                f"normalize_activations {self.normalize_activations!r} is unknown: use one of "
+                f"{', '.join(NORMALIZATIONS)}"
+            )
         if self.backend not in ("auto", "reference", "cpp", "triton"):
             raise ConfigError(
                 f"backend {self.backend!r} is unknown: use 'auto', 'reference', 'cpp' or 'triton'"

@@ -108,6 +108,19 @@ class BaseSAE(nn.Module):
     def _input_b_dec(self):
         return self.b_dec if self.cfg.apply_b_dec_to_input else None
 
+    def _normalize_input(self, x: torch.Tensor):
+        """cfg.normalize_activations applied to x [N, d_in] before encoding, and the map that takes
+        a reconstruction back to x's scale (identity for "none"). Mirrors SAELens and OpenAI."""
+        mode = self.cfg.normalize_activations
+        if mode == "layer_norm":  # OpenAI's LN: unbiased std, eps added to std, not undone
+            mu = x.mean(-1, keepdim=True)
+            std = (x - mu).std(-1, keepdim=True)
+            return (x - mu) / (std + 1e-5), lambda y: y * std + mu
+        if mode == "constant_norm_rescale":
+            coeff = self.d_in ** 0.5 / x.norm(dim=-1, keepdim=True)
+            return x * coeff, lambda y: y / coeff
+        return x, lambda y: y
+
     # ---------------------------------------------------------------- checks
     def _check_input(self, x: torch.Tensor) -> torch.Tensor:
         """Validate x [..., d_in]; return it flattened to [N, d_in] in the SAE's dtype."""
@@ -142,7 +155,7 @@ class BaseSAE(nn.Module):
         """Latent activations of x [..., d_in]: a SparseActs for the TopK family (dense=True
         gives a [..., d_sae] tensor), a dense tensor for ReLU/JumpReLU."""
         lead = x.shape[:-1] if isinstance(x, torch.Tensor) and x.dim() else ()
-        acts = self._encode_2d(self._check_input(x))
+        acts = self._encode_2d(self._normalize_input(self._check_input(x))[0])
         if isinstance(acts, SparseActs):
             acts = acts.reshape_rows(tuple(lead))
             return acts.to_dense() if dense else acts
@@ -168,12 +181,13 @@ class BaseSAE(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """The reconstruction x_hat of x, same shape as x."""
-        return self.decode(self.encode(x))
+        x2, restore = self._normalize_input(self._check_input(x))
+        return restore(self.decode(self._encode_2d(x2))).reshape(x.shape)
 
     def training_forward(self, x: torch.Tensor) -> TrainOutput:
         """Encode, decode and score a batch; backpropagate `.loss`."""
         lead = x.shape[:-1] if isinstance(x, torch.Tensor) and x.dim() else ()
-        x2 = self._check_input(x)
+        x2 = self._normalize_input(self._check_input(x))[0]  # losses in normalised space, as OpenAI
         acts, sparsity = self._train_encode(x2)
         x_hat = self.decode(acts)
         err = (x_hat - x2).float()
