@@ -9,6 +9,7 @@ import sys
 # subcommand -> module with add_arguments(parser) and run(args) -> int
 SUBCOMMANDS = {
     "demo": "fastsae.demo",
+    "toy-sweep": "fastsae.toy_sweep",
 }
 
 
