@@ -97,9 +97,11 @@ def _num_splits(B: int, N: int, K: int, device: torch.device) -> int:
     return int(max(1, min(want, most, 64)))
 
 
-def topk_encode(x, W_enc, b_enc, b_dec, k: int, splits: int | None = None, return_counts: bool = False):
+def topk_encode(x, W_enc, b_enc, b_dec, k: int, splits: int | None = None, return_counts: bool = False,
+                raw: bool = False):
     """(values [B,k] post-ReLU, indices [B,k] int64), sorted descending per row, plus the
-    per-latent fire counts [d_sae] int64 (times selected with value > 0) if return_counts."""
+    per-latent fire counts [d_sae] int64 (times selected with value > 0) if return_counts.
+    raw=True returns the fp32 pre-activations instead (no ReLU, no rounding to x's dtype)."""
     if x.dim() != 2 or W_enc.dim() != 2 or x.shape[1] != W_enc.shape[0]:
         raise ValueError(f"topk_encode: x [B,d] and W_enc [d,n] needed, got {tuple(x.shape)} and {tuple(W_enc.shape)}")
     B, D = x.shape
@@ -121,8 +123,10 @@ def topk_encode(x, W_enc, b_enc, b_dec, k: int, splits: int | None = None, retur
             DOT_PRECISION=dot_precision(W_enc.dtype), UPCAST=upcast(W_enc.dtype),
         )
     top_v, at = cand_v.topk(k, dim=1)
-    values = top_v.relu().to(x.dtype)
     indices = cand_i.gather(1, at).long()
+    if raw:
+        return top_v, indices
+    values = top_v.relu().to(x.dtype)
     if not return_counts:
         return values, indices
     counts = torch.bincount(indices[values > 0], minlength=N)
