@@ -1,0 +1,151 @@
+"""A small training loop for toy-data recovery runs (the sweep and the demo use it).
+
+Adam on `sae.training_forward(x).loss`, decoder rows renormalised to unit norm after every
+step (so the scale lives in the codes and the L1 penalty cannot shrink the dictionary instead
+of the codes), a tqdm bar, and an evaluation of dictionary recovery against the ground truth.
+This is not the general trainer: no checkpoints, no schedules beyond a final linear decay.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from . import metrics
+from .errors import InputError
+from .sae import BaseSAE, StandardSAE, TopKSAE
+from .toy import ToyData
+
+INITS = ("random", "data")
+
+
+def make_toy_sae(architecture: str, data: ToyData, ratio: float, coefficient: float, seed: int = 0) -> BaseSAE:
+    """An SAE for `data` with d_sae = ratio·G: "standard" takes coefficient as the L1
+    coefficient, "topk" as k (rounded to an integer)."""
+    d_sae = max(1, int(round(ratio * data.n_features)))
+    torch.manual_seed(seed)  # the modules draw their random init from the global generator
+    common = dict(d_in=data.d, d_sae=d_sae, device=data.device)
+    if architecture == "standard":
+        return StandardSAE(**common, l1_coefficient=float(coefficient))
+    if architecture == "topk":
+        k = int(round(coefficient))
+        if k != coefficient:
+            raise InputError(f"TopK's sparsity coefficient is k, an integer: got {coefficient}")
+        return TopKSAE(**common, k=k)
+    raise InputError(f"toy runs support architecture 'standard' (ReLU + L1) or 'topk', got {architecture!r}")
+
+
+@torch.no_grad()
+def init_from_data(sae: BaseSAE, x: torch.Tensor) -> None:
+    """Data-sample init: decoder atoms are normalised activation samples, W_enc = W_decᵀ.
+
+    x: [>= d_sae, d_in] samples; the first d_sae rows are used.
+    """
+    if x.dim() != 2 or x.shape[1] != sae.d_in or x.shape[0] < sae.d_sae:
+        raise InputError(f"data init needs x of shape [>= {sae.d_sae}, {sae.d_in}], got {tuple(x.shape)}")
+    atoms = x[: sae.d_sae].float()
+    norms = atoms.norm(dim=1, keepdim=True)
+    if bool((norms == 0).any()):  # an all-zero sample has no direction: use a random one instead
+        fill = torch.randn(atoms.shape, device=atoms.device)
+        atoms = torch.where(norms == 0, fill, atoms)
+    atoms = torch.nn.functional.normalize(atoms, dim=1).to(sae.dtype)
+    sae.W_dec.copy_(atoms)
+    sae.W_enc.copy_(atoms.t())
+
+
+@torch.no_grad()
+def normalize_decoder_rows(sae: BaseSAE) -> None:
+    sae.W_dec.div_(sae.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-8))
+
+
+@torch.no_grad()
+def evaluate(sae: BaseSAE, data: ToyData, n_samples: int = 16384, batch: int = 4096,
+             threshold: float = 0.99, seed: int = 12345) -> dict[str, float]:
+    """Recovery and reconstruction metrics on a fixed evaluation set (same `seed`, same set;
+    the training stream is not advanced)."""
+    gen = torch.Generator(device=data.device).manual_seed(seed)
+    fired = torch.zeros(sae.d_sae, dtype=torch.long, device=sae.device)
+    xs, x_hats, l0s = [], [], []
+    for start in range(0, n_samples, batch):
+        x = data.sample(min(batch, n_samples - start), generator=gen).to(sae.dtype)
+        out = sae.training_forward(x)
+        fired += metrics.latent_fire_counts(out.acts, sae.d_sae)
+        l0s.append(metrics.l0(out.acts) * x.shape[0])
+        xs.append(x)
+        x_hats.append(out.x_hat)
+    x, x_hat = torch.cat(xs), torch.cat(x_hats)
+    cos = metrics.max_cosine_similarities(data.features, sae.W_dec)
+    return {
+        "mmcs": float(cos.mean()),
+        "recovered": float((cos > threshold).float().mean()),
+        "recovery_threshold": threshold,
+        "l0": sum(l0s) / n_samples,
+        "fvu": metrics.fvu(x, x_hat),
+        "shrinkage": metrics.shrinkage(x, x_hat),
+        "dead_latents": metrics.dead_latents(fired),
+        "dead_fraction": metrics.dead_latents(fired) / sae.d_sae,
+        "eval_samples": n_samples,
+    }
+
+
+@dataclass
+class ToyRunResult:
+    """What a toy run returns: final metrics, and MMCS against steps if it was tracked."""
+
+    steps: int
+    seconds: float
+    metrics: dict[str, float]
+    history: list[dict[str, float]] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"steps": self.steps, "seconds": self.seconds, "metrics": self.metrics, "history": self.history}
+
+
+def train_toy(sae: BaseSAE, data: ToyData, steps: int, batch: int = 256, lr: float = 1e-3,
+              init: str = "random", seconds: float | None = None, track_every: int = 0,
+              lr_decay_fraction: float = 0.0, eval_samples: int = 16384, progress: bool = True,
+              desc: str = "training") -> ToyRunResult:
+    """Train `sae` on `data` with Adam for `steps` steps (or until `seconds` have passed).
+
+    init: "random" keeps the module's init, "data" uses `init_from_data` on fresh samples.
+    track_every: every that many steps, record MMCS against the ground truth in `history`.
+    lr_decay_fraction: decay the learning rate linearly to 0 over this last fraction of steps.
+    """
+    if init not in INITS:
+        raise InputError(f"init must be one of {INITS}, got {init!r}")
+    if steps < 1 or batch < 1:
+        raise InputError(f"steps and batch must be positive, got steps={steps}, batch={batch}")
+    if init == "data":
+        init_from_data(sae, data.sample(sae.d_sae).to(sae.dtype))
+    normalize_decoder_rows(sae)
+    opt = torch.optim.Adam(sae.parameters(), lr=lr)
+    decay_start = int(steps * (1.0 - lr_decay_fraction))
+    history: list[dict[str, float]] = []
+    start = time.perf_counter()
+    bar = tqdm(total=steps, desc=desc, unit="step", mininterval=1.0, disable=not progress, leave=False)
+    step = 0
+    while step < steps and (seconds is None or time.perf_counter() - start < seconds):
+        if track_every and step % track_every == 0:
+            history.append({"step": step, "mmcs": metrics.mmcs(data.features, sae.W_dec)})
+        if step >= decay_start:
+            for group in opt.param_groups:
+                group["lr"] = lr * (steps - step) / max(steps - decay_start, 1)
+        out = sae.training_forward(data.sample(batch).to(sae.dtype))
+        opt.zero_grad(set_to_none=True)
+        out.loss.backward()
+        opt.step()
+        normalize_decoder_rows(sae)
+        step += 1
+        bar.update(1)
+        if step % 100 == 0:
+            bar.set_postfix(fvu=f"{float(out.fvu.detach()):.4f}", l0=f"{float(out.l0):.1f}")
+    bar.close()
+    elapsed = time.perf_counter() - start
+    if track_every:
+        history.append({"step": step, "mmcs": metrics.mmcs(data.features, sae.W_dec)})
+    result = evaluate(sae, data, n_samples=eval_samples)
+    return ToyRunResult(steps=step, seconds=elapsed, metrics=result, history=history)
