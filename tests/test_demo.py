@@ -1,0 +1,16 @@
+"""`fastsae demo` end to end on a 2-second budget."""
+
+from fastsae.cli import main
+
+
+def test_demo_smoke(capsys):
+    assert main(["demo", "--seconds", "2", "--d", "16", "--features", "32", "--eval-samples", "512"]) == 0
+    out = capsys.readouterr().out
+    for line in ("MMCS", "L0", "FVU", "dead latents", "recovered"):
+        assert line in out
+
+
+def test_demo_standard_random_init(capsys):
+    assert main(["demo", "--seconds", "2", "--max-steps", "20", "--arch", "standard", "--init", "random",
+                 "--d", "16", "--features", "32", "--eval-samples", "512"]) == 0
+    assert "trained 20 steps" in capsys.readouterr().out
