@@ -1,0 +1,271 @@
+"""Activation sources: where training batches [B, d_in] come from.
+
+* TensorSource: an in-memory tensor, reshuffled every epoch.
+* IterableSource: any iterable of batches (a list, a generator, a DataLoader).
+* ShardSource: activation shards on disk (.npy, memory-mapped, or .safetensors, read by
+  slice), streamed through a shuffle buffer, so data larger than RAM trains.
+
+Every source has state_dict()/load_state_dict(): the trainer saves the position with each
+checkpoint, and a resumed run sees exactly the batches the uninterrupted run would have.
+Shuffling is a pure function of (seed, epoch, buffer number), so resuming needs only a few
+integers, never the buffer's contents.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Callable, Iterable, Iterator
+
+import numpy as np
+import torch
+
+from .errors import InputError
+
+SHARD_SUFFIXES = (".npy", ".safetensors")
+
+
+def _generator(*keys: int) -> torch.Generator:
+    seed = 0
+    for k in keys:  # mix the keys into one 63-bit seed
+        seed = (seed * 1_000_003 + int(k) + 1) % (2**63 - 1)
+    return torch.Generator().manual_seed(seed)
+
+
+def _as_rows(batch, d_in: int | None, where: str) -> torch.Tensor:
+    if isinstance(batch, np.ndarray):
+        batch = torch.from_numpy(np.ascontiguousarray(batch))
+    if not isinstance(batch, torch.Tensor):
+        raise InputError(f"{where} yielded a {type(batch).__name__}; a batch must be a tensor [..., d_in]")
+    if batch.dim() == 0:
+        raise InputError(f"{where} yielded a scalar; a batch must be a tensor [..., d_in]")
+    if d_in is not None and batch.shape[-1] != d_in:
+        raise InputError(
+            f"{where} yielded activations of dimension {batch.shape[-1]} (shape {tuple(batch.shape)}), "
+            f"but the SAE has d_in={d_in}: train on the hook point the SAE was built for"
+        )
+    return batch.reshape(-1, batch.shape[-1])
+
+
+class ActivationSource:
+    """An endless (or finite, for IterableSource) stream of [B, d_in] batches."""
+
+    d_in: int | None = None
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        raise NotImplementedError
+
+    def state_dict(self) -> dict:
+        raise NotImplementedError
+
+    def load_state_dict(self, state: dict) -> None:
+        raise NotImplementedError
+
+    def sample(self, n_rows: int) -> torch.Tensor:
+        """Up to n_rows rows for initialisation, without moving the training position."""
+        state = self.state_dict()
+        rows, got = [], 0
+        for batch in self:
+            rows.append(batch)
+            got += batch.shape[0]
+            if got >= n_rows:
+                break
+        self.load_state_dict(state)
+        if not rows:
+            raise InputError("the activation source is empty")
+        return torch.cat(rows)[:n_rows]
+
+
+class TensorSource(ActivationSource):
+    """Batches of `batch_size` rows from an in-memory tensor [N, d] (or [..., d]), in a fresh
+    random order every epoch (shuffle=True) or in order. A last partial batch is dropped."""
+
+    def __init__(self, data: torch.Tensor, batch_size: int, shuffle: bool = True, seed: int = 0):
+        self.data = _as_rows(data, None, "TensorSource")
+        if not 1 <= batch_size <= self.data.shape[0]:
+            raise InputError(
+                f"batch_size={batch_size} must be between 1 and the number of rows ({self.data.shape[0]})"
+            )
+        self.d_in = self.data.shape[1]
+        self.batch_size, self.shuffle, self.seed = batch_size, shuffle, seed
+        self.epoch, self.position = 0, 0
+
+    def _order(self, epoch: int) -> torch.Tensor:
+        n = self.data.shape[0]
+        return torch.randperm(n, generator=_generator(self.seed, epoch)) if self.shuffle else torch.arange(n)
+
+    def __iter__(self):
+        n, b = self.data.shape[0], self.batch_size
+        order = self._order(self.epoch)
+        while True:
+            if self.position + b > n:
+                self.epoch, self.position = self.epoch + 1, 0
+                order = self._order(self.epoch)
+            idx = order[self.position:self.position + b].to(self.data.device)
+            self.position += b
+            yield self.data[idx]
+
+    def state_dict(self):
+        return {"epoch": self.epoch, "position": self.position, "seed": self.seed}
+
+    def load_state_dict(self, state):
+        self.epoch, self.position, self.seed = state["epoch"], state["position"], state["seed"]
+
+
+class IterableSource(ActivationSource):
+    """Batches from any iterable (re-iterable, or a zero-argument factory that returns a fresh
+    iterator). Each batch [..., d] is flattened to rows. Resuming skips the batches already
+    consumed, so a resumed run sees the same data if the iterable replays the same batches."""
+
+    def __init__(self, batches: Iterable | Callable[[], Iterable], d_in: int | None = None):
+        self.factory = batches if callable(batches) and not hasattr(batches, "__iter__") else (lambda: batches)
+        self.d_in = d_in
+        self.consumed = 0
+
+    def __iter__(self):
+        skip = self.consumed
+        for i, batch in enumerate(self.factory()):
+            if i < skip:
+                continue
+            rows = _as_rows(batch, self.d_in, "the batch iterable")
+            self.consumed = i + 1
+            yield rows
+
+    def state_dict(self):
+        return {"consumed": self.consumed}
+
+    def load_state_dict(self, state):
+        self.consumed = state["consumed"]
+
+
+class _Shard:
+    """One on-disk [rows, d] array, read by row range without loading the rest."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        if path.suffix == ".npy":
+            self.array = np.load(path, mmap_mode="r")
+            shape = self.array.shape
+        elif path.suffix == ".safetensors":
+            from safetensors import safe_open
+
+            self.file = safe_open(str(path), framework="pt")
+            keys = list(self.file.keys())
+            key = "activations" if "activations" in keys else (keys[0] if len(keys) == 1 else None)
+            if key is None:
+                raise InputError(f"{path} holds tensors {keys}: name the activations 'activations'")
+            self.slice = self.file.get_slice(key)
+            shape = tuple(self.slice.get_shape())
+        else:
+            raise InputError(f"{path}: shard files must end in {' or '.join(SHARD_SUFFIXES)}")
+        if len(shape) != 2:
+            raise InputError(f"{path} holds an array of shape {tuple(shape)}; shards must be [rows, d_in]")
+        self.rows, self.d = int(shape[0]), int(shape[1])
+
+    def read(self, start: int, stop: int) -> torch.Tensor:
+        if self.path.suffix == ".npy":
+            return torch.from_numpy(np.array(self.array[start:stop]))
+        return self.slice[start:stop]
+
+
+def shard_paths(location: str | Path | Iterable[str | Path]) -> list[Path]:
+    """The shard files of a directory (sorted), or the given list of files."""
+    if isinstance(location, (str, Path)):
+        location = Path(location)
+        if location.is_dir():
+            paths = sorted(p for p in location.iterdir() if p.suffix in SHARD_SUFFIXES)
+            if not paths:
+                raise InputError(f"{location} has no {' or '.join(SHARD_SUFFIXES)} shard files")
+            return paths
+        return [location]
+    return [Path(p) for p in location]
+
+
+class ShardSource(ActivationSource):
+    """Stream batches from activation shards on disk through a shuffle buffer.
+
+    The shards are cut into chunks of `chunk_rows` contiguous rows. Each epoch visits the
+    chunks in a random order; `buffer_rows // chunk_rows` consecutive chunks are loaded
+    together and their rows permuted, and batches are cut from the stream of permuted
+    buffers. Memory: one buffer (buffer_rows × d) plus a batch. shuffle=False reads in order.
+    """
+
+    def __init__(self, shards, batch_size: int, shuffle: bool = True, buffer_rows: int = 262_144,
+                 chunk_rows: int = 4096, seed: int = 0, dtype: torch.dtype = torch.float32):
+        self.shards = [_Shard(p) for p in shard_paths(shards)]
+        dims = {s.d for s in self.shards}
+        if len(dims) > 1:
+            sizes = ", ".join(f"{s.path.name}: {s.d}" for s in self.shards)
+            raise InputError(f"shards disagree on the activation dimension ({sizes}): keep one hook point per run")
+        self.d_in = self.shards[0].d
+        self.chunks = [(i, a, min(a + chunk_rows, s.rows)) for i, s in enumerate(self.shards)
+                       for a in range(0, s.rows, chunk_rows)]
+        if not self.chunks:
+            raise InputError("the shards hold no rows")
+        self.batch_size, self.shuffle, self.seed, self.dtype = batch_size, shuffle, seed, dtype
+        self.chunks_per_buffer = max(1, buffer_rows // chunk_rows)
+        self.n_buffers = -(-len(self.chunks) // self.chunks_per_buffer)
+        self.epoch, self.buffer, self.offset = 0, 0, 0
+
+    @property
+    def n_rows(self) -> int:
+        return sum(s.rows for s in self.shards)
+
+    def _load_buffer(self, epoch: int, buffer: int) -> torch.Tensor:
+        order = torch.randperm(len(self.chunks), generator=_generator(self.seed, epoch)) if self.shuffle \
+            else torch.arange(len(self.chunks))
+        picked = order[buffer * self.chunks_per_buffer:(buffer + 1) * self.chunks_per_buffer].tolist()
+        rows = torch.cat([self.shards[i].read(a, b) for i, a, b in (self.chunks[c] for c in picked)])
+        if self.shuffle:
+            rows = rows[torch.randperm(rows.shape[0], generator=_generator(self.seed, epoch, buffer + 1))]
+        return rows.to(self.dtype)
+
+    def __iter__(self):
+        pending, have = [], 0
+        while True:
+            buf = self._load_buffer(self.epoch, self.buffer)
+            while self.offset < buf.shape[0]:
+                take = min(self.batch_size - have, buf.shape[0] - self.offset)
+                pending.append(buf[self.offset:self.offset + take])
+                self.offset += take
+                have += take
+                if have == self.batch_size:
+                    batch = torch.cat(pending) if len(pending) > 1 else pending[0]
+                    pending, have = [], 0
+                    if self.offset == buf.shape[0]:  # keep the position canonical for resume
+                        self._next_buffer()
+                        yield batch
+                        break
+                    yield batch
+            else:
+                self._next_buffer()
+
+    def _next_buffer(self) -> None:
+        self.buffer, self.offset = self.buffer + 1, 0
+        if self.buffer == self.n_buffers:
+            self.epoch, self.buffer = self.epoch + 1, 0
+
+    def state_dict(self):
+        return {"epoch": self.epoch, "buffer": self.buffer, "offset": self.offset, "seed": self.seed}
+
+    def load_state_dict(self, state):
+        self.epoch, self.buffer, self.offset, self.seed = (
+            state["epoch"], state["buffer"], state["offset"], state["seed"])
+
+
+def read_manifest(directory: str | Path) -> dict:
+    """The manifest.json that `fastsae harvest` writes beside its shards ({} if none)."""
+    p = Path(directory) / "manifest.json"
+    return json.loads(p.read_text(encoding="utf-8")) if p.is_file() else {}
+
+
+def as_source(data, batch_size: int, shuffle: bool = True, seed: int = 0) -> ActivationSource:
+    """Wrap a tensor, a shard directory/file or an iterable of batches as a source."""
+    if isinstance(data, ActivationSource):
+        return data
+    if isinstance(data, (torch.Tensor, np.ndarray)):
+        t = torch.as_tensor(data)
+        return TensorSource(t, batch_size, shuffle=shuffle, seed=seed)
+    if isinstance(data, (str, Path)):
+        return ShardSource(data, batch_size, shuffle=shuffle, seed=seed)
+    return IterableSource(data)

@@ -1,0 +1,76 @@
+"""Initialisation from data: b_dec at the geometric median, dictionary atoms from samples.
+
+Tied init (W_enc = W_decᵀ, unit-norm decoder rows) is what BaseSAE.reset_parameters does;
+`tie_encoder_` re-applies it after the decoder was changed here.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .constraints import normalize_rows_
+from .errors import InputError
+
+
+@torch.no_grad()
+def geometric_median(points: torch.Tensor, max_iter: int = 100, tol: float = 1e-6) -> torch.Tensor:
+    """The point minimising the sum of Euclidean distances to `points` [N, d] (Weiszfeld's
+    algorithm, started at the mean). Robust to outliers, unlike the mean."""
+    if points.dim() != 2 or points.shape[0] == 0:
+        raise InputError(f"geometric_median needs a non-empty [N, d] sample, got shape {tuple(points.shape)}")
+    p = points.double()
+    median = p.mean(0)
+    for _ in range(max_iter):
+        w = 1.0 / (p - median).norm(dim=1).clamp_min(1e-12)
+        new = (w.unsqueeze(1) * p).sum(0) / w.sum()
+        moved = float((new - median).norm())
+        median = new
+        if moved <= tol * max(1.0, float(median.norm())):
+            break
+    return median.to(points.dtype)
+
+
+@torch.no_grad()
+def tie_encoder_(sae) -> None:
+    """W_enc = W_decᵀ."""
+    sae.W_enc.copy_(sae.W_dec.t())
+
+
+@torch.no_grad()
+def init_b_dec_(sae, sample: torch.Tensor, method: str = "geometric_median") -> None:
+    """Set b_dec from a sample [N, d_in]: "geometric_median", "mean" or "zeros"."""
+    if method == "zeros":
+        sae.b_dec.zero_()
+        return
+    x = sample.reshape(-1, sample.shape[-1]).float()
+    if method == "mean":
+        sae.b_dec.copy_(x.mean(0))
+    elif method == "geometric_median":
+        sae.b_dec.copy_(geometric_median(x))
+    else:
+        raise InputError(f"b_dec init {method!r} is unknown: use 'geometric_median', 'mean' or 'zeros'")
+
+
+@torch.no_grad()
+def init_from_data_(sae, sample: torch.Tensor, fraction: float = 1.0,
+                    generator: torch.Generator | None = None) -> int:
+    """Data-sample init: set a `fraction` of the decoder rows (chosen at random) to
+    normalised, b_dec-centred activation samples, then tie the encoder. Returns how many
+    rows were set. Rows past the sample size reuse samples (drawn with replacement)."""
+    if not 0.0 <= fraction <= 1.0:
+        raise InputError(f"data init fraction must be in [0, 1], got {fraction}")
+    x = sample.reshape(-1, sample.shape[-1]).float().to(sae.device)
+    if x.shape[0] == 0:
+        raise InputError("data-sample init needs at least one activation row")
+    n = sae.d_sae
+    m = int(round(fraction * n))
+    if m == 0:
+        return 0
+    rows = torch.randperm(n, generator=generator)[:m].to(sae.device)
+    pick = torch.randint(x.shape[0], (m,), generator=generator).to(sae.device) if m > x.shape[0] \
+        else torch.randperm(x.shape[0], generator=generator)[:m].to(sae.device)
+    atoms = x[pick] - sae.b_dec.float()
+    sae.W_dec.index_copy_(0, rows, atoms.to(sae.W_dec.dtype))
+    normalize_rows_(sae.W_dec, rows)
+    tie_encoder_(sae)
+    return m

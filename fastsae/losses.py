@@ -1,0 +1,68 @@
+"""Loss terms beyond what the SAE modules compute: reconstruction scores and AuxK.
+
+The modules' `training_forward` already returns MSE, FVU and the architecture's sparsity
+penalty (L1 weighted by decoder row norms for ReLU SAEs, not divided by d_sae, so a
+coefficient means the same at every width; the JumpReLU L0 with its straight-through
+estimator). AuxK (Gao et al. 2024) is here because it needs the trainer's record of which
+latents are dead.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def mse(x_hat: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Squared error summed over features, averaged over rows (the SAELens convention)."""
+    return (x_hat.float() - x.float()).pow(2).sum(-1).mean()
+
+
+def total_variance(x: torch.Tensor) -> torch.Tensor:
+    x = x.float()
+    return (x - x.mean(0)).pow(2).sum().clamp_min(torch.finfo(torch.float32).tiny)
+
+
+def fvu(x_hat: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Fraction of variance unexplained: squared error / variance of x about its batch mean."""
+    return (x_hat.float() - x.float()).pow(2).sum() / total_variance(x)
+
+
+def relative_reconstruction_bias(x_hat: torch.Tensor, x: torch.Tensor) -> float:
+    """γ = E‖x̂‖² / E⟨x̂, x⟩, the scale that best maps x̂ onto x (Wright & Sharkey 2024):
+    γ < 1 means the SAE shrinks its reconstructions."""
+    x_hat, x = x_hat.float(), x.float()
+    dot = float((x_hat * x).sum())
+    return float(x_hat.pow(2).sum()) / dot if dot != 0 else float("nan")
+
+
+@torch.no_grad()
+def top_dead_latents(x_in: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor,
+                     dead: torch.Tensor, k_aux: int, chunk: int = 32768) -> torch.Tensor:
+    """Indices [B, k'] (k' = min(k_aux, #dead)) of each row's largest pre-activations among
+    the `dead` latent ids, found chunk by chunk so no [B, #dead] tensor is held."""
+    k_aux = min(k_aux, dead.numel())
+    best_v = x_in.new_empty(x_in.shape[0], 0)
+    best_i = dead.new_empty(x_in.shape[0], 0)
+    for start in range(0, dead.numel(), chunk):
+        ids = dead[start:start + chunk]
+        pre = x_in @ W_enc[:, ids] + b_enc[ids]
+        v = torch.cat([best_v, pre], 1)
+        i = torch.cat([best_i, ids.expand(x_in.shape[0], -1)], 1)
+        best_v, pos = v.topk(min(k_aux, v.shape[1]), dim=1)
+        best_i = i.gather(1, pos)
+    return best_i
+
+
+def auxk_loss(x_in: torch.Tensor, residual: torch.Tensor, idx: torch.Tensor, W_enc: torch.Tensor,
+              b_enc: torch.Tensor, W_dec: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+    """AuxK: reconstruct the main model's (detached) residual from the chosen dead latents.
+
+    idx [B, k'] indexes the latent dimension of W_enc [d, m], b_enc [m], W_dec [m, d] (the
+    full parameters, or gathered copies of the touched latents); the gradient reaches both
+    the encoder (through the pre-activations) and the decoder. Normalised by the residual's
+    variance, so it reads like an FVU, and scaled by min(#dead / k_aux, 1) by the caller.
+    """
+    residual = residual.detach().float()
+    pre = torch.einsum("bd,dbk->bk", x_in.to(W_enc.dtype), W_enc[:, idx]) + b_enc[idx]
+    recon = torch.einsum("bk,bkd->bd", pre.relu(), W_dec[idx]).float()
+    return scale * (recon - residual).pow(2).sum() / total_variance(residual)
