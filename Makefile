@@ -6,7 +6,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 # CPU wheel from local disk on our machines; set TORCH_SPEC="torch" (or a CUDA index) on a GPU box.
 TORCH_SPEC ?= torch==2.13.0
-EXTRAS ?= test,plot
+EXTRAS ?= test,plot,compat
 comma  := ,
 STAMP  := $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS))
 NATIVE := setup.py pyproject.toml CMakeLists.txt $(wildcard csrc/*)
@@ -20,6 +20,8 @@ $(BIN)/python:
 
 $(STAMP): $(BIN)/python $(NATIVE)
 	$(BIN)/pip install --no-build-isolation -e ".[$(EXTRAS)]"
+	# PyPI torchvision (pulled in by a compat peer) fails to import beside CPU torch; nothing needs it.
+	$(BIN)/pip uninstall -y -q torchvision 2>/dev/null || true
 	touch $@
 
 install: $(STAMP)

@@ -8,7 +8,6 @@
     sae.save_pretrained("ckpt"); sae = fastsae.load("ckpt")
 """
 
-from .checkpoint import load_sae as _load_sae
 from .config import SAEConfig
 from .errors import CheckpointError, ConfigError, FastSAEError, InputError
 from .sae import (
@@ -27,9 +26,13 @@ from .sparse import SparseActs
 __version__ = "0.1.0"
 
 
-def load(path, device=None, dtype=None) -> BaseSAE:
-    """Load an SAE checkpoint directory (cfg.json + sae_weights.safetensors)."""
-    return _load_sae(path, device=device, dtype=dtype)
+def load(path, format=None, device=None, dtype=None, **options) -> BaseSAE:
+    """Load an SAE checkpoint: fastsae's own (cfg.json + sae_weights.safetensors) or SAELens,
+    sparsify, dictionary_learning, OpenAI or Gemma Scope (see fastsae.formats); the format is
+    detected unless `format` names it. `options` go to that format's loader."""
+    from .formats import load as _load_any
+
+    return _load_any(path, format=format, device=device, dtype=dtype, **options)
 
 
 __all__ = [
