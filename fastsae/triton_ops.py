@@ -13,6 +13,7 @@ and `relu_forward` / `jumprelu_forward` (fused encode->decode, no [B, d_sae]) ar
 for the modules and the trainer.
 """
 
+import functools
 from typing import Optional
 
 import torch
@@ -27,6 +28,24 @@ from .kernels.preact_tile import interpreted
 from .sparse import SparseActs
 
 DEVICES = ("cuda", "cpu") if interpreted() else ("cuda",)
+# The kernels accumulate in fp32; other dtypes (float64 oracles in tests) take the reference.
+KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _register(op: str):
+    """ops.register for the triton backend, routing dtypes the kernels lack to the reference."""
+    fallback = getattr(reference, op)
+
+    def deco(fn):
+        @functools.wraps(fn)
+        def dispatch(first, *args):
+            if first.dtype not in KERNEL_DTYPES:
+                return fallback(first, *args)
+            return fn(first, *args)
+
+        return ops.register(op, "triton", devices=DEVICES)(dispatch)
+
+    return deco
 
 
 # ------------------------------------------------------------------ shared backward formulas
@@ -74,7 +93,7 @@ def _(x, W_enc, b_enc, b_dec, k):
 _topk_encode_op.register_autograd(_encode_backward, setup_context=_encode_setup)
 
 
-@ops.register("topk_encode", "triton", devices=DEVICES)
+@_register("topk_encode")
 def topk_encode(x, W_enc, b_enc, b_dec, k):
     if k > _topk.MAX_K:  # too wide for the register-resident top-k buffer
         return reference.topk_encode(x, W_enc, b_enc, b_dec, k)
@@ -104,7 +123,7 @@ def _(x, W_enc, b_enc, b_dec, k):
 _batchtopk_op.register_autograd(_encode_backward, setup_context=_encode_setup)
 
 
-@ops.register("batchtopk_encode", "triton", devices=DEVICES)
+@_register("batchtopk_encode")
 def batchtopk_encode(x, W_enc, b_enc, b_dec, k):
     values, indices = _batchtopk_op(x, W_enc, b_enc, b_dec, k)
     return SparseActs(values, indices, W_enc.shape[1])
@@ -128,7 +147,7 @@ def _(x, W_enc, b_enc, b_dec, threshold):
 _threshold_op.register_autograd(_encode_backward, setup_context=_encode_setup)
 
 
-@ops.register("threshold_encode", "triton", devices=DEVICES)
+@_register("threshold_encode")
 def threshold_encode(x, W_enc, b_enc, b_dec, threshold):
     threshold = torch.as_tensor(threshold, dtype=W_enc.dtype, device=W_enc.device)
     values, indices = _threshold_op(x, W_enc, b_enc, b_dec, threshold)
@@ -169,7 +188,7 @@ def _decode_backward(ctx, grad):
 _sparse_decode_op.register_autograd(_decode_backward, setup_context=_decode_setup)
 
 
-@ops.register("sparse_decode", "triton", devices=DEVICES)
+@_register("sparse_decode")
 def sparse_decode(values, indices, W_dec, b_dec):
     return _sparse_decode_op(values, indices, W_dec, b_dec)
 
