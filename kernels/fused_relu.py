@@ -62,7 +62,7 @@ def _fused_threshold_kernel(
         active = row_ok[:, None] & col_ok[None, :] & (pre > th[None, :])
         act = tl.where(active, pre, 0.0)
         if FUSE_DECODE:
-            wd = tl.load(wdec_ptr + cols[:, None] * stride_dn + douts[None, :] * stride_dd,
+            wd = tl.load(wdec_ptr + cols.to(tl.int64)[:, None] * stride_dn + douts[None, :] * stride_dd,
                          mask=col_ok[:, None] & dout_ok[None, :], other=0.0)
             if UPCAST:
                 wd = wd.to(tl.float32)
@@ -85,7 +85,7 @@ def _fused_threshold_kernel(
     if FUSE_DECODE:
         if HAS_BDEC_OUT:
             acc += tl.load(bdec_out_ptr + douts, mask=dout_ok, other=0.0).to(tl.float32)[None, :]
-        tl.store(out_ptr + rows[:, None] * stride_ob + douts[None, :] * stride_od, acc,
+        tl.store(out_ptr + rows.to(tl.int64)[:, None] * stride_ob + douts[None, :] * stride_od, acc,
                  mask=row_ok[:, None] & dout_ok[None, :])
 
 

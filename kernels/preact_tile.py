@@ -50,13 +50,17 @@ def preact_tile(
     cols >= N are meaningless: callers mask them to what their epilogue needs."""
     row_ok = rows < B
     col_ok = cols < N
+    # int64 offsets: W_enc of d_in=4096 x d_sae=2^20 has 2^32 elements
+    rows64 = rows.to(tl.int64)
+    cols64 = cols.to(tl.int64)
     acc = tl.zeros((BLOCK_B, BLOCK_N), dtype=tl.float32)
     for d0 in range(0, D, BLOCK_D):
         ds = d0 + tl.arange(0, BLOCK_D)
         d_ok = ds < D
-        xt = tl.load(x_ptr + rows[:, None] * stride_xb + ds[None, :] * stride_xd,
+        ds64 = ds.to(tl.int64)
+        xt = tl.load(x_ptr + rows64[:, None] * stride_xb + ds64[None, :] * stride_xd,
                      mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-        wt = tl.load(w_ptr + ds[:, None] * stride_wd + cols[None, :] * stride_wn,
+        wt = tl.load(w_ptr + ds64[:, None] * stride_wd + cols64[None, :] * stride_wn,
                      mask=d_ok[:, None] & col_ok[None, :], other=0.0)
         if UPCAST:  # the interpreter has no bf16 arithmetic: fp32 math on bf16 storage
             xt = xt.to(tl.float32)

@@ -33,6 +33,7 @@ def _sparse_decode_kernel(
     BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
+    rows64 = rows.to(tl.int64)  # B * d_in may pass 2^31
     ds = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     row_ok = rows < B
     d_ok = ds < D
@@ -40,14 +41,14 @@ def _sparse_decode_kernel(
     acc = tl.zeros((BLOCK_B, BLOCK_D), dtype=tl.float32)
     for s in range(K):
         v = tl.load(val_ptr + rows * stride_vb + s * stride_vk, mask=row_ok, other=0.0).to(tl.float32)
-        j = tl.load(idx_ptr + rows * stride_ib + s * stride_ik, mask=row_ok, other=0)
+        j = tl.load(idx_ptr + rows * stride_ib + s * stride_ik, mask=row_ok, other=0).to(tl.int64)
         w = tl.load(w_ptr + j[:, None] * stride_wn + ds[None, :] * stride_wd, mask=both, other=0.0)
         acc += v[:, None] * w.to(tl.float32)
     if HAS_BDEC:
         acc += tl.load(bdec_ptr + ds, mask=d_ok, other=0.0).to(tl.float32)[None, :]
-    tl.store(out_ptr + rows[:, None] * stride_ob + ds[None, :] * stride_od, acc, mask=both)
+    tl.store(out_ptr + rows64[:, None] * stride_ob + ds[None, :] * stride_od, acc, mask=both)
     if HAS_X:
-        x = tl.load(x_ptr + rows[:, None] * stride_xb + ds[None, :] * stride_xd, mask=both, other=0.0)
+        x = tl.load(x_ptr + rows64[:, None] * stride_xb + ds[None, :] * stride_xd, mask=both, other=0.0)
         err = tl.where(both, acc - x.to(tl.float32), 0.0)
         tl.atomic_add(sq_ptr + rows, tl.sum(err * err, axis=1), mask=row_ok)
 
