@@ -3,6 +3,8 @@
 #pragma once
 #include <ATen/ATen.h>
 
+#include <string>
+
 namespace fastsae {
 
 inline void check_float_matrix(const at::Tensor& t, const char* name, const char* op) {
@@ -27,6 +29,35 @@ inline void check_indices_in_range(const at::Tensor& indices, int64_t n, const c
   const int64_t hi = indices.max().item<int64_t>();
   TORCH_CHECK(lo >= 0 && hi < n, op, ": latent index out of range [0, ", n, "): got min ", lo,
               ", max ", hi);
+}
+
+}  // namespace fastsae
+
+namespace fastsae {
+
+// t must be [rows, cols] (a negative size means "any").
+inline void check_shape2(const at::Tensor& t, int64_t rows, int64_t cols, const char* name,
+                         const char* op) {
+  TORCH_CHECK(t.dim() == 2 && (rows < 0 || t.size(0) == rows) && (cols < 0 || t.size(1) == cols),
+              op, ": ", name, " must have shape [", rows < 0 ? std::string("*") : std::to_string(rows),
+              ", ", cols < 0 ? std::string("*") : std::to_string(cols), "], got ", t.sizes());
+}
+
+inline void check_vector(const at::Tensor& t, int64_t n, const char* name, const char* op) {
+  TORCH_CHECK(t.dim() == 1 && t.size(0) == n, op, ": ", name, " must have shape [", n, "], got ",
+              t.sizes());
+}
+
+inline void check_same_dtype(const at::Tensor& t, const at::Tensor& ref, const char* name,
+                             const char* ref_name, const char* op) {
+  TORCH_CHECK(t.scalar_type() == ref.scalar_type(), op, ": ", name, " is ", t.scalar_type(), " but ",
+              ref_name, " is ", ref.scalar_type(), "; cast them to one dtype");
+}
+
+inline void check_same_device(const at::Tensor& t, const at::Tensor& ref, const char* name,
+                              const char* ref_name, const char* op) {
+  TORCH_CHECK(t.device() == ref.device(), op, ": ", name, " is on ", t.device(), " but ", ref_name,
+              " is on ", ref.device(), "; move them to one device");
 }
 
 }  // namespace fastsae
