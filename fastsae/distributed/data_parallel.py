@@ -1,0 +1,107 @@
+"""Data parallel on top of latent sharding: replicas of each shard see different batches and
+average their gradients within their shard group (the ranks holding the same latents).
+
+Dense gradients (autograd path) are averaged in one flat all_reduce per step; row-sparse
+gradients (the TopK explicit backward) are merged over the union of the latents any replica
+touched, so nothing O(d_sae) is communicated. The mean over replicas of each replica's
+batch-mean loss is the loss of the whole global batch when replicas take equal batches, so
+the step equals the single-process step on the concatenated batch (for TopK, ReLU and
+JumpReLU; BatchTopK selects per replica batch, as any data-parallel BatchTopK does).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
+from ..sparse import RowSparseGrads
+from .collectives import all_gather_padded, all_reduce_, checked
+from .groups import ParallelLayout
+
+
+def reduce_gradients(module: nn.Module, layout: ParallelLayout) -> None:
+    """Average .grad of every trainable parameter over the shard group (call after backward,
+    before the optimizer step). A parameter without a gradient counts as zero, so replicas
+    always exchange the same tensors."""
+    group = layout.shard_group
+    if group is None:
+        return
+    params = [p for p in module.parameters() if p.requires_grad]
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    grads = [p.grad for p in params]
+    flat = _flatten_dense_tensors(grads)
+    all_reduce_(flat, group, what="all_reduce of the gradients over the replicas")
+    flat /= layout.replicas
+    for g, reduced in zip(grads, _unflatten_dense_tensors(flat, grads)):
+        g.copy_(reduced)
+
+
+@torch.no_grad()
+def reduce_row_sparse(rows: RowSparseGrads, db_dec: torch.Tensor, layout: ParallelLayout):
+    """Average a row-sparse gradient (and the dense db_dec) over the shard group: the result
+    covers the union of the latents any replica touched; a latent one replica did not touch
+    contributes zero from it."""
+    group = layout.shard_group
+    if group is None:
+        return rows, db_dec
+    d = rows.W_dec.shape[1]
+    # one [u, 2d+1] block per replica: W_enc column, W_dec row and b_enc of each touched latent
+    block = torch.cat([rows.W_enc.t(), rows.W_dec.to(rows.W_enc.dtype), rows.b_enc.unsqueeze(1)], 1)
+    ids = all_gather_padded(rows.latents.unsqueeze(0), group, -1, "all_gather of the touched latents")[0]
+    blocks = all_gather_padded(block.t().contiguous(), group, 0, "all_gather of the row-sparse gradients").t()
+    real = ids >= 0
+    latents, inverse = torch.unique(ids[real], return_inverse=True)
+    summed = blocks.new_zeros(latents.numel(), blocks.shape[1]).index_add_(0, inverse, blocks[real])
+    summed /= layout.replicas
+    db = all_reduce_(db_dec.clone(), group, what="all_reduce of b_dec's gradient over the replicas")
+    merged = RowSparseGrads(latents, summed[:, :d].t(), summed[:, 2 * d], summed[:, d:2 * d].to(rows.W_dec.dtype),
+                            rows.d_sae)
+    return merged, db / layout.replicas
+
+
+@torch.no_grad()
+def broadcast_parameters(module: nn.Module, layout: ParallelLayout) -> None:
+    """Make the replicas identical: every shard takes replica 0's copy, and the replicated
+    tensors (b_dec, ...) that are not split over latents take shard 0's copy first."""
+    if layout.replica_group is not None:
+        src = layout.replica_ranks()[0]
+        split = getattr(module, "_is_latent", lambda name: False)
+        for name, t in module.state_dict().items():
+            if not split(name):
+                checked(f"broadcast of {name} over the shards",
+                        lambda t=t: dist.broadcast(t, src=src, group=layout.replica_group))
+    if layout.shard_group is not None:
+        src = layout.shard_ranks()[0]
+        for name, t in module.state_dict().items():
+            checked(f"broadcast of {name} over the replicas",
+                    lambda t=t: dist.broadcast(t, src=src, group=layout.shard_group))
+
+
+def share_batch(x: torch.Tensor, layout: ParallelLayout) -> torch.Tensor:
+    """The replica group's shard-0 batch on every rank of the group (shards of one replica
+    must encode the same rows). Costs one broadcast of [N, d_in] per step."""
+    if layout.replica_group is None:
+        return x
+    x = x.contiguous()
+    checked("broadcast of the batch over the shards",
+            lambda: dist.broadcast(x, src=layout.replica_ranks()[0], group=layout.replica_group))
+    return x
+
+
+class ReducingOptimizer:
+    """Wrap an optimizer whose step() reads .grad: average the gradients over the replicas
+    first. Everything else (set_lr, zero_grad, state_dict, ...) passes through."""
+
+    def __init__(self, opt, module: nn.Module, layout: ParallelLayout):
+        self.opt, self.module, self.layout = opt, module, layout
+
+    def step(self, *args, **kwargs):
+        reduce_gradients(self.module, self.layout)
+        return self.opt.step(*args, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self.opt, name)
