@@ -349,7 +349,7 @@ class Trainer:
             fired = acts.indices[acts.values > 0]
         else:
             fired = torch.nonzero(acts.detach())[:, 1]
-        scalars = {"mse": float(out.mse), "fvu": float(out.fvu), "l0": float(out.l0),
+        scalars = {"mse": float(out.mse.detach()), "fvu": float(out.fvu.detach()), "l0": float(out.l0),
                    "sparsity": float(sf * out.sparsity.detach()), "auxk": float(aux.detach()),
                    "loss": float(loss.detach())}
         return scalars, out.x_hat.detach(), fired
