@@ -8,6 +8,9 @@ the reconstruction, and (output block 0 only) appends the active latents to a
 capacity-bounded per-row record and sums L0 and a weighted L1. The [B, d_sae] activations
 are never written.
 
+For d_in > FUSED_MAX_D the decode is not fused: the record is decoded by the sparse decoder
+instead of re-running the encoder once per output block.
+
 The record is exact or absent, never silently truncated: the kernel counts every active
 latent even past the capacity; when a count exceeds it, the wrapper reruns the record with
 capacity = the largest count (the reconstruction never depends on the record).
@@ -22,6 +25,7 @@ import triton
 import triton.language as tl
 
 from .preact_tile import configs, dot_precision, interpreted, preact_tile, upcast
+from .sparse_decoder import sparse_decode
 
 _GPU_CONFIGS = [
     triton.Config({"BLOCK_B": bb, "BLOCK_N": bn, "BLOCK_D": bd}, num_warps=w, num_stages=s)
@@ -104,12 +108,17 @@ class FusedResult:
     overflowed: bool
 
 
+# Widest d_in decoded inside the encoder pass: the [BLOCK_B, d_in] accumulator must fit in
+# registers. Wider SAEs record the active latents and decode them with the sparse decoder,
+# which is also cheaper whenever l0 << d_sae (the usual case), and exact all the same.
+FUSED_MAX_D = 256
+
+
 def _out_block(D: int) -> int:
-    """Output columns per program: all of d_in up to 256 (one pass over the encoder); wider
-    d_in re-runs the encoder once per 256 columns (the price of keeping acc in registers)."""
+    """Output columns per program (under the interpreter 16, so tests cover several blocks)."""
     if interpreted():
         return 16
-    return min(256, max(16, triton.next_power_of_2(D)))
+    return min(FUSED_MAX_D, max(16, triton.next_power_of_2(D)))
 
 
 def _launch(x, W_enc, b_enc, b_dec_in, th, l1_weight, W_dec, b_dec_out, capacity: int, fuse: bool):
@@ -151,10 +160,13 @@ def fused_threshold(x, W_enc, b_enc, b_dec_in, threshold, W_dec=None, b_dec_out=
         raise ValueError(f"fused_threshold: threshold must be a scalar or [d_sae={N}], got {tuple(threshold.shape)}")
     th = th.expand(N)  # stride 0 for a scalar: one kernel for both cases
     cap = max(1, min(N, capacity if capacity is not None else 128))
-    fuse = W_dec is not None
+    fuse = W_dec is not None and x.shape[1] <= FUSED_MAX_D
     x_hat, rec_v, rec_i, count, l1 = _launch(x, W_enc, b_enc, b_dec_in, th, l1_weight, W_dec, b_dec_out, cap, fuse)
     most = int(count.max()) if B > 0 else 0
     overflowed = most > cap
     if overflowed:  # the exact counts are known: rerun the record (only) at that capacity
         _, rec_v, rec_i, count, l1 = _launch(x, W_enc, b_enc, b_dec_in, th, l1_weight, None, None, most, False)
-    return FusedResult(x_hat, rec_v[:, :most], rec_i[:, :most].long(), count.long(), l1, overflowed)
+    values, indices = rec_v[:, :most], rec_i[:, :most]
+    if W_dec is not None and not fuse:
+        x_hat = sparse_decode(values, indices, W_dec, b_dec_out, out_dtype=x.dtype)
+    return FusedResult(x_hat, values, indices.long(), count.long(), l1, overflowed)

@@ -43,7 +43,9 @@ def test_jumprelu_per_latent_threshold_noncontiguous():
     _check(r, x, W_enc, b_enc, b_dec, threshold, W_dec)
 
 
-def test_capacity_overflow_is_detected_and_recomputed_exactly():
+@pytest.mark.parametrize("fused_max_d", [256, 8])  # 8: decode from the record instead
+def test_capacity_overflow_is_detected_and_recomputed_exactly(monkeypatch, fused_max_d):
+    monkeypatch.setattr(fused_relu, "FUSED_MAX_D", fused_max_d)
     x, W_enc, b_enc, b_dec, W_dec = sae_weights(7, 16, 50, seed=6)
     r = fused_relu.fused_threshold(x, W_enc, b_enc, b_dec, torch.tensor(0.0), W_dec, b_dec, capacity=3)
     assert r.overflowed and int(r.l0.max()) > 3
