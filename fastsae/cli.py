@@ -10,6 +10,7 @@ import sys
 SUBCOMMANDS = {
     "demo": "fastsae.demo",
     "toy-sweep": "fastsae.toy_sweep",
+    "train": "fastsae.train_cli",
 }
 
 

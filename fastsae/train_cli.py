@@ -1,0 +1,110 @@
+"""Train an SAE on activation shards (fastsae train --data DIR ... or --config run.json/.toml)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tomllib
+from pathlib import Path
+
+from .config import SAEConfig
+from .data import ShardSource, read_manifest
+from .errors import ConfigError
+from .trainer import Trainer, TrainConfig
+
+# flag -> (TrainConfig or SAEConfig field, type); None type means a boolean switch
+SAE_FLAGS = {"d_in": int, "d_sae": int, "architecture": str, "k": int, "dtype": str, "device": str,
+             "l1_coefficient": float, "l0_coefficient": float, "backend": str}
+TRAIN_FLAGS = {"steps": int, "batch_size": int, "lr": float, "optimizer": str, "warmup_steps": int,
+               "decay": str, "decay_start": float, "sparsity_warmup_steps": int, "auxk_coefficient": float,
+               "k_aux": int, "dead_tokens": int, "init": str, "b_dec_init": str, "nonfinite": str,
+               "log_every": int, "checkpoint_every": int, "keep_checkpoints": int, "out_dir": str, "seed": int}
+DATA_KEYS = ("path", "buffer_rows", "chunk_rows", "shuffle")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="JSON or TOML file: training fields, an [sae] table and a [data] table "
+                                    "(path, buffer_rows, chunk_rows, shuffle); flags override it")
+    p.add_argument("--data", help="activation shards: a directory of .npy/.safetensors files (as written by "
+                                  "`fastsae harvest`) or one file")
+    p.add_argument("--buffer-rows", type=int, help="shuffle buffer size in rows (default 262144)")
+    p.add_argument("--chunk-rows", type=int, help="rows read contiguously from a shard (default 4096)")
+    p.add_argument("--expansion", type=int, help="d_sae = expansion * d_in (instead of --d-sae)")
+    for name, typ in {**SAE_FLAGS, **TRAIN_FLAGS}.items():
+        p.add_argument("--" + name.replace("_", "-"), type=typ, dest=name, default=None)
+    p.add_argument("--set", action="append", default=[], metavar="FIELD=JSON",
+                   help="any other TrainConfig field, value as JSON (e.g. --set final_lr_fraction=0.1)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out-dir from its latest checkpoint")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _read_config(path: str) -> dict:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file {p} does not exist")
+    text = p.read_text(encoding="utf-8")
+    try:
+        return tomllib.loads(text) if p.suffix == ".toml" else json.loads(text)
+    except (json.JSONDecodeError, tomllib.TOMLDecodeError) as e:
+        raise ConfigError(f"{p} is not valid {'TOML' if p.suffix == '.toml' else 'JSON'}: {e}") from e
+
+
+def build(args: argparse.Namespace) -> tuple[dict, dict]:
+    """(TrainConfig dict, data dict) from the config file and the flags."""
+    raw = _read_config(args.config) if args.config else {}
+    sae = dict(raw.pop("sae", {}))
+    data = dict(raw.pop("data", {}))
+    train = raw
+    for name in SAE_FLAGS:
+        if getattr(args, name) is not None:
+            sae[name] = getattr(args, name)
+    for name in TRAIN_FLAGS:
+        if getattr(args, name) is not None:
+            train[name] = getattr(args, name)
+    for item in args.set:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ConfigError(f"--set {item!r}: write FIELD=VALUE, e.g. --set final_lr_fraction=0.1")
+        try:
+            train[key] = json.loads(value)
+        except json.JSONDecodeError:
+            train[key] = value
+    for key, flag in (("path", "data"), ("buffer_rows", "buffer_rows"), ("chunk_rows", "chunk_rows")):
+        if getattr(args, flag) is not None:
+            data[key] = getattr(args, flag)
+    unknown = sorted(set(data) - set(DATA_KEYS))
+    if unknown:
+        raise ConfigError(f"unknown [data] key(s) {unknown}: use {', '.join(DATA_KEYS)}")
+    if "path" not in data:
+        raise ConfigError("no activations: pass --data DIR (shards from `fastsae harvest`) or set data.path")
+    if args.no_progress:
+        train["progress"] = False
+    return {"sae": sae, **train}, data
+
+
+def run(args: argparse.Namespace) -> int:
+    train, data = build(args)
+    opts = {k: data[k] for k in ("buffer_rows", "chunk_rows", "shuffle") if k in data}
+    source = ShardSource(data["path"], batch_size=int(train.get("batch_size", 4096)),
+                         seed=int(train.get("seed", 0)), **opts)
+    sae = train["sae"]
+    sae.setdefault("d_in", source.d_in)
+    if args.expansion:
+        sae.setdefault("d_sae", args.expansion * sae["d_in"])
+    if "d_sae" not in sae:
+        raise ConfigError("say how wide the SAE is: --d-sae N or --expansion E")
+    manifest = read_manifest(data["path"]) if Path(data["path"]).is_dir() else {}
+    if manifest:
+        sae.setdefault("metadata", {}).update(
+            {k: manifest[k] for k in ("model", "hook", "dataset") if k in manifest})
+    if args.resume:
+        out_dir = train.get("out_dir", "runs/sae")
+        overrides = {k: v for k, v in train.items() if k in ("steps", "progress")}
+        trainer = Trainer.resume(out_dir, source, **overrides)
+    else:
+        trainer = Trainer(TrainConfig.from_dict({**train, "sae": SAEConfig.from_dict(sae)}), source)
+    res = trainer.fit()
+    print(json.dumps({"out_dir": str(res.out_dir), "final": str(res.final_dir) if res.final_dir else None,
+                      "log": str(res.log_path), "curves": str(res.plot_path) if res.plot_path else None,
+                      "checkpoint": str(res.last_checkpoint) if res.last_checkpoint else None}))
+    return 0
