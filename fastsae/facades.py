@@ -325,7 +325,10 @@ class SparseCoder(nn.Module):
         if total_variance is None:
             total_variance = (y - y.mean(0)).pow(2).sum()
         need_pre = self.cfg.multi_topk or (dead_mask is not None and int(dead_mask.sum()) > 0)
-        pre_acts = self._pre_acts(x) if need_pre else None
+        # sparsify's fused encoder drops the gradient of pre_acts, so the AuxK and multi-TopK
+        # losses train the decoder only; detached pre_acts do the same here.
+        with torch.no_grad():
+            pre_acts = self._pre_acts(x) if need_pre else None
         if dead_mask is not None and (num_dead := int(dead_mask.sum())) > 0:
             k_aux = y.shape[-1] // 2  # sparsify's heuristic (Gao et al. appendix B.1)
             scale = min(num_dead / k_aux, 1.0)
@@ -335,12 +338,14 @@ class SparseCoder(nn.Module):
         else:
             auxk_loss = sae_out.new_tensor(0.0)
         fvu = e.pow(2).sum() / total_variance
-        if self.cfg.multi_topk:
-            vals, idx = pre_acts.topk(4 * self.cfg.k, sorted=False)
-            multi_topk_fvu = (self.decode(vals, idx) - y).pow(2).sum() / total_variance
+        latent_acts, latent_indices = acts.values, acts.indices
+        if self.cfg.multi_topk:  # as sparsify: the outputs become the 4k-latent ones
+            latent_acts, latent_indices = pre_acts.topk(4 * self.cfg.k, sorted=False)
+            sae_out = self.decode(latent_acts, latent_indices)
+            multi_topk_fvu = (sae_out - y).pow(2).sum() / total_variance
         else:
             multi_topk_fvu = sae_out.new_tensor(0.0)
-        return ForwardOutput(sae_out, acts.values, acts.indices, fvu, auxk_loss, multi_topk_fvu)
+        return ForwardOutput(sae_out, latent_acts, latent_indices, fvu, auxk_loss, multi_topk_fvu)
 
     @torch.no_grad()
     def set_decoder_norm_to_unit_norm(self) -> None:
