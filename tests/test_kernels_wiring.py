@@ -106,8 +106,9 @@ def test_opcheck_custom_ops():
     torch.library.opcheck(torch.ops.fastsae_triton.sparse_decode, (v, i, W_dec.requires_grad_(), b_dec))
 
 
-def test_torch_compile_smoke():
-    sae, _ = _pair("topk", seed=5)
+@pytest.mark.parametrize("arch", ["topk", "batchtopk"])  # batchtopk: a data-dependent output width
+def test_torch_compile_smoke(arch):
+    sae, _ = _pair(arch, seed=5)
     x = torch.randn(7, 20, device=DEV)
     compiled = torch.compile(sae.training_forward, backend="aot_eager")
     out = compiled(x)
