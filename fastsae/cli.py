@@ -9,8 +9,10 @@ import sys
 # subcommand -> module with add_arguments(parser) and run(args) -> int
 SUBCOMMANDS = {
     "demo": "fastsae.demo",
+    "convert": "fastsae.formats.convert_cli",
     "toy-sweep": "fastsae.toy_sweep",
     "train": "fastsae.train_cli",
+    "harvest": "fastsae.harvest",
 }
 
 
