@@ -16,6 +16,7 @@ properties (W_enc, W_dec, ...) are its parameters.
 
 from __future__ import annotations
 
+import importlib
 import os
 from pathlib import Path
 from types import SimpleNamespace
@@ -28,6 +29,16 @@ from . import formats, reference
 from .errors import InputError
 from .sae import BaseSAE
 from .sparse import SparseActs
+
+
+def _require(module: str, package: str, what: str):
+    try:
+        return importlib.import_module(module)
+    except ImportError as e:
+        raise InputError(
+            f"{what} goes through {package}'s own downloader: pip install {package} (or fastsae[compat]), "
+            "or download the checkpoint yourself and use load_from_disk"
+        ) from e
 
 
 class _Metadata(SimpleNamespace):
@@ -84,6 +95,16 @@ class SAE(nn.Module):
         if fold_W_dec_norm:
             facade.fold_W_dec_norm()
         return facade
+
+    @classmethod
+    def from_pretrained(cls, release: str, sae_id: str, device: str = "cpu", dtype: str = "float32",
+                        **kwargs) -> "SAE":
+        """A released SAE, fetched through SAELens's own registry and loaders (needs sae-lens and
+        the network), then converted: the same weights and folds SAELens applies."""
+        from .convert import from_saelens
+
+        sae_lens = _require("sae_lens", "sae-lens", "SAE.from_pretrained")
+        return cls(from_saelens(sae_lens.SAE.from_pretrained(release, sae_id, device=device, dtype=dtype, **kwargs)))
 
     def save_model(self, path: str | os.PathLike) -> tuple[Path, Path]:
         """Write SAELens's format; returns (weights path, cfg path) as SAELens does."""
@@ -271,6 +292,16 @@ class SparseCoder(nn.Module):
             raise InputError("fastsae does not download from the Hub: pass a local run directory with local=True")
         coders = formats.sparsify.load_many(name, device=device, layers=layers)
         return {hook: SparseCoder(sae) for hook, sae in coders.items()}
+
+    @staticmethod
+    def load_from_hub(name: str, hookpoint: str | None = None, device: str | torch.device = "cpu",
+                      *, decoder: bool = True) -> "SparseCoder":
+        """A coder from the Hugging Face Hub, fetched by sparsify's own loader (needs
+        eai-sparsify and the network), then converted."""
+        from .convert import from_sparsify
+
+        sparsify = _require("sparsify", "eai-sparsify", "SparseCoder.load_from_hub")
+        return SparseCoder(from_sparsify(sparsify.SparseCoder.load_from_hub(name, hookpoint, device=device)))
 
     def save_to_disk(self, path: str | os.PathLike) -> None:
         formats.save(self.sae, path, format="sparsify")

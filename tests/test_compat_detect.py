@@ -133,3 +133,17 @@ def test_dtype_and_device_options(tmp_path):
     sae = fastsae.load(tmp_path, dtype="float64", device="cpu")
     assert sae.W_enc.dtype == torch.float64 and sae.cfg.dtype == "float64"
     assert not sae.training  # foreign checkpoints are inference exports
+
+
+def test_convert_command_line(tmp_path, capsys):
+    from fastsae.cli import main
+
+    np.savez(tmp_path / "params.npz", W_enc=np.random.randn(D, N).astype(np.float32),
+             W_dec=np.random.randn(N, D).astype(np.float32), b_enc=np.zeros(N, np.float32),
+             b_dec=np.ones(D, np.float32), threshold=np.full(N, 0.1, np.float32))
+    assert main(["convert", str(tmp_path / "params.npz"), str(tmp_path / "out"), "--to", "saelens"]) == 0
+    printed = capsys.readouterr().out
+    assert "gemma_scope jumprelu SAE, d_in=8 d_sae=32" in printed and "as saelens" in printed
+    x = torch.randn(5, D)
+    torch.testing.assert_close(fastsae.load(tmp_path / "out")(x), fastsae.load(tmp_path)(x))
+    assert detect_format(tmp_path / "out") == "saelens"

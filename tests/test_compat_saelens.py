@@ -243,3 +243,19 @@ def test_facade_flattens_hook_z_heads(tmp_path):
     torch.testing.assert_close(facade.encode(x), theirs.encode(x), **TOL)
     torch.testing.assert_close(facade(x), theirs(x), **TOL)
     assert facade(x).shape == x.shape
+
+
+def test_facade_from_pretrained_goes_through_saelens(monkeypatch):
+    """No network here: SAELens's own from_pretrained is stubbed to return a known SAE."""
+    theirs = make_saelens("jumprelu", seed=29)
+    calls = []
+
+    def fake(release, sae_id, device="cpu", dtype="float32", **kwargs):
+        calls.append((release, sae_id, device, dtype))
+        return theirs
+
+    monkeypatch.setattr(sae_lens.SAE, "from_pretrained", fake)
+    facade = facades.SAE.from_pretrained("gemma-scope-2b-pt-res", "layer_0/width_16k/average_l0_1")
+    assert calls == [("gemma-scope-2b-pt-res", "layer_0/width_16k/average_l0_1", "cpu", "float32")]
+    x = inputs()
+    torch.testing.assert_close(facade(x), theirs(x), **TOL)

@@ -145,3 +145,12 @@ def test_facade_transcoder_target_and_save(tmp_path):
     torch.testing.assert_close(facade(x, y).fvu, coder(x, y).fvu, **TOL)
     facade.save_to_disk(tmp_path)
     torch.testing.assert_close(sparsify.SparseCoder.load_from_disk(tmp_path)(x).sae_out, coder(x).sae_out, **TOL)
+
+
+def test_facade_load_from_hub_goes_through_sparsify(monkeypatch):
+    """No network here: sparsify's own load_from_hub is stubbed to return a known coder."""
+    coder = make_coder(10)
+    monkeypatch.setattr(sparsify.SparseCoder, "load_from_hub", staticmethod(lambda name, hookpoint=None, device="cpu": coder))
+    facade = facades.SparseCoder.load_from_hub("EleutherAI/sae-pythia-70m-32k", "layers.1")
+    x = inputs()
+    torch.testing.assert_close(facade(x).sae_out, coder(x).sae_out, **TOL)
