@@ -49,7 +49,10 @@ def _context():
     methods = mp.get_all_start_methods()
     if "forkserver" in methods:
         ctx = mp.get_context("forkserver")
-        ctx.set_forkserver_preload(["torch", "torch.distributed", "fastsae.distributed"])
+        # what would otherwise be imported in every rank, seconds each on a small box: the op
+        # backends (triton above all) and torch._dynamo (the first torch.optim optimizer imports it)
+        ctx.set_forkserver_preload(["torch", "torch.distributed", "torch._dynamo", "fastsae.distributed",
+                                    "fastsae.cpp_ops", "fastsae.triton_ops"])
         return ctx
     return mp.get_context("spawn")
 
