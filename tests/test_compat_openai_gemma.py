@@ -129,3 +129,22 @@ def test_gemma_scope_round_trip_through_saelens_format(tmp_path):
     x = inputs()
     torch.testing.assert_close(sae_lens.SAE.load_from_disk(tmp_path / "saelens")(x), ours(x), **TOL)
     assert convert.from_saelens(sae_lens.SAE.load_from_disk(tmp_path / "saelens")).cfg.apply_b_dec_to_input is False
+
+
+def test_convert_live_openai_autoencoder():
+    """from_openai reads the module's state_dict(), which their Autoencoder extends with the
+    activation's name and state; a stand-in module with that state_dict plays it here."""
+    t = tensors(4)
+    state = openai_state(t, "TopK")
+
+    class Autoencoder(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.pre_bias = torch.nn.Parameter(state["pre_bias"].clone())
+
+        def state_dict(self, *args, **kwargs):
+            return dict(state)
+
+    ours = convert.from_openai(Autoencoder())
+    x = inputs()
+    torch.testing.assert_close(ours(x), openai_forward(state, x)[1], **TOL)
