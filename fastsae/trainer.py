@@ -57,9 +57,14 @@ class TrainConfig:
     lr schedule: linear warmup over warmup_steps, then flat, then from decay_start (fraction
         of steps) a linear/cosine decay to final_lr_fraction·lr.
     sparsity_warmup_steps: the L1/L0 penalty ramps linearly from 0 over these steps.
+    l1_decoder_norm: ReLU SAEs' L1 is Σ_j |f_j|·‖W_dec[j]‖ (True) or Σ_j |f_j| (False). The
+        penalty is a sum over latents, never divided by d_sae, so a coefficient means the same
+        at every width. Weighting by the decoder norm makes it invariant to trading scale
+        between f_j and W_dec[j] (otherwise the SAE can shrink f and grow W_dec to dodge
+        it); the unweighted form needs unit_norm_decoder=True for the same reason.
     auxk_coefficient, k_aux: AuxK for TopK family (0 disables; k_aux None = d_in // 2).
     dead_tokens: a latent is dead after this many tokens without firing.
-    unit_norm_decoder: None = on for TopK family (keep decoder rows unit-norm, with the
+    unit_norm_decoder: None = on for TopK family and unweighted L1 (keep decoder rows unit-norm, with the
         gradient's parallel component removed).
     init: "tied" (random unit decoder rows, W_enc = W_decᵀ) or "data" (a data_init_fraction
         of decoder rows from activation samples, then tied). b_dec_init: "geometric_median",
@@ -83,6 +88,7 @@ class TrainConfig:
     decay_start: float = 0.8
     final_lr_fraction: float = 0.0
     sparsity_warmup_steps: int = 0
+    l1_decoder_norm: bool = True
     auxk_coefficient: float = 1 / 32
     k_aux: int | None = None
     dead_tokens: int = 10_000_000
@@ -145,7 +151,7 @@ class TrainConfig:
     @property
     def use_unit_norm_decoder(self) -> bool:
         if self.unit_norm_decoder is None:
-            return self.sae.architecture in TOPK_FAMILY
+            return self.sae.architecture in TOPK_FAMILY or not self.l1_decoder_norm
         return self.unit_norm_decoder
 
     def to_dict(self) -> dict:
@@ -248,6 +254,7 @@ class Trainer:
             return
         sample = self.source.sample(cfg.init_sample_rows).to(sae.device)
         self._check_batch(sample, "the initialisation sample")
+        sample = sae._normalize_input(sample.float())[0]  # init in the space the SAE encodes
         init_b_dec_(sae, sample, cfg.b_dec_init)
         if cfg.init == "data":
             init_from_data_(sae, sample, cfg.data_init_fraction, generator=torch.Generator().manual_seed(cfg.seed))
@@ -291,6 +298,7 @@ class Trainer:
     def _sparse_step(self, x: torch.Tensor, sf: float):
         sae = self.sae
         with torch.no_grad():
+            x = sae._normalize_input(x)[0]  # losses in normalised space, as training_forward
             acts: SparseActs = sae._encode_2d(x, train=True)
             x_hat = sae.decode(acts)
             err = x_hat.float() - x.float()
@@ -325,17 +333,21 @@ class Trainer:
         l0 = float((acts.values > 0).sum(-1).float().mean())
         scalars = {"mse": float(mse), "fvu": float(fvu), "l0": l0, "auxk": float(aux.detach()),
                    "sparsity": 0.0, "loss": float(mse) + float(aux.detach())}
-        return scalars, x_hat, fired
+        return scalars, x_hat, x, fired
 
     def _autograd_step(self, x: torch.Tensor, sf: float):
         sae = self.sae
         out = sae.training_forward(x)
-        loss = out.mse + sf * out.sparsity
+        xn = sae._normalize_input(x)[0].detach()  # what training_forward reconstructs
+        sparsity = out.sparsity
+        if sae.cfg.architecture == "standard" and not self.cfg.l1_decoder_norm:
+            sparsity = sae.cfg.l1_coefficient * out.acts.abs().sum(-1).mean().float()
+        loss = out.mse + sf * sparsity
         aux = torch.zeros(())
-        idx, scale = self._aux_indices(self._x_in(x).detach())
+        idx, scale = self._aux_indices(self._x_in(xn))
         if idx is not None:
-            residual = (x.float() - out.x_hat.float()).detach()
-            aux = self.cfg.auxk_coefficient * auxk_loss(self._x_in(x).detach(), residual, idx,
+            residual = (xn.float() - out.x_hat.float()).detach()
+            aux = self.cfg.auxk_coefficient * auxk_loss(self._x_in(xn), residual, idx,
                                                         sae.W_enc, sae.b_enc, sae.W_dec, scale)
             loss = loss + aux
         if not bool(torch.isfinite(loss)):
@@ -350,9 +362,9 @@ class Trainer:
         else:
             fired = torch.nonzero(acts.detach())[:, 1]
         scalars = {"mse": float(out.mse.detach()), "fvu": float(out.fvu.detach()), "l0": float(out.l0),
-                   "sparsity": float(sf * out.sparsity.detach()), "auxk": float(aux.detach()),
+                   "sparsity": float(sf * sparsity.detach()), "auxk": float(aux.detach()),
                    "loss": float(loss.detach())}
-        return scalars, out.x_hat.detach(), fired
+        return scalars, out.x_hat.detach(), xn, fired
 
     def train_step(self, x: torch.Tensor) -> dict | None:
         """One optimizer step on batch x [..., d_in]; None if the batch was skipped."""
@@ -375,8 +387,8 @@ class Trainer:
                 )
             self.tracker.skipped_batches += 1
             return None
-        scalars, x_hat, fired = result
-        self.tracker.record(fired, x.shape[0], scalars, x_hat, x)
+        scalars, x_hat, x_target, fired = result
+        self.tracker.record(fired, x.shape[0], scalars, x_hat, x_target)
         self.step += 1
         self.tokens += x.shape[0]
         scalars.update(lr=lr, sparsity_factor=sf)

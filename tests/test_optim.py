@@ -58,6 +58,18 @@ def test_sparse_backward_step_equals_autograd_step_with_auxk(tmp_path):
         torch.testing.assert_close(pa[k], pb[k], rtol=1e-4, atol=1e-5, msg=k)
 
 
+@pytest.mark.parametrize("norm", ["constant_norm_rescale", "layer_norm"])
+def test_sparse_and_autograd_steps_agree_with_input_normalisation(tmp_path, norm):
+    x = 5.0 * ToyData(d=16, n_features=32, seed=2).sample(1024) + 1.0
+    sae = dict(d_in=16, d_sae=32, architecture="topk", k=4, normalize_activations=norm)
+    a = Trainer(_cfg(tmp_path / "a", sae=sae, sparse_backward=True), x)
+    b = Trainer(_cfg(tmp_path / "b", sae=sae, sparse_backward=False), x)
+    ra, rb = a.fit(), b.fit()
+    assert ra.last_metrics["fvu"] == pytest.approx(rb.last_metrics["fvu"], rel=1e-4)
+    for k, v in _params(a).items():
+        torch.testing.assert_close(v, _params(b)[k], rtol=1e-4, atol=1e-5, msg=k)
+
+
 def test_auxk_gradient_reaches_encoder_and_decoder(tmp_path):
     x = ToyData(d=16, n_features=32, seed=3).sample(1024)
     sae = dict(d_in=16, d_sae=256, architecture="topk", k=2)

@@ -118,6 +118,23 @@ def test_schedules_reach_the_optimizer_and_penalty(tmp_path):
     assert lrs[:4] == pytest.approx([0.0025, 0.005, 0.0075, 0.01]) and sf[:4] == pytest.approx([1 / 3, 2 / 3, 1, 1])
 
 
+def test_l1_with_and_without_decoder_norm_weighting(tmp_path):
+    sae = dict(d_in=8, d_sae=32, architecture="standard", l1_coefficient=0.5)
+    w = Trainer(_cfg(tmp_path / "w", sae=sae, b_dec_init="zeros"), _batches())
+    u = Trainer(_cfg(tmp_path / "u", sae=sae, b_dec_init="zeros", l1_decoder_norm=False), _batches())
+    assert not w.cfg.use_unit_norm_decoder and u.cfg.use_unit_norm_decoder
+    with torch.no_grad():
+        u.sae.W_dec.mul_(3.0)  # off unit norm: the two penalties now differ by that factor
+        w.sae.load_state_dict(u.sae.state_dict())
+        x = _batches()[0]
+        acts = w.sae.encode(x)
+        l1 = float(acts.abs().sum(-1).mean())
+    sw, su = w.train_step(x), u.train_step(x)
+    assert su["sparsity"] == pytest.approx(0.5 * l1, rel=1e-5)
+    assert sw["sparsity"] == pytest.approx(0.5 * 3.0 * l1, rel=1e-4)
+    torch.testing.assert_close(u.sae.W_dec.norm(dim=1), torch.ones(32))  # the constraint held
+
+
 def test_geometric_median_resists_outliers():
     pts = torch.randn(200, 4, dtype=torch.float64) * 0.1 + 1.0
     pts[:20] = 1000.0
