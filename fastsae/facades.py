@@ -31,6 +31,11 @@ from .sae import BaseSAE
 from .sparse import SparseActs
 
 
+def _delegate(name: str) -> property:
+    """A read-only attribute of the wrapped fastsae module (its parameters, not copies)."""
+    return property(lambda self: getattr(self.sae, name), doc=f"the fastsae module's {name}")
+
+
 def _require(module: str, package: str, what: str):
     try:
         return importlib.import_module(module)
@@ -126,21 +131,12 @@ class SAE(nn.Module):
             fields.update(k=c.k, rescale_acts_by_decoder_norm=False)
         return _SAELensConfig(**fields)
 
-    @property
-    def W_enc(self) -> nn.Parameter:
-        return self.sae.W_enc
-
-    @property
-    def b_enc(self) -> nn.Parameter:
-        return self.sae.b_enc
-
-    @property
-    def W_dec(self) -> nn.Parameter:
-        return self.sae.W_dec
-
-    @property
-    def b_dec(self) -> nn.Parameter:
-        return self.sae.b_dec
+    W_enc = _delegate("W_enc")
+    b_enc = _delegate("b_enc")
+    W_dec = _delegate("W_dec")
+    b_dec = _delegate("b_dec")
+    dtype = _delegate("dtype")
+    device = _delegate("device")
 
     @property
     def threshold(self) -> Tensor:
@@ -149,14 +145,6 @@ class SAE(nn.Module):
         if self.sae.cfg.architecture != "jumprelu":
             raise AttributeError(f"a {self.sae.cfg.architecture} SAE has no threshold")
         return self.sae.threshold
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.sae.dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self.sae.device
 
     # ------------------------------------------------------------ encode / decode / forward
     def _flatten_heads(self, x: Tensor) -> Tensor:
@@ -306,34 +294,17 @@ class SparseCoder(nn.Module):
     def save_to_disk(self, path: str | os.PathLike) -> None:
         formats.save(self.sae, path, format="sparsify")
 
-    @property
-    def d_in(self) -> int:
-        return self.sae.d_in
-
-    @property
-    def num_latents(self) -> int:
-        return self.sae.d_sae
-
-    @property
-    def device(self) -> torch.device:
-        return self.sae.device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.sae.dtype
+    d_in = _delegate("d_in")
+    num_latents = _delegate("d_sae")
+    device = _delegate("device")
+    dtype = _delegate("dtype")
+    W_dec = _delegate("W_dec")
+    b_dec = _delegate("b_dec")
 
     @property
     def encoder(self) -> SimpleNamespace:
         """sparsify's nn.Linear view: weight [num_latents, d_in] (a view of W_enc), bias."""
         return SimpleNamespace(weight=self.sae.W_enc.t(), bias=self.sae.b_enc)
-
-    @property
-    def W_dec(self) -> nn.Parameter:
-        return self.sae.W_dec
-
-    @property
-    def b_dec(self) -> nn.Parameter:
-        return self.sae.b_dec
 
     def _pre_acts(self, x: Tensor) -> Tensor:
         x2 = self.sae._check_input(x)
