@@ -75,6 +75,8 @@ class ShardedSAE(nn.Module):
             self.threshold = nn.Parameter(torch.full((n,), cfg.jumprelu_init_threshold, **f))
         elif cfg.architecture == "batchtopk":
             self.register_buffer("threshold", torch.tensor(-1.0, dtype=torch.float32, device=cfg.device))
+        # ReLU SAEs' L1 weights each |f_j| by ‖W_dec[j]‖ (False: plain Σ|f_j|, TrainConfig.l1_decoder_norm)
+        self.l1_decoder_norm = True
         if init:
             self.reset_parameters(seed)
 
@@ -180,30 +182,69 @@ class ShardedSAE(nn.Module):
         x_in = x2 - self.b_dec if self.cfg.apply_b_dec_to_input else x2
         return enter_group(x_in, self._group, "summing the encoder input's gradient over the shards")
 
-    def _select_topk(self, x_in: torch.Tensor) -> ShardSelection:
-        k = self.cfg.k
-        vals, idx = self._op("topk_encode")(x_in, self.W_enc, self.b_enc, None, min(k, self.d_sae_local))
-        group = self._group
-        if group is None:
-            gidx = idx + self.shard_start
-            return ShardSelection(vals, idx, SparseActs(vals.detach(), gidx, self.d_sae))
-        # every shard offers min(k, its width) candidates; pad to the widest so all_gather fits
-        width = min(k, max(e - s for s, e in (shard_range(self.d_sae, self.layout.shards, i)
-                                              for i in range(self.layout.shards))))
+    def _global_topk(self, vals: torch.Tensor, idx: torch.Tensor, k: int, width: int, what: str):
+        """The group-wide top-k of each row from every shard's candidates (vals [N, m <= width],
+        local ids idx): (values [N, k] differentiable through this shard's own entries,
+        global ids [N, k], own mask [N, k]). Exact: each global winner is among its shard's
+        local top-k. Every shard pads to `width` candidates so all_gather fits."""
         if vals.shape[1] < width:
             fill = width - vals.shape[1]
             vals = torch.cat([vals, vals.new_full((vals.shape[0], fill), float("-inf"))], 1)
             idx = torch.cat([idx, idx.new_zeros((idx.shape[0], fill))], 1)
-        cand_v = all_gather(vals, group, "all_gather of the top-k candidate values")
-        cand_i = all_gather(idx + self.shard_start, group, "all_gather of the top-k candidate ids")
+        group = self._group
+        cand_v = all_gather(vals, group, f"all_gather of the {what} candidate values")
+        cand_i = all_gather(idx + self.shard_start, group, f"all_gather of the {what} candidate ids")
         me = group_rank(group)
         cand_v[me] = vals  # this shard's own candidates keep their autograd history
         top_v, pos = torch.cat(cand_v, 1).topk(k, dim=1)
-        gidx = torch.cat(cand_i, 1).gather(1, pos)
-        own = (pos // width) == me
+        return top_v, torch.cat(cand_i, 1).gather(1, pos), (pos // width) == me
+
+    def _select_topk(self, x_in: torch.Tensor) -> ShardSelection:
+        k = self.cfg.k
+        vals, idx = self._op("topk_encode")(x_in, self.W_enc, self.b_enc, None, min(k, self.d_sae_local))
+        if self._group is None:
+            return ShardSelection(vals, idx, SparseActs(vals.detach(), idx + self.shard_start, self.d_sae))
+        widest = max(e - s for s, e in (shard_range(self.d_sae, self.layout.shards, i)
+                                        for i in range(self.layout.shards)))
+        top_v, gidx, own = self._global_topk(vals, idx, k, min(k, widest), "top-k")
         values = top_v.masked_fill(~own, 0)
         local = torch.where(own, gidx - self.shard_start, torch.zeros_like(gidx))
         return ShardSelection(values, local, SparseActs(top_v.detach(), gidx, self.d_sae))
+
+    def auxk_loss(self, x_in: torch.Tensor, residual: torch.Tensor, dead: torch.Tensor, k_aux: int,
+                  scale: float = 1.0):
+        """AuxK (fastsae.losses.auxk_loss) across the shards: each row's k_aux largest
+        pre-activations among the `dead` global latent ids, chosen group-wide, reconstruct the
+        (detached) residual. The gradient goes to leaf copies of the few local latents that
+        were candidates, so nothing of the dictionary's size is allocated: returns (loss,
+        local latent ids u, (W_enc[:, u], b_enc[u], W_dec[u]) leaves); after loss.backward()
+        their .grad are the aux gradients of latents u. Every rank of the group must call it
+        with the same `dead` (the trackers are replicated)."""
+        from ..losses import top_dead_latents, total_variance
+
+        x_in = x_in.detach()
+        mine = dead[(dead >= self.shard_start) & (dead < self.shard_end)] - self.shard_start
+        k_here = min(k_aux, mine.numel())
+        idx = top_dead_latents(x_in, self.W_enc.detach(), self.b_enc.detach(), mine, k_here) if k_here else \
+            mine.new_zeros((x_in.shape[0], 0))
+        u, local = torch.unique(idx, return_inverse=True)
+        We = self.W_enc.detach()[:, u].clone().requires_grad_()
+        be = self.b_enc.detach()[u].clone().requires_grad_()
+        Wd = self.W_dec.detach()[u].clone().requires_grad_()
+        pre = torch.einsum("bd,dbk->bk", x_in.to(We.dtype), We[:, local]) + be[local]
+        k_all = min(k_aux, dead.numel())
+        widest = min(k_aux, max(int(((dead >= s) & (dead < e)).sum()) for s, e in (
+            shard_range(self.d_sae, self.layout.shards, i) for i in range(self.layout.shards))))
+        top_v, gidx, own = self._global_topk(pre, local, k_all, widest, "AuxK")
+        # own slots: top_v is this shard's pre-activation of latent u[slot id]; gidx holds the
+        # slot id (offset by shard_start), since the candidates were indexed into u
+        slot = torch.where(own, gidx - self.shard_start, torch.zeros_like(gidx))
+        acts = top_v.masked_fill(~own, 0).relu()
+        partial = torch.einsum("bk,bkd->bd", acts, Wd[slot]) if u.numel() else acts.new_zeros(x_in.shape)
+        recon = sum_over_group(partial.to(self.dtype), self._group, "all_reduce of the AuxK reconstruction")
+        residual = residual.detach().float()
+        loss = scale * (recon.float() - residual).pow(2).sum() / total_variance(residual)
+        return loss, u, (We, be, Wd)
 
     def _select_batchtopk(self, x_in: torch.Tensor, update_threshold: bool) -> ShardSelection:
         k, n_rows = self.cfg.k, x_in.shape[0]
@@ -259,7 +300,8 @@ class ShardedSAE(nn.Module):
             acts = self._op("relu_encode")(x_in, self.W_enc, self.b_enc, None)
             if not train:
                 return acts, None
-            l1 = (acts.abs() * self.W_dec.norm(dim=1)).sum(-1).mean()
+            weighted = acts.abs() * self.W_dec.norm(dim=1) if self.l1_decoder_norm else acts.abs()
+            l1 = weighted.sum(-1).mean()
             return acts, self.cfg.l1_coefficient * l1.float()
         eps = self.cfg.jumprelu_bandwidth
         if not train:
