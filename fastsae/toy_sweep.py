@@ -27,6 +27,7 @@ from .toy import ToyData
 from .toy_train import INITS, make_toy_sae, train_toy
 
 RESULTS = "results.json"
+TABLE = "results.md"
 HEATMAP_METRICS = {  # metric -> (title, colour map, fixed colour range or None)
     "mmcs": ("MMCS with the true features", "viridis", (0.0, 1.0)),
     "recovered": ("fraction of features recovered (cos > 0.99)", "viridis", (0.0, 1.0)),
@@ -160,11 +161,36 @@ def run(args: argparse.Namespace) -> int:
             m = comparison[init]["metrics"]
             print(f"  {init} init, {key}: MMCS {m['mmcs']:.4f}  dead {m['dead_latents']}")
 
+    table = markdown_table(results)
+    atomic_write(args.out / TABLE, lambda tmp: Path(tmp).write_text(table))
+    print(table)
     if not args.no_plots:
         for path in plot_results(results, args.out):
             print(f"  wrote {path}")
-    print(f"  wrote {args.out / RESULTS}")
+    print(f"  wrote {args.out / RESULTS} and {args.out / TABLE}")
     return 0
+
+
+def markdown_table(results: dict[str, Any]) -> str:
+    """One row per cell (and per init of the comparison), ready for a README."""
+    s = results["settings"]
+    head = (f"{s['steps']} steps, batch {s['batch']}, Adam lr {s['lr']:g}; G={s['data']['n_features']} "
+            f"features in d={s['data']['d']}, m={s['data']['mean_active']:g}; metrics on "
+            f"{s['eval_samples']} fresh samples\n\n"
+            "| SAE | d_sae | coefficient | init | MMCS | recovered (cos > 0.99) | L0 | FVU | dead latents "
+            "| shrinkage γ |\n|---|---|---|---|---|---|---|---|---|---|\n")
+    rows = sorted(results["cells"].values(), key=lambda c: (c["arch"], c["ratio"], c["coefficient"]))
+    comparison = results.get("init_comparison", {})
+    rows += [comparison[i] for i in INITS if i in comparison]
+    lines = []
+    for c in rows:
+        m = c["metrics"]
+        name = "ReLU + L1" if c["arch"] == "standard" else "TopK"
+        coef = f"L1 = {c['coefficient']:g}" if c["arch"] == "standard" else f"k = {c['coefficient']:g}"
+        lines.append(f"| {name} | {c['d_sae']} ({c['ratio']:g}·G) | {coef} | {c['init']} | {m['mmcs']:.4f} "
+                     f"| {m['recovered']:.1%} | {m['l0']:.2f} | {m['fvu']:.4f} | {m['dead_latents']} "
+                     f"| {m['shrinkage']:.3f} |")
+    return head + "\n".join(lines) + "\n"
 
 
 def plot_results(results: dict[str, Any], out: Path) -> list[Path]:

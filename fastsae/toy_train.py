@@ -63,6 +63,34 @@ def normalize_decoder_rows(sae: BaseSAE) -> None:
 
 
 @torch.no_grad()
+def resample_dead_latents(sae: BaseSAE, opt: torch.optim.Optimizer, dead: torch.Tensor,
+                          x: torch.Tensor) -> int:
+    """Point the `dead` latents (bool [d_sae]) at inputs the SAE reconstructs worst
+    (Bricken et al. 2023, simplified): each gets a normalised residual x − x̂ of an input drawn
+    with probability ∝ its squared error as decoder row, the same direction as encoder column
+    (scaled to the mean alive encoder norm), a zero bias, and fresh Adam state. Returns how many."""
+    idx = dead.nonzero().squeeze(1)
+    if idx.numel() == 0:
+        return 0
+    residual = (x - sae.training_forward(x).x_hat).float()
+    err = residual.pow(2).sum(1)
+    if float(err.sum()) <= 0:
+        return 0
+    pick = torch.multinomial(err, idx.numel(), replacement=idx.numel() > err.numel())
+    atoms = torch.nn.functional.normalize(residual[pick], dim=1).to(sae.dtype)
+    alive = ~dead
+    enc_norm = sae.W_enc[:, alive].norm(dim=0).mean() if bool(alive.any()) else torch.tensor(1.0)
+    sae.W_dec[idx] = atoms
+    sae.W_enc[:, idx] = atoms.t() * enc_norm
+    sae.b_enc[idx] = 0
+    for param, rows in ((sae.W_dec, (idx,)), (sae.W_enc, (slice(None), idx)), (sae.b_enc, (idx,))):
+        for buf in ("exp_avg", "exp_avg_sq"):
+            if buf in opt.state.get(param, {}):
+                opt.state[param][buf][rows] = 0
+    return int(idx.numel())
+
+
+@torch.no_grad()
 def evaluate(sae: BaseSAE, data: ToyData, n_samples: int = 16384, batch: int = 4096,
              threshold: float = 0.99, seed: int = 12345) -> dict[str, float]:
     """Recovery and reconstruction metrics on a fixed evaluation set (same `seed`, same set;
@@ -107,13 +135,15 @@ class ToyRunResult:
 
 def train_toy(sae: BaseSAE, data: ToyData, steps: int, batch: int = 256, lr: float = 1e-3,
               init: str = "random", seconds: float | None = None, track_every: int = 0,
-              lr_decay_fraction: float = 0.0, eval_samples: int = 16384, progress: bool = True,
-              desc: str = "training") -> ToyRunResult:
+              lr_decay_fraction: float = 0.0, resample_every: int = 0, eval_samples: int = 16384,
+              progress: bool = True, desc: str = "training") -> ToyRunResult:
     """Train `sae` on `data` with Adam for `steps` steps (or until `seconds` have passed).
 
     init: "random" keeps the module's init, "data" uses `init_from_data` on fresh samples.
     track_every: every that many steps, record MMCS against the ground truth in `history`.
     lr_decay_fraction: decay the learning rate linearly to 0 over this last fraction of steps.
+    resample_every: every that many steps (until the lr decay starts), latents that did not fire
+        since the last check are resampled (`resample_dead_latents`); 0 = never.
     """
     if init not in INITS:
         raise InputError(f"init must be one of {INITS}, got {init!r}")
@@ -125,6 +155,8 @@ def train_toy(sae: BaseSAE, data: ToyData, steps: int, batch: int = 256, lr: flo
     opt = torch.optim.Adam(sae.parameters(), lr=lr)
     decay_start = int(steps * (1.0 - lr_decay_fraction))
     history: list[dict[str, float]] = []
+    fired = torch.zeros(sae.d_sae, dtype=torch.long, device=sae.device)
+    resampled = 0
     start = time.perf_counter()
     bar = tqdm(total=steps, desc=desc, unit="step", mininterval=1.0, disable=not progress, leave=False)
     step = 0
@@ -140,6 +172,11 @@ def train_toy(sae: BaseSAE, data: ToyData, steps: int, batch: int = 256, lr: flo
         opt.step()
         normalize_decoder_rows(sae)
         step += 1
+        if resample_every:
+            fired += metrics.latent_fire_counts(out.acts, sae.d_sae)
+            if step % resample_every == 0 and step < decay_start:
+                resampled += resample_dead_latents(sae, opt, fired == 0, data.sample(4 * batch).to(sae.dtype))
+                fired.zero_()
         bar.update(1)
         if step % 100 == 0:
             bar.set_postfix(fvu=f"{float(out.fvu.detach()):.4f}", l0=f"{float(out.l0):.1f}")
@@ -148,4 +185,5 @@ def train_toy(sae: BaseSAE, data: ToyData, steps: int, batch: int = 256, lr: flo
     if track_every:
         history.append({"step": step, "mmcs": metrics.mmcs(data.features, sae.W_dec)})
     result = evaluate(sae, data, n_samples=eval_samples)
+    result["resampled_latents"] = resampled
     return ToyRunResult(steps=step, seconds=elapsed, metrics=result, history=history)

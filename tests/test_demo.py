@@ -1,5 +1,10 @@
 """`fastsae demo` end to end on a 2-second budget."""
 
+import pytest
+import torch
+
+from one_thread import one_thread  # noqa: F401  (autouse)
+
 from fastsae.cli import main
 
 

@@ -3,9 +3,13 @@
 import json
 
 import pytest
+import torch
+
+from one_thread import one_thread  # noqa: F401  (autouse)
 
 from fastsae.cli import main
 from fastsae.errors import InputError
+
 
 TINY = ["--d", "8", "--features", "16", "--mean-active", "2", "--steps", "8", "--batch", "32",
         "--eval-samples", "64", "--arch", "standard", "--l1", "0.01,0.1"]
