@@ -61,6 +61,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch", type=int, default=256)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--lr-decay", type=float, default=0.0, help="decay lr linearly to 0 over this last fraction")
+    p.add_argument("--resample-every", type=int, default=0,
+                   help="resample latents dead for this many steps (0 = never; see toy_train)")
     p.add_argument("--eval-samples", type=int, default=16384)
     p.add_argument("--compare-init", action="store_true",
                    help="also train one cell from random and from data-sample init, plot MMCS vs steps")
@@ -91,7 +93,7 @@ def _data_kwargs(args: argparse.Namespace) -> dict[str, Any]:
 def _settings(args: argparse.Namespace, data: ToyData) -> dict[str, Any]:
     """What every cell shares: a results file is only resumed under the same settings."""
     return {"data": data.config(), "steps": args.steps, "batch": args.batch, "lr": args.lr,
-            "lr_decay": args.lr_decay, "eval_samples": args.eval_samples, "optimizer": "adam"}
+            "lr_decay": args.lr_decay, "resample_every": args.resample_every, "eval_samples": args.eval_samples, "optimizer": "adam"}
 
 
 def cell_key(arch: str, ratio: float, coef: float) -> str:
@@ -122,6 +124,7 @@ def _train_cell(args, arch, ratio, coef, init="random", track_every=0, desc="cel
     sae = make_toy_sae(arch, data, ratio, coef, seed=args.seed)
     run = train_toy(sae, data, args.steps, batch=args.batch, lr=args.lr, init=init,
                     track_every=track_every, lr_decay_fraction=args.lr_decay,
+                    resample_every=args.resample_every,
                     eval_samples=args.eval_samples, desc=desc)
     return {"arch": arch, "ratio": ratio, "coefficient": coef, "d_sae": sae.d_sae, "init": init,
             **run.to_dict()}
@@ -174,7 +177,9 @@ def run(args: argparse.Namespace) -> int:
 def markdown_table(results: dict[str, Any]) -> str:
     """One row per cell (and per init of the comparison), ready for a README."""
     s = results["settings"]
-    head = (f"{s['steps']} steps, batch {s['batch']}, Adam lr {s['lr']:g}; G={s['data']['n_features']} "
+    extras = (f", linear lr decay over the last {s['lr_decay']:.0%}" if s["lr_decay"] else "") + (
+        f", dead latents resampled every {s['resample_every']} steps" if s["resample_every"] else "")
+    head = (f"{s['steps']} steps, batch {s['batch']}, Adam lr {s['lr']:g}{extras}; G={s['data']['n_features']} "
             f"features in d={s['data']['d']}, m={s['data']['mean_active']:g}; metrics on "
             f"{s['eval_samples']} fresh samples\n\n"
             "| SAE | d_sae | coefficient | init | MMCS | recovered (cos > 0.99) | L0 | FVU | dead latents "
