@@ -19,6 +19,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--k", type=int, default=5, help="active latents per sample (topk)")
     p.add_argument("--l1", type=float, default=0.3, help="L1 coefficient (standard)")
     p.add_argument("--init", choices=INITS, default="data", help="decoder init: data samples or random")
+    p.add_argument("--resample-every", type=int, default=500,
+                   help="resample latents dead for this many steps (0 = never)")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--eval-samples", type=int, default=16384)
@@ -33,7 +35,8 @@ def run(args: argparse.Namespace) -> int:
           f"backend={sae.backend}, on toy data with {data.n_features} known features "
           f"(mean {data.mean_active:g} active per sample); budget {args.seconds:.0f}s")
     result = train_toy(sae, data, args.max_steps, batch=args.batch, lr=args.lr, init=args.init,
-                       seconds=args.seconds, eval_samples=args.eval_samples)
+                       seconds=args.seconds, resample_every=args.resample_every,
+                       eval_samples=args.eval_samples)
     m = result.metrics
     rate = result.steps * args.batch / max(result.seconds, 1e-9)
     print(f"\ntrained {result.steps} steps in {result.seconds:.1f}s ({rate:,.0f} samples/s); "
@@ -42,7 +45,8 @@ def run(args: argparse.Namespace) -> int:
     print(f"  recovered (cos>0.99) {m['recovered']:.1%} of {data.n_features} features")
     print(f"  L0                   {m['l0']:.2f}     (active latents per sample)")
     print(f"  FVU                  {m['fvu']:.4f}   (fraction of variance unexplained)")
-    print(f"  dead latents         {m['dead_latents']} of {sae.d_sae} never fired")
+    print(f"  dead latents         {m['dead_latents']} of {sae.d_sae} never fired "
+          f"({m['resampled_latents']} resampled in training)")
     print(f"  shrinkage γ          {m['shrinkage']:.3f}    (1 = unbiased, < 1 = biased low)")
     return 0
 

@@ -1,5 +1,7 @@
 """`fastsae demo` end to end on a 2-second budget."""
 
+import re
+
 import pytest
 import torch
 
@@ -19,3 +21,10 @@ def test_demo_standard_random_init(capsys):
     assert main(["demo", "--seconds", "2", "--max-steps", "20", "--arch", "standard", "--init", "random",
                  "--d", "16", "--features", "32", "--eval-samples", "512"]) == 0
     assert "trained 20 steps" in capsys.readouterr().out
+
+
+def test_demo_resamples_dead_latents(capsys):
+    assert main(["demo", "--seconds", "2", "--max-steps", "30", "--resample-every", "10", "--d", "16",
+                 "--features", "32", "--eval-samples", "512"]) == 0
+    resampled = re.search(r"\((\d+) resampled in training\)", capsys.readouterr().out)
+    assert resampled and int(resampled.group(1)) > 0
