@@ -24,7 +24,9 @@ def test_demo_standard_random_init(capsys):
 
 
 def test_demo_resamples_dead_latents(capsys):
-    assert main(["demo", "--seconds", "2", "--max-steps", "30", "--resample-every", "10", "--d", "16",
-                 "--features", "32", "--eval-samples", "512"]) == 0
+    # 10 steps of 8 rows cannot make all 128 latents fire: the unfired ones are resampled
+    assert main(["demo", "--seconds", "2", "--max-steps", "30", "--resample-every", "10", "--batch", "8",
+                 "--init", "random", "--ratio", "4", "--k", "2", "--d", "16", "--features", "32",
+                 "--eval-samples", "512"]) == 0
     resampled = re.search(r"\((\d+) resampled in training\)", capsys.readouterr().out)
     assert resampled and int(resampled.group(1)) > 0
