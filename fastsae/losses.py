@@ -37,19 +37,37 @@ def relative_reconstruction_bias(x_hat: torch.Tensor, x: torch.Tensor) -> float:
 
 @torch.no_grad()
 def top_dead_latents(x_in: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor,
-                     dead: torch.Tensor, k_aux: int, chunk: int = 32768) -> torch.Tensor:
+                     dead: torch.Tensor, k_aux: int, chunk: int = 8192, topk_encode=None) -> torch.Tensor:
     """Indices [B, k'] (k' = min(k_aux, #dead)) of each row's largest pre-activations among
-    the `dead` latent ids, found chunk by chunk so no [B, #dead] tensor is held."""
+    the `dead` latent ids, found chunk by chunk so no [B, #dead] tensor is held.
+
+    Few dead latents: their W_enc columns are gathered. Many (over a quarter of d_sae, as
+    early in a wide run): contiguous column blocks are scanned with live latents masked
+    out, which skips the gather copies; given a `topk_encode` op (fastsae.ops signature), that
+    scan is one call of it with the live latents' biases set to -inf."""
+    n = W_enc.shape[1]
     k_aux = min(k_aux, dead.numel())
     best_v = x_in.new_empty(x_in.shape[0], 0)
     best_i = dead.new_empty(x_in.shape[0], 0)
-    for start in range(0, dead.numel(), chunk):
-        ids = dead[start:start + chunk]
-        pre = x_in @ W_enc[:, ids] + b_enc[ids]
-        v = torch.cat([best_v, pre], 1)
-        i = torch.cat([best_i, ids.expand(x_in.shape[0], -1)], 1)
-        best_v, pos = v.topk(min(k_aux, v.shape[1]), dim=1)
-        best_i = i.gather(1, pos)
+    scan = dead.numel() * 4 > n
+    if scan:
+        is_dead = torch.zeros(n, dtype=torch.bool, device=dead.device)
+        is_dead[dead] = True
+        if topk_encode is not None:
+            masked_bias = b_enc.masked_fill(~is_dead, float("-inf"))
+            return topk_encode(x_in, W_enc, masked_bias, None, k_aux)[1]
+    for start in range(0, n if scan else dead.numel(), chunk):
+        if scan:
+            stop = min(start + chunk, n)
+            pre = torch.addmm(b_enc[start:stop], x_in, W_enc[:, start:stop])
+            pre.masked_fill_(~is_dead[start:stop], float("-inf"))
+        else:
+            ids = dead[start:start + chunk]
+            pre = torch.addmm(b_enc[ids], x_in, W_enc[:, ids])
+        v, pos = pre.topk(min(k_aux, pre.shape[1]), dim=1)
+        i = pos + start if scan else ids[pos]
+        best_v, keep = torch.cat([best_v, v], 1).topk(min(k_aux, best_v.shape[1] + v.shape[1]), dim=1)
+        best_i = torch.cat([best_i, i], 1).gather(1, keep)
     return best_i
 
 

@@ -91,6 +91,7 @@ class Tracker:
         rec.update(extra or {})
         self.history.append(rec)
         if self.log_path is not None:
+            self.log_path.parent.mkdir(parents=True, exist_ok=True)
             with open(self.log_path, "a", encoding="utf-8") as f:
                 f.write(json.dumps(rec) + "\n")
         if self.console is not None:

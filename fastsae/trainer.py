@@ -289,7 +289,8 @@ class Trainer:
         dead = self.tracker.dead_latents()
         if dead.numel() == 0:
             return None, 0.0
-        idx = top_dead_latents(x_in, self.sae.W_enc.detach(), self.sae.b_enc.detach(), dead, self.k_aux)
+        idx = top_dead_latents(x_in, self.sae.W_enc.detach(), self.sae.b_enc.detach(), dead, self.k_aux,
+                               topk_encode=self.sae._op("topk_encode"))
         return idx, min(dead.numel() / self.k_aux, 1.0)
 
     def _x_in(self, x: torch.Tensor) -> torch.Tensor:

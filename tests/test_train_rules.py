@@ -180,3 +180,19 @@ def test_tracking_dead_dense_shrinkage_and_plot(tmp_path):
     since = tr.tracker.tokens_since_fired
     assert since[5] == 0 and since[3] == 16 and since[0] == 32
     assert 3 not in tr.tracker.dead_latents().tolist() and 0 in tr.tracker.dead_latents().tolist()
+
+
+@pytest.mark.parametrize("n_dead", [5, 100])  # gather path and masked-scan path
+def test_top_dead_latents_matches_dense_topk(n_dead):
+    from fastsae.losses import top_dead_latents
+
+    g = torch.Generator().manual_seed(0)
+    x, W, b = torch.randn(7, 8, generator=g), torch.randn(8, 120, generator=g), torch.randn(120, generator=g)
+    dead = torch.randperm(120, generator=g)[:n_dead].sort().values
+    pre = (x @ W + b)[:, dead]
+    want = dead[pre.topk(4, dim=1).indices].sort(1).values
+    assert torch.equal(top_dead_latents(x, W, b, dead, k_aux=4, chunk=16).sort(1).values, want)
+    for backend in fastsae.ops.available_backends("cpu"):  # the scan through each encode op
+        op = fastsae.ops.get("topk_encode", backend)
+        got = top_dead_latents(x, W, b, dead, k_aux=4, chunk=16, topk_encode=op)
+        assert torch.equal(got.sort(1).values, want), backend
