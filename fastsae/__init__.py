@@ -22,6 +22,7 @@ from .sae import (
     sae_class,
 )
 from .sparse import SparseActs
+from .trainer import TrainConfig, Trainer, train
 
 __version__ = "0.1.0"
 
@@ -40,3 +41,4 @@ __all__ = [
     "TrainOutput", "SparseActs", "SAE_CLASSES", "sae_class", "build_sae", "load",
     "FastSAEError", "InputError", "ConfigError", "CheckpointError", "__version__",
 ]
+__all__ += ["TrainConfig", "Trainer", "train"]

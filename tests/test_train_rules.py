@@ -196,3 +196,17 @@ def test_top_dead_latents_matches_dense_topk(n_dead):
         op = fastsae.ops.get("topk_encode", backend)
         got = top_dead_latents(x, W, b, dead, k_aux=4, chunk=16, topk_encode=op)
         assert torch.equal(got.sort(1).values, want), backend
+
+
+def test_batchtopk_training_learns_its_inference_threshold(tmp_path):
+    x = ToyData(d=8, n_features=16, seed=0).sample(1024)
+    sae = dict(d_in=8, d_sae=32, architecture="batchtopk", k=2)
+    tr = Trainer(_cfg(tmp_path, sae=sae, steps=10, optimizer="row_sparse_adam"), x)
+    assert float(tr.sae.threshold) < 0
+    tr.fit()
+    th = float(tr.sae.threshold)
+    assert th > 0
+    loaded = fastsae.load(tmp_path / "final").eval()
+    assert float(loaded.threshold) == th
+    acts = loaded.encode(x[:64])  # inference: a JumpReLU at the learned threshold
+    assert bool((acts.values[acts.values > 0] > th).all())
