@@ -71,6 +71,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--init-coef", type=float, default=None,
                    help="coefficient of the init comparison cell (default: the middle of --l1 / --k)")
     p.add_argument("--track-every", type=int, default=100, help="MMCS tracking interval of the init comparison")
+    p.add_argument("--track-cells", action="store_true",
+                   help="track MMCS every --track-every steps in the sweep's cells too, saving the "
+                        "progress of unfinished cells to OUT/progress.json (for long runs)")
     g = p.add_argument_group("toy data (fastsae.toy.ToyData)")
     g.add_argument("--d", type=int, default=256, help="activation dimension")
     g.add_argument("--features", type=int, default=512, help="ground-truth features G")
@@ -122,10 +125,19 @@ def save_results(out: Path, results: dict[str, Any]) -> None:
 def _train_cell(args, arch, ratio, coef, init="random", track_every=0, desc="cell"):
     data = ToyData(**_data_kwargs(args))  # every cell sees the same stream
     sae = make_toy_sae(arch, data, ratio, coef, seed=args.seed)
+    on_track = None
+    if track_every and args.track_cells:
+        progress_path = args.out / "progress.json"
+
+        def on_track(entry):
+            progress = json.loads(progress_path.read_text()) if progress_path.exists() else {}
+            progress.setdefault(desc, []).append(entry)
+            atomic_write(progress_path, lambda tmp: Path(tmp).write_text(json.dumps(progress, indent=1)))
+
     run = train_toy(sae, data, args.steps, batch=args.batch, lr=args.lr, init=init,
                     track_every=track_every, lr_decay_fraction=args.lr_decay,
-                    resample_every=args.resample_every,
-                    eval_samples=args.eval_samples, desc=desc)
+                    resample_every=args.resample_every, eval_samples=args.eval_samples, desc=desc,
+                    on_track=on_track)
     return {"arch": arch, "ratio": ratio, "coefficient": coef, "d_sae": sae.d_sae, "init": init,
             **run.to_dict()}
 
@@ -141,7 +153,8 @@ def run(args: argparse.Namespace) -> int:
     print(f"toy-sweep: {len(grid)} cells ({len(grid) - len(todo)} already in {args.out / RESULTS}), "
           f"{args.steps} steps each, G={data.n_features} features in d={data.d}")
     for arch, ratio, coef in tqdm(todo, desc="cells", unit="cell"):
-        cell = _train_cell(args, arch, ratio, coef, desc=cell_key(arch, ratio, coef))
+        cell = _train_cell(args, arch, ratio, coef, desc=cell_key(arch, ratio, coef),
+                           track_every=args.track_every if args.track_cells else 0)
         results["cells"][cell_key(arch, ratio, coef)] = cell
         save_results(args.out, results)
         m = cell["metrics"]
@@ -159,7 +172,7 @@ def run(args: argparse.Namespace) -> int:
         for init in INITS:
             if init not in comparison:
                 comparison[init] = _train_cell(args, args.init_arch, args.init_ratio, coef, init=init,
-                                               track_every=args.track_every, desc=f"{init} init")
+                                               track_every=args.track_every, desc=f"{key} ({init} init)")
                 save_results(args.out, results)
             m = comparison[init]["metrics"]
             print(f"  {init} init, {key}: MMCS {m['mmcs']:.4f}  dead {m['dead_latents']}")

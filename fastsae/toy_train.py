@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from tqdm.auto import tqdm
@@ -136,11 +136,14 @@ class ToyRunResult:
 def train_toy(sae: BaseSAE, data: ToyData, steps: int, batch: int = 256, lr: float = 1e-3,
               init: str = "random", seconds: float | None = None, track_every: int = 0,
               lr_decay_fraction: float = 0.0, resample_every: int = 0, eval_samples: int = 16384,
-              progress: bool = True, desc: str = "training") -> ToyRunResult:
+              progress: bool = True, desc: str = "training",
+              on_track: Callable[[dict[str, float]], None] | None = None) -> ToyRunResult:
     """Train `sae` on `data` with Adam for `steps` steps (or until `seconds` have passed).
 
     init: "random" keeps the module's init, "data" uses `init_from_data` on fresh samples.
-    track_every: every that many steps, record MMCS against the ground truth in `history`.
+    track_every: every that many steps, record MMCS and the fraction recovered (cos > 0.99)
+        against the ground truth in `history`, and pass each record to `on_track` if given
+        (e.g. to save the progress of a long run).
     lr_decay_fraction: decay the learning rate linearly to 0 over this last fraction of steps.
     resample_every: every that many steps (until the lr decay starts), latents that did not fire
         since the last check are resampled (`resample_dead_latents`); 0 = never.
@@ -160,9 +163,16 @@ def train_toy(sae: BaseSAE, data: ToyData, steps: int, batch: int = 256, lr: flo
     start = time.perf_counter()
     bar = tqdm(total=steps, desc=desc, unit="step", mininterval=1.0, disable=not progress, leave=False)
     step = 0
+    def track() -> None:
+        cos = metrics.max_cosine_similarities(data.features, sae.W_dec)
+        history.append({"step": step, "mmcs": float(cos.mean()), "recovered": float((cos > 0.99).float().mean()),
+                        "seconds": time.perf_counter() - start})
+        if on_track is not None:
+            on_track(history[-1])
+
     while step < steps and (seconds is None or time.perf_counter() - start < seconds):
         if track_every and step % track_every == 0:
-            history.append({"step": step, "mmcs": metrics.mmcs(data.features, sae.W_dec)})
+            track()
         if step >= decay_start:
             for group in opt.param_groups:
                 group["lr"] = lr * (steps - step) / max(steps - decay_start, 1)
@@ -183,7 +193,7 @@ def train_toy(sae: BaseSAE, data: ToyData, steps: int, batch: int = 256, lr: flo
     bar.close()
     elapsed = time.perf_counter() - start
     if track_every:
-        history.append({"step": step, "mmcs": metrics.mmcs(data.features, sae.W_dec)})
+        track()
     result = evaluate(sae, data, n_samples=eval_samples)
     result["resampled_latents"] = resampled
     return ToyRunResult(steps=step, seconds=elapsed, metrics=result, history=history)
