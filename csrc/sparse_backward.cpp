@@ -15,6 +15,7 @@
 
 #include "checks.h"
 #include "csr_by_latent.h"
+#include "row_math.h"
 
 namespace fastsae {
 namespace {
@@ -36,16 +37,38 @@ void dvalues_kernel(const scalar_t* grad, const int64_t* idx, const scalar_t* W_
       const scalar_t* g = grad + b * d;
       for (int64_t s = 0; s < k; ++s) {
         const scalar_t* w = W_dec + idx[b * k + s] * d;
-        acc_t acc = 0;
-        for (int64_t i = 0; i < d; ++i) acc += static_cast<acc_t>(g[i]) * static_cast<acc_t>(w[i]);
-        out[b * k + s] = static_cast<scalar_t>(acc);
+        out[b * k + s] = static_cast<scalar_t>(dot_acc<acc_t>(g, w, d));
       }
     }
   });
 }
 
+// Write the accumulated rows of segments g0..g1-1 (acc is [g1-g0, d]). A transposed output
+// (s1 != 1, the dense dW_enc [d, n]) is written column block by column block, so consecutive
+// latents fill whole cache lines instead of touching one line per element.
+template <typename scalar_t, typename acc_t>
+void write_rows(const RowsOut<scalar_t>& out, const acc_t* acc, int64_t g0, int64_t g1, const int64_t* lat,
+                bool dense_rows, int64_t d) {
+  if (out.s1 == 1) {
+    for (int64_t g = g0; g < g1; ++g) {
+      scalar_t* o = out.base + (dense_rows ? lat[g] : g) * out.s0;
+      const acc_t* a = acc + (g - g0) * d;
+      for (int64_t i = 0; i < d; ++i) o[i] = static_cast<scalar_t>(a[i]);
+    }
+    return;
+  }
+  for (int64_t i = 0; i < d; ++i) {
+    scalar_t* o = out.base + i * out.s1;
+    for (int64_t g = g0; g < g1; ++g)
+      o[(dense_rows ? lat[g] : g) * out.s0] = static_cast<scalar_t>(acc[(g - g0) * d + i]);
+  }
+}
+
 // For every touched latent (segment g of csr): the decoder row sum_e values[e]*grad[b(e)],
 // the encoder row sum_e dpre[e]*xin[b(e)] and the bias sum_e dpre[e]. A null output is skipped.
+// Segments are taken kSegBlock at a time so that the transposed writes can be blocked.
+constexpr int64_t kSegBlock = 16;
+
 template <typename scalar_t>
 void segment_sums_kernel(const LatentCSR& csr, int64_t k, int64_t d, bool dense_rows,
                          const scalar_t* values, const scalar_t* grad,      // for dW_dec
@@ -56,38 +79,30 @@ void segment_sums_kernel(const LatentCSR& csr, int64_t k, int64_t d, bool dense_
   const int64_t* lat = csr.latents.data_ptr<int64_t>();
   const int64_t* off = csr.offsets.data_ptr<int64_t>();
   const int64_t* ord = csr.order.data_ptr<int64_t>();
-  at::parallel_for(0, u, 8, [&](int64_t g0, int64_t g1) {
-    std::vector<acc_t> acc_dec(dW_dec.base ? d : 0), acc_enc(dW_enc.base ? d : 0);
-    for (int64_t g = g0; g < g1; ++g) {
+  const int64_t blocks = (u + kSegBlock - 1) / kSegBlock;
+  at::parallel_for(0, blocks, 1, [&](int64_t c0, int64_t c1) {
+    std::vector<acc_t> acc_dec(dW_dec.base ? kSegBlock * d : 0), acc_enc(dW_enc.base ? kSegBlock * d : 0);
+    for (int64_t c = c0; c < c1; ++c) {
+      const int64_t g0 = c * kSegBlock, g1 = std::min(u, g0 + kSegBlock);
       std::fill(acc_dec.begin(), acc_dec.end(), acc_t(0));
       std::fill(acc_enc.begin(), acc_enc.end(), acc_t(0));
-      acc_t acc_b = 0;
-      for (int64_t p = off[g]; p < off[g + 1]; ++p) {
-        const int64_t e = ord[p], b = e / k;
-        if (dW_dec.base) {
-          const acc_t v = static_cast<acc_t>(values[e]);
-          const scalar_t* row = grad + b * d;
-          for (int64_t i = 0; i < d; ++i) acc_dec[i] += v * static_cast<acc_t>(row[i]);
-        }
-        if (dvalues) {
-          const acc_t dp = values[e] > scalar_t(0) ? static_cast<acc_t>(dvalues[e]) : acc_t(0);
-          acc_b += dp;
-          if (dW_enc.base) {
-            const scalar_t* row = xin + b * d;
-            for (int64_t i = 0; i < d; ++i) acc_enc[i] += dp * static_cast<acc_t>(row[i]);
+      for (int64_t g = g0; g < g1; ++g) {
+        acc_t* ad = acc_dec.data() + (g - g0) * d;
+        acc_t* ae = acc_enc.data() + (g - g0) * d;
+        acc_t acc_b = 0;
+        for (int64_t p = off[g]; p < off[g + 1]; ++p) {
+          const int64_t e = ord[p], b = e / k;
+          if (dW_dec.base) axpy_acc<acc_t>(ad, static_cast<acc_t>(values[e]), grad + b * d, d);
+          if (dvalues) {
+            const acc_t dp = values[e] > scalar_t(0) ? static_cast<acc_t>(dvalues[e]) : acc_t(0);
+            acc_b += dp;
+            if (dW_enc.base) axpy_acc<acc_t>(ae, dp, xin + b * d, d);
           }
         }
+        if (db_enc) db_enc[dense_rows ? lat[g] : g] = static_cast<scalar_t>(acc_b);
       }
-      const int64_t r = dense_rows ? lat[g] : g;
-      if (dW_dec.base) {
-        scalar_t* o = dW_dec.base + r * dW_dec.s0;
-        for (int64_t i = 0; i < d; ++i) o[i * dW_dec.s1] = static_cast<scalar_t>(acc_dec[i]);
-      }
-      if (dW_enc.base) {
-        scalar_t* o = dW_enc.base + r * dW_enc.s0;
-        for (int64_t i = 0; i < d; ++i) o[i * dW_enc.s1] = static_cast<scalar_t>(acc_enc[i]);
-      }
-      if (db_enc) db_enc[r] = static_cast<scalar_t>(acc_b);
+      if (dW_dec.base) write_rows(dW_dec, acc_dec.data(), g0, g1, lat, dense_rows, d);
+      if (dW_enc.base) write_rows(dW_enc, acc_enc.data(), g0, g1, lat, dense_rows, d);
     }
   });
 }
@@ -121,27 +136,20 @@ void dx_kernel(const scalar_t* values, const scalar_t* dvalues, const int64_t* s
       for (int64_t s = 0; s < k; ++s) {
         const int64_t e = b * k + s;
         if (!(values[e] > scalar_t(0))) continue;
-        const acc_t dp = static_cast<acc_t>(dvalues[e]);
-        const scalar_t* c = cols + slot[e] * d;
-        for (int64_t i = 0; i < d; ++i) acc[i] += dp * static_cast<acc_t>(c[i]);
+        axpy_acc<acc_t>(acc.data(), static_cast<acc_t>(dvalues[e]), cols + slot[e] * d, d);
       }
       for (int64_t i = 0; i < d; ++i) dx[b * d + i] = static_cast<scalar_t>(acc[i]);
     }
   });
 }
 
-// out[i] = sum_g coef[g] * rows[g, i]: the encoder part of db_dec when dx is not wanted.
+// out[i] = -<W_enc[i, :], db_enc>: the encoder's share of db_dec, -sum_b dxin_b, without dx.
+// Row dots over the dense db_enc read W_enc once, d*n work: 1/(2B) of the encoder GEMM.
 template <typename scalar_t>
-void weighted_row_sum_kernel(const scalar_t* rows, const scalar_t* coef, int64_t u, int64_t d,
-                             scalar_t* out) {
+void neg_row_dots_kernel(const scalar_t* W_enc, const scalar_t* db_enc, int64_t d, int64_t n, scalar_t* out) {
   using acc_t = at::opmath_type<scalar_t>;
-  at::parallel_for(0, d, 16, [&](int64_t i0, int64_t i1) {
-    std::vector<acc_t> acc(i1 - i0, acc_t(0));
-    for (int64_t g = 0; g < u; ++g) {
-      const acc_t c = static_cast<acc_t>(coef[g]);
-      for (int64_t i = i0; i < i1; ++i) acc[i - i0] += c * static_cast<acc_t>(rows[g * d + i]);
-    }
-    for (int64_t i = i0; i < i1; ++i) out[i] = static_cast<scalar_t>(acc[i - i0]);
+  at::parallel_for(0, d, 1, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) out[i] = static_cast<scalar_t>(-dot_acc<acc_t>(W_enc + i * n, db_enc, n));
   });
 }
 
@@ -184,6 +192,7 @@ std::tuple<at::Tensor, at::Tensor> sparse_decode_backward_cpu(const at::Tensor& 
                                                               const at::Tensor& indices,
                                                               const at::Tensor& W_dec) {
   const char* op = "sparse_decode_backward";
+  at::AutoDispatchBelowADInplaceOrView below_autograd;  // these are gradients: no graph of their own
   check_float_matrix(W_dec, "W_dec", op);
   const int64_t n = W_dec.size(0), d = W_dec.size(1);
   check_pair_against(values, indices, W_dec, n, op);
@@ -214,6 +223,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> topk_encode_backward_
     const at::Tensor& x, const at::Tensor& W_enc, const std::optional<at::Tensor>& b_dec,
     bool need_dx) {
   const char* op = "topk_encode_backward";
+  at::AutoDispatchBelowADInplaceOrView below_autograd;  // these are gradients: no graph of their own
   check_float_matrix(W_enc, "W_enc", op);
   const int64_t d = W_enc.size(0), n = W_enc.size(1);
   check_pair_against(values, indices, W_enc, n, op);
@@ -237,20 +247,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> topk_encode_backward_
     segment_sums_kernel<scalar_t>(csr, k, d, /*dense_rows=*/true, vals.data_ptr<scalar_t>(), nullptr,
                                   dv.data_ptr<scalar_t>(), xin.data_ptr<scalar_t>(), {},
                                   {dW_enc.data_ptr<scalar_t>(), 1, n}, db_enc.data_ptr<scalar_t>());
-    if (!need_dx && !b_dec.has_value()) return;
+    if (b_dec.has_value())
+      neg_row_dots_kernel<scalar_t>(W.data_ptr<scalar_t>(), db_enc.data_ptr<scalar_t>(), d, n,
+                                    db_dec.data_ptr<scalar_t>());
+    if (!need_dx) return;
     auto cols = at::empty({u, d}, W_enc.options());
     gather_columns_kernel<scalar_t>(W.data_ptr<scalar_t>(), n, d, csr.latents.data_ptr<int64_t>(), u,
                                     cols.data_ptr<scalar_t>());
-    if (need_dx)
-      dx_kernel<scalar_t>(vals.data_ptr<scalar_t>(), dv.data_ptr<scalar_t>(), csr.slot.data_ptr<int64_t>(),
-                          cols.data_ptr<scalar_t>(), dx.data_ptr<scalar_t>(), B, k, d);
-    if (b_dec.has_value()) {
-      // sum_b dxin_b = sum_j db_enc[j] * W_enc[:, j], over the touched latents only.
-      auto db_touched = db_enc.index_select(0, csr.latents);
-      weighted_row_sum_kernel<scalar_t>(cols.data_ptr<scalar_t>(), db_touched.data_ptr<scalar_t>(), u, d,
-                                        db_dec.data_ptr<scalar_t>());
-      db_dec.neg_();
-    }
+    dx_kernel<scalar_t>(vals.data_ptr<scalar_t>(), dv.data_ptr<scalar_t>(), csr.slot.data_ptr<int64_t>(),
+                        cols.data_ptr<scalar_t>(), dx.data_ptr<scalar_t>(), B, k, d);
   });
   return {dx, dW_enc, db_enc, db_dec};
 }
@@ -264,6 +269,7 @@ topk_sae_backward_cpu(const at::Tensor& x, const at::Tensor& values, const at::T
                       const at::Tensor& grad_out, const at::Tensor& W_enc, const at::Tensor& W_dec,
                       const std::optional<at::Tensor>& b_dec, bool row_sparse) {
   const char* op = "topk_sae_backward";
+  at::AutoDispatchBelowADInplaceOrView below_autograd;  // these are gradients: no graph of their own
   check_float_matrix(W_dec, "W_dec", op);
   check_float_matrix(W_enc, "W_enc", op);
   const int64_t n = W_dec.size(0), d = W_dec.size(1);

@@ -7,6 +7,7 @@
 #include <torch/library.h>
 
 #include "checks.h"
+#include "row_math.h"
 
 namespace fastsae {
 
@@ -45,8 +46,7 @@ at::Tensor sparse_decode_cpu(const at::Tensor& values, const at::Tensor& indices
         for (int64_t s = 0; s < k; ++s) {
           const acc_t c = v[b * k + s];
           if (c == acc_t(0)) continue;
-          const scalar_t* wrow = w + ix[b * k + s] * d;
-          for (int64_t j = 0; j < d; ++j) orow[j] += c * static_cast<acc_t>(wrow[j]);
+          axpy_acc<acc_t>(orow, c, w + ix[b * k + s] * d, d);
         }
       }
     });

@@ -3,8 +3,8 @@
 //
 // The work is cut into tasks (a block of rows x a range of latents). A task computes one
 // cache-sized tile pre[rows, chunk] at a time with a BLAS call on sub-matrices, then merges
-// the tile into each row's running top-k: only entries above the row's current k-th best are
-// looked at again, so after the first chunks the merge is a single compare per entry. When the
+// the tile into each row's running top-k (a heap): only entries above the row's current k-th
+// best are looked at again, so after the first chunks the merge is a vector compare per 16 entries. When the
 // latents are split across several tasks (few rows, many threads), their partial top-k lists
 // are merged at the end. Ties are broken toward the smaller latent id; NaN ranks highest, as
 // in torch.topk.
@@ -18,6 +18,7 @@
 #include <vector>
 
 #include "checks.h"
+#include "row_math.h"
 
 namespace fastsae {
 namespace {
@@ -40,51 +41,42 @@ inline bool ranks_before(const Entry<acc_t>& a, const Entry<acc_t>& b) {
   return a.id < b.id;
 }
 
-// A row's running top-k: `best` holds up to k entries; once full, best[worst] is the k-th.
+// A row's running top-k: a heap of at most k entries whose front is the worst kept one, so
+// the bar a new entry must clear is best.front() and an insertion costs O(log k).
 template <typename acc_t>
 struct RunningTopK {
   std::vector<Entry<acc_t>> best;
-  Entry<acc_t> worst{};
-
-  // Keep the k best of best + fresh (fresh is consumed).
-  void merge(std::vector<Entry<acc_t>>& fresh, int64_t k) {
-    if (fresh.empty()) return;
-    best.insert(best.end(), fresh.begin(), fresh.end());
-    fresh.clear();
-    if (static_cast<int64_t>(best.size()) > k) {
-      std::nth_element(best.begin(), best.begin() + (k - 1), best.end(), ranks_before<acc_t>);
-      best.resize(k);
-    }
-    if (static_cast<int64_t>(best.size()) == k && k > 0) {
-      worst = *std::min_element(best.begin(), best.end(),
-                                [](const Entry<acc_t>& a, const Entry<acc_t>& b) { return ranks_before(b, a); });
-    }
-  }
 
   bool full(int64_t k) const { return static_cast<int64_t>(best.size()) == k; }
+
+  void offer(const Entry<acc_t>& e, int64_t k) {
+    if (!full(k)) {
+      best.push_back(e);
+      std::push_heap(best.begin(), best.end(), ranks_before<acc_t>);
+    } else if (ranks_before(e, best.front())) {
+      std::pop_heap(best.begin(), best.end(), ranks_before<acc_t>);
+      best.back() = e;
+      std::push_heap(best.begin(), best.end(), ranks_before<acc_t>);
+    }
+  }
 };
 
 // Merge one tile pre[rows, width] (latent ids first_id..first_id+width-1) into the rows' top-k.
 template <typename scalar_t, typename acc_t>
 void merge_tile(const scalar_t* tile, int64_t rows, int64_t width, int64_t first_id, int64_t k,
-                RunningTopK<acc_t>* state, std::vector<Entry<acc_t>>& fresh) {
+                RunningTopK<acc_t>* state) {
   for (int64_t r = 0; r < rows; ++r) {
     RunningTopK<acc_t>& st = state[r];
     const scalar_t* row = tile + r * width;
-    if (!st.full(k)) {
-      for (int64_t c = 0; c < width; ++c) fresh.push_back({static_cast<acc_t>(row[c]), first_id + c});
-    } else {
-      const acc_t thr = st.worst.v;
-      for (int64_t c = 0; c < width; ++c) {
-        const acc_t v = static_cast<acc_t>(row[c]);
-        // !(v <= thr) is true for v > thr and for NaN; ranks_before settles ties and NaNs.
-        if (!(v <= thr)) {
-          const Entry<acc_t> e{v, first_id + c};
-          if (ranks_before(e, st.worst)) fresh.push_back(e);
-        }
-      }
+    int64_t c = 0;
+    for (; c < width && !st.full(k); ++c) st.offer({static_cast<acc_t>(row[c]), first_id + c}, k);
+    // Then only entries above the k-th best (or NaN) need a look; offer() settles ties.
+    while (c < width) {
+      c += find_above_acc<acc_t>(row + c, width - c, st.best.front().v);
+      if (c == width) break;
+      st.offer({static_cast<acc_t>(row[c]), first_id + c}, k);
+      ++c;
     }
-    st.merge(fresh, k);
   }
 }
 
@@ -114,11 +106,12 @@ std::tuple<at::Tensor, at::Tensor> topk_encode_cpu(const at::Tensor& x, const at
   auto indices = at::empty({B, k}, x.options().dtype(at::kLong));
   if (B == 0 || k == 0) return {values, indices};
 
-  // No autograd inside: the op's gradient is registered separately.
+  // No autograd inside (the op's gradient is registered separately). Worker threads do not
+  // inherit this thread's dispatch state, so the tensors they use are detached as well.
   at::AutoDispatchBelowADInplaceOrView below_autograd;
-  auto xin = (b_dec.has_value() ? x - *b_dec : x).contiguous();
-  auto W = W_enc.contiguous();
-  auto bias = b_enc.contiguous();
+  auto xin = (b_dec.has_value() ? x - *b_dec : x).contiguous().detach();
+  auto W = W_enc.contiguous().detach();
+  auto bias = b_enc.contiguous().detach();
 
   const int64_t row_blocks = (B + kRowBlock - 1) / kRowBlock;
   const int64_t chunks = (n + kChunk - 1) / kChunk;
@@ -132,9 +125,8 @@ std::tuple<at::Tensor, at::Tensor> topk_encode_cpu(const at::Tensor& x, const at
     std::vector<std::vector<RunningTopK<acc_t>>> partial(parts, std::vector<RunningTopK<acc_t>>(B));
 
     at::parallel_for(0, row_blocks * parts, 1, [&](int64_t t0, int64_t t1) {
+      at::AutoDispatchBelowADInplaceOrView worker_below_autograd;
       auto tile = at::empty({kRowBlock * kChunk}, W.options());
-      std::vector<Entry<acc_t>> fresh;
-      fresh.reserve(kChunk + k);
       for (int64_t t = t0; t < t1; ++t) {
         const int64_t rb = t / parts, p = t % parts;
         const int64_t r0 = rb * kRowBlock, rows = std::min(kRowBlock, B - r0);
@@ -146,7 +138,7 @@ std::tuple<at::Tensor, at::Tensor> topk_encode_cpu(const at::Tensor& x, const at
           auto out = tile.narrow(0, 0, rows * width).view({rows, width});
           at::addmm_out(out, bias.narrow(0, c0, width), xrows, W.narrow(1, c0, width));
           merge_tile<scalar_t, acc_t>(out.data_ptr<scalar_t>(), rows, width, c0, k,
-                                      partial[p].data() + r0, fresh);
+                                      partial[p].data() + r0);
         }
       }
     });
