@@ -16,6 +16,13 @@ from dictionary_learning.trainers.matryoshka_batch_top_k import MatryoshkaBatchT
 from dictionary_learning.trainers.top_k import AutoEncoderTopK  # noqa: E402
 from dictionary_learning.utils import load_dictionary  # noqa: E402
 
+# dictionary_learning imports nnsight, whose import patches torch globally (FakeTensor.__new__,
+# F.one_hot, einops, math), which breaks torch.compile and opcheck in every later test of the
+# session. Its dictionaries do not need the patches: undo them.
+import nnsight  # noqa: E402
+
+nnsight.DEFAULT_PATCHER.__exit__(None, None, None)
+
 D, N, K = 16, 64, 5
 TOL = dict(rtol=1e-5, atol=1e-5)
 
