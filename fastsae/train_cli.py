@@ -82,7 +82,9 @@ def build(args: argparse.Namespace) -> tuple[dict, dict]:
     return {"sae": sae, **train}, data
 
 
-def run(args: argparse.Namespace) -> int:
+def prepare(args: argparse.Namespace) -> tuple[dict, ShardSource]:
+    """(TrainConfig dict with its "sae" dict completed, the shard source) from the parsed flags:
+    d_in comes from the shards, d_sae from --expansion, metadata from the harvest manifest."""
     train, data = build(args)
     opts = {k: data[k] for k in ("buffer_rows", "chunk_rows", "shuffle") if k in data}
     source = ShardSource(data["path"], batch_size=int(train.get("batch_size", 4096)),
@@ -97,12 +99,17 @@ def run(args: argparse.Namespace) -> int:
     if manifest:
         sae.setdefault("metadata", {}).update(
             {k: manifest[k] for k in ("model", "hook", "dataset") if k in manifest})
+    return train, source
+
+
+def run(args: argparse.Namespace) -> int:
+    train, source = prepare(args)
     if args.resume:
         out_dir = train.get("out_dir", "runs/sae")
         overrides = {k: v for k, v in train.items() if k in ("steps", "progress")}
         trainer = Trainer.resume(out_dir, source, **overrides)
     else:
-        trainer = Trainer(TrainConfig.from_dict({**train, "sae": SAEConfig.from_dict(sae)}), source)
+        trainer = Trainer(TrainConfig.from_dict({**train, "sae": SAEConfig.from_dict(train["sae"])}), source)
     res = trainer.fit()
     print(json.dumps({"out_dir": str(res.out_dir), "final": str(res.final_dir) if res.final_dir else None,
                       "log": str(res.log_path), "curves": str(res.plot_path) if res.plot_path else None,
