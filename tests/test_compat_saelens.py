@@ -259,3 +259,10 @@ def test_facade_from_pretrained_goes_through_saelens(monkeypatch):
     assert calls == [("gemma-scope-2b-pt-res", "layer_0/width_16k/average_l0_1", "cpu", "float32")]
     x = inputs()
     torch.testing.assert_close(facade(x), theirs(x), **TOL)
+
+
+def test_batchtopk_training_sae_with_fractional_k():
+    train = randomize_(sae_lens.BatchTopKTrainingSAE(sae_lens.BatchTopKTrainingSAEConfig(d_in=D, d_sae=N, k=2.5)), 31)
+    train.topk_threshold = torch.tensor(0.2, dtype=torch.double)
+    ours = convert.from_saelens(train)
+    assert ours.cfg.k == 3 and ours.cfg.metadata["saelens_k"] == 2.5

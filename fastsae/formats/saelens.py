@@ -17,6 +17,7 @@ exported as JumpReLU with a per-latent copy of its threshold, as SAELens does.
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -109,6 +110,10 @@ def from_state(cfg: dict[str, Any], state: dict[str, torch.Tensor], source: str,
         meta["reshape_activations"] = cfg["reshape_activations"]  # facades.SAE flattens heads
     meta["source_format"] = NAME
     k = cfg.get("k")
+    if k is not None and arch == "batchtopk" and not float(k).is_integer():
+        # SAELens's BatchTopK k is a per-row average; fastsae's is an integer (inference uses
+        # the threshold, not k): round up, and keep SAELens's value.
+        meta["saelens_k"], k = k, math.ceil(k)
     return build_from_tensors(
         source=source, architecture=arch, d_in=cfg["d_in"], d_sae=cfg["d_sae"],
         W_enc=W_enc, b_enc=b_enc, W_dec=W_dec, b_dec=b_dec, threshold=threshold,
