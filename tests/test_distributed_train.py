@@ -141,3 +141,33 @@ def test_resumed_sharded_run_equals_the_uninterrupted_one(tmp_path):
             torch.testing.assert_close(t, _slice(name, ref.sae.state_dict()[name], start, end, "topk"),
                                        atol=TOL, rtol=0)
         assert "saved by 1 replica(s) x 2 shard(s), this job is 2 x 1" in r.value["mismatch"]
+
+
+def test_train_dist_runs_under_torchrun(tmp_path):
+    """`torchrun -m fastsae train-dist`: one progress bar and one log (rank 0), a sharded and a
+    consolidated final SAE. --standalone picks a free port; the timeouts keep CI from hanging."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import numpy as np
+
+    (tmp_path / "acts").mkdir()
+    np.save(tmp_path / "acts" / "s0.npy", np.random.default_rng(0).standard_normal((256, 8)).astype("float32"))
+    torchrun = Path(sys.executable).with_name("torchrun")
+    cmd = [str(torchrun), "--standalone", "--nproc-per-node", "2", "-m", "fastsae", "train-dist", "--shards", "2",
+           "--data", str(tmp_path / "acts"), "--d-sae", "24", "--architecture", "topk", "--k", "3", "--steps", "4",
+           "--batch-size", "32", "--log-every", "2", "--checkpoint-every", "0", "--b-dec-init", "zeros",
+           "--out-dir", str(tmp_path / "run")]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "FASTSAE_DIST_TIMEOUT": "60"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    out = proc.stdout + proc.stderr
+    assert out.count("step       2  loss") == 1 and out.count('"layout": "1x2"') == 1, out[-3000:]
+    assert len((tmp_path / "run" / "log.jsonl").read_text().splitlines()) == 2
+    sae = fastsae.load(tmp_path / "run" / "final")
+    assert sae.d_sae == 24
+    from fastsae.distributed import load_full
+
+    torch.testing.assert_close(load_full(tmp_path / "run" / "final_sharded").W_dec, sae.W_dec, atol=0, rtol=0)
