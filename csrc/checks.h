@@ -61,3 +61,34 @@ inline void check_same_device(const at::Tensor& t, const at::Tensor& ref, const 
 }
 
 }  // namespace fastsae
+
+namespace fastsae {
+
+// values/indices [B, k] with indices in [0, n), values of W's dtype and device.
+inline void check_pair_against(const at::Tensor& values, const at::Tensor& indices, const at::Tensor& W,
+                               int64_t n, const char* op) {
+  check_sparse_pair(values, indices, op);
+  check_same_dtype(values, W, "values", "the weights", op);
+  check_same_device(values, W, "values", "the weights", op);
+  check_same_device(indices, W, "indices", "the weights", op);
+  check_indices_in_range(indices, n, op);
+}
+
+// t [B, d] of W's dtype and device.
+inline void check_rows(const at::Tensor& t, int64_t B, int64_t d, const at::Tensor& W, const char* name,
+                       const char* op) {
+  TORCH_CHECK(at::isFloatingType(t.scalar_type()), op, ": ", name, " must be a floating dtype, got ",
+              t.scalar_type());
+  check_shape2(t, B, d, name, op);
+  check_same_dtype(t, W, name, "the weights", op);
+  check_same_device(t, W, name, "the weights", op);
+}
+
+inline void check_b_dec(const std::optional<at::Tensor>& b_dec, int64_t d, const at::Tensor& W, const char* op) {
+  if (!b_dec.has_value()) return;
+  check_vector(*b_dec, d, "b_dec", op);
+  check_same_dtype(*b_dec, W, "b_dec", "W", op);
+  check_same_device(*b_dec, W, "b_dec", "W", op);
+}
+
+}  // namespace fastsae

@@ -95,11 +95,7 @@ std::tuple<at::Tensor, at::Tensor> topk_encode_cpu(const at::Tensor& x, const at
   check_same_dtype(b_enc, W_enc, "b_enc", "W_enc", op);
   check_same_device(x, W_enc, "x", "W_enc", op);
   check_same_device(b_enc, W_enc, "b_enc", "W_enc", op);
-  if (b_dec.has_value()) {
-    check_vector(*b_dec, d, "b_dec", op);
-    check_same_dtype(*b_dec, W_enc, "b_dec", "W_enc", op);
-    check_same_device(*b_dec, W_enc, "b_dec", "W_enc", op);
-  }
+  check_b_dec(b_dec, d, W_enc, op);
   TORCH_CHECK(k >= 0 && k <= n, op, ": k must lie in [0, d_sae=", n, "], got k=", k);
 
   auto values = at::empty({B, k}, x.options());

@@ -1,0 +1,227 @@
+// The CPU table of sparse_kernels.h: at::parallel_for over rows or over blocks of latent
+// segments, inner loops on the vectorised row primitives of row_math.h. Every output element
+// is written by one worker that sums in a fixed order, so results are bit-identical from run
+// to run (and independent of the number of threads). Sums are taken in the op-math type
+// (fp32 for fp16/bf16/fp32 storage, fp64 for fp64).
+#include <ATen/ATen.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "row_math.h"
+#include "sparse_kernels.h"
+
+namespace fastsae {
+namespace {
+
+// Where the per-latent rows go: row r of the output starts at base + r*s0 and steps by s1,
+// with r = the latent id (dense-shaped gradient) or the segment number (row-sparse).
+template <typename T>
+struct RowsOut {
+  T* base = nullptr;
+  int64_t s0 = 0, s1 = 0;
+};
+
+template <typename scalar_t>
+void dvalues_kernel(const scalar_t* grad, const int64_t* idx, const scalar_t* W_dec, scalar_t* out,
+                    int64_t B, int64_t k, int64_t d) {
+  using acc_t = at::opmath_type<scalar_t>;
+  at::parallel_for(0, B, 16, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      const scalar_t* g = grad + b * d;
+      for (int64_t s = 0; s < k; ++s) {
+        const scalar_t* w = W_dec + idx[b * k + s] * d;
+        out[b * k + s] = static_cast<scalar_t>(dot_acc<acc_t>(g, w, d));
+      }
+    }
+  });
+}
+
+// Write the accumulated rows of segments g0..g1-1 (acc is [g1-g0, d]). A transposed output
+// (s1 != 1, the dense dW_enc [d, n]) is written column block by column block, so consecutive
+// latents fill whole cache lines instead of touching one line per element.
+template <typename scalar_t, typename acc_t>
+void write_rows(const RowsOut<scalar_t>& out, const acc_t* acc, int64_t g0, int64_t g1, const int64_t* lat,
+                bool dense_rows, int64_t d) {
+  if (out.s1 == 1) {
+    for (int64_t g = g0; g < g1; ++g) {
+      scalar_t* o = out.base + (dense_rows ? lat[g] : g) * out.s0;
+      const acc_t* a = acc + (g - g0) * d;
+      for (int64_t i = 0; i < d; ++i) o[i] = static_cast<scalar_t>(a[i]);
+    }
+    return;
+  }
+  for (int64_t i = 0; i < d; ++i) {
+    scalar_t* o = out.base + i * out.s1;
+    for (int64_t g = g0; g < g1; ++g)
+      o[(dense_rows ? lat[g] : g) * out.s0] = static_cast<scalar_t>(acc[(g - g0) * d + i]);
+  }
+}
+
+// For every touched latent (segment g of csr): the decoder row sum_e values[e]*grad[b(e)],
+// the encoder row sum_e dpre[e]*xin[b(e)] and the bias sum_e dpre[e]. A null output is skipped.
+// Segments are taken kSegBlock at a time so that the transposed writes can be blocked.
+constexpr int64_t kSegBlock = 16;
+
+template <typename scalar_t>
+void segment_sums_kernel(const LatentCSR& csr, int64_t k, int64_t d, bool dense_rows,
+                         const scalar_t* values, const scalar_t* grad,      // for dW_dec
+                         const scalar_t* dvalues, const scalar_t* xin,      // for dW_enc, db_enc
+                         RowsOut<scalar_t> dW_dec, RowsOut<scalar_t> dW_enc, scalar_t* db_enc) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t u = csr.latents.numel();
+  const int64_t* lat = csr.latents.data_ptr<int64_t>();
+  const int64_t* off = csr.offsets.data_ptr<int64_t>();
+  const int64_t* ord = csr.order.data_ptr<int64_t>();
+  const int64_t blocks = (u + kSegBlock - 1) / kSegBlock;
+  at::parallel_for(0, blocks, 1, [&](int64_t c0, int64_t c1) {
+    std::vector<acc_t> acc_dec(dW_dec.base ? kSegBlock * d : 0), acc_enc(dW_enc.base ? kSegBlock * d : 0);
+    for (int64_t c = c0; c < c1; ++c) {
+      const int64_t g0 = c * kSegBlock, g1 = std::min(u, g0 + kSegBlock);
+      std::fill(acc_dec.begin(), acc_dec.end(), acc_t(0));
+      std::fill(acc_enc.begin(), acc_enc.end(), acc_t(0));
+      for (int64_t g = g0; g < g1; ++g) {
+        acc_t* ad = acc_dec.data() + (g - g0) * d;
+        acc_t* ae = acc_enc.data() + (g - g0) * d;
+        acc_t acc_b = 0;
+        for (int64_t p = off[g]; p < off[g + 1]; ++p) {
+          const int64_t e = ord[p], b = e / k;
+          if (dW_dec.base) axpy_acc<acc_t>(ad, static_cast<acc_t>(values[e]), grad + b * d, d);
+          if (dvalues) {
+            const acc_t dp = values[e] > scalar_t(0) ? static_cast<acc_t>(dvalues[e]) : acc_t(0);
+            acc_b += dp;
+            if (dW_enc.base) axpy_acc<acc_t>(ae, dp, xin + b * d, d);
+          }
+        }
+        if (db_enc) db_enc[dense_rows ? lat[g] : g] = static_cast<scalar_t>(acc_b);
+      }
+      if (dW_dec.base) write_rows(dW_dec, acc_dec.data(), g0, g1, lat, dense_rows, d);
+      if (dW_enc.base) write_rows(dW_enc, acc_enc.data(), g0, g1, lat, dense_rows, d);
+    }
+  });
+}
+
+// The touched columns of W_enc [d, n] as rows: out[g, i] = W_enc[i, latents[g]].
+// Blocks of latents keep the strided writes within a few cache lines.
+template <typename scalar_t>
+void gather_columns_kernel(const scalar_t* W_enc, int64_t n, int64_t d, const int64_t* lat, int64_t u,
+                           scalar_t* out) {
+  constexpr int64_t kBlock = 64;
+  at::parallel_for(0, (u + kBlock - 1) / kBlock, 1, [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c) {
+      const int64_t g0 = c * kBlock, g1 = std::min(u, g0 + kBlock);
+      for (int64_t i = 0; i < d; ++i) {
+        const scalar_t* wrow = W_enc + i * n;
+        for (int64_t g = g0; g < g1; ++g) out[g * d + i] = wrow[lat[g]];
+      }
+    }
+  });
+}
+
+// dxin[b] = sum_s dpre[b,s] * cols[slot[b*k+s]], cols = gather_columns_kernel's rows.
+template <typename scalar_t>
+void dx_kernel(const scalar_t* values, const scalar_t* dvalues, const int64_t* slot,
+               const scalar_t* cols, scalar_t* dx, int64_t B, int64_t k, int64_t d) {
+  using acc_t = at::opmath_type<scalar_t>;
+  at::parallel_for(0, B, 16, [&](int64_t b0, int64_t b1) {
+    std::vector<acc_t> acc(d);
+    for (int64_t b = b0; b < b1; ++b) {
+      std::fill(acc.begin(), acc.end(), acc_t(0));
+      for (int64_t s = 0; s < k; ++s) {
+        const int64_t e = b * k + s;
+        if (!(values[e] > scalar_t(0))) continue;
+        axpy_acc<acc_t>(acc.data(), static_cast<acc_t>(dvalues[e]), cols + slot[e] * d, d);
+      }
+      for (int64_t i = 0; i < d; ++i) dx[b * d + i] = static_cast<scalar_t>(acc[i]);
+    }
+  });
+}
+
+// out[i] = -<W_enc[i, :], db_enc>: the encoder's share of db_dec, -sum_b dxin_b, without dx.
+// Row dots over the dense db_enc read W_enc once, d*n work: 1/(2B) of the encoder GEMM.
+template <typename scalar_t>
+void neg_row_dots_kernel(const scalar_t* W_enc, const scalar_t* db_enc, int64_t d, int64_t n, scalar_t* out) {
+  using acc_t = at::opmath_type<scalar_t>;
+  at::parallel_for(0, d, 1, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) out[i] = static_cast<scalar_t>(-dot_acc<acc_t>(W_enc + i * n, db_enc, n));
+  });
+}
+
+// ------------------------------------------------------------------ tensor-level wrappers
+#define FASTSAE_DISPATCH(T, NAME, ...) \
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, (T).scalar_type(), NAME, __VA_ARGS__)
+
+void dvalues_cpu(const at::Tensor& grad, const at::Tensor& indices, const at::Tensor& W_dec,
+                 const at::Tensor& out) {
+  FASTSAE_DISPATCH(W_dec, "dvalues", [&] {
+    dvalues_kernel<scalar_t>(grad.data_ptr<scalar_t>(), indices.data_ptr<int64_t>(), W_dec.data_ptr<scalar_t>(),
+                             out.data_ptr<scalar_t>(), indices.size(0), indices.size(1), W_dec.size(1));
+  });
+}
+
+void segment_sums_cpu(const LatentCSR& csr, const SegmentSums& a) {
+  const int64_t d = a.grad.defined() ? a.grad.size(1) : a.xin.size(1);
+  FASTSAE_DISPATCH(a.values, "segment_sums", [&] {
+    auto ptr = [](const at::Tensor& t) { return t.defined() ? t.data_ptr<scalar_t>() : nullptr; };
+    RowsOut<scalar_t> dec{ptr(a.dW_dec), d, 1};
+    RowsOut<scalar_t> enc = a.enc_transposed && a.dW_enc.defined()
+                                ? RowsOut<scalar_t>{ptr(a.dW_enc), 1, a.dW_enc.size(1)}
+                                : RowsOut<scalar_t>{ptr(a.dW_enc), d, 1};
+    segment_sums_kernel<scalar_t>(csr, a.k, d, a.dense_rows, a.values.data_ptr<scalar_t>(), ptr(a.grad),
+                                  ptr(a.dvalues), ptr(a.xin), dec, enc, ptr(a.db_enc));
+  });
+}
+
+void gather_columns_cpu(const at::Tensor& W_enc, const at::Tensor& latents, const at::Tensor& out) {
+  FASTSAE_DISPATCH(W_enc, "gather_columns", [&] {
+    gather_columns_kernel<scalar_t>(W_enc.data_ptr<scalar_t>(), W_enc.size(1), W_enc.size(0),
+                                    latents.data_ptr<int64_t>(), latents.numel(), out.data_ptr<scalar_t>());
+  });
+}
+
+void dx_cpu(const at::Tensor& values, const at::Tensor& dvalues, const at::Tensor& slot, const at::Tensor& cols,
+            const at::Tensor& out) {
+  FASTSAE_DISPATCH(values, "dx", [&] {
+    dx_kernel<scalar_t>(values.data_ptr<scalar_t>(), dvalues.data_ptr<scalar_t>(), slot.data_ptr<int64_t>(),
+                        cols.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), values.size(0), values.size(1),
+                        out.size(1));
+  });
+}
+
+void neg_row_dots_cpu(const at::Tensor& W_enc, const at::Tensor& db_enc, const at::Tensor& out) {
+  FASTSAE_DISPATCH(W_enc, "neg_row_dots", [&] {
+    neg_row_dots_kernel<scalar_t>(W_enc.data_ptr<scalar_t>(), db_enc.data_ptr<scalar_t>(), W_enc.size(0),
+                                  W_enc.size(1), out.data_ptr<scalar_t>());
+  });
+}
+
+void decode_cpu(const at::Tensor& values, const at::Tensor& indices, const at::Tensor& W_dec,
+                const at::Tensor& out) {
+  FASTSAE_DISPATCH(W_dec, "sparse_decode", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const int64_t B = indices.size(0), k = indices.size(1), d = W_dec.size(1);
+    const scalar_t* w = W_dec.data_ptr<scalar_t>();
+    const acc_t* v = values.data_ptr<acc_t>();
+    const int64_t* ix = indices.data_ptr<int64_t>();
+    acc_t* o = out.data_ptr<acc_t>();
+    at::parallel_for(0, B, 16, [&](int64_t b0, int64_t b1) {
+      for (int64_t b = b0; b < b1; ++b)
+        for (int64_t s = 0; s < k; ++s) {
+          const acc_t c = v[b * k + s];
+          if (c != acc_t(0)) axpy_acc<acc_t>(o + b * d, c, w + ix[b * k + s] * d, d);
+        }
+    });
+  });
+}
+
+}  // namespace
+
+const SparseKernels& cpu_kernels() {
+  static const SparseKernels table{&csr_by_latent, &dvalues_cpu, &segment_sums_cpu, &gather_columns_cpu,
+                                   &dx_cpu, &neg_row_dots_cpu, &decode_cpu};
+  return table;
+}
+
+}  // namespace fastsae
