@@ -148,7 +148,7 @@ def main(argv=None) -> str:
         os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is first imported
     dtype = getattr(torch, args.dtype)
     if args.quick:
-        grid = [(32, 256, 48, 8), (40, 200, 33, 5)]
+        grid = [(24, 128, 20, 4), (20, 70, 17, 3)]
     else:
         grid = [(d, 2**e, B, k) for d, e, B, k in itertools.product(args.d, args.log2_d_sae, args.batch, args.k)]
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU interpreter ({platform.processor() or platform.machine()})"
