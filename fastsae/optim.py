@@ -10,18 +10,26 @@ Both can keep decoder rows at unit norm: the gradient's component parallel to ea
 removed before the moments are updated, and the rows are renormalised after the step
 (fastsae.constraints).
 
-Row-sparse Adam semantics, against dense Adam (torch.optim.Adam):
-  * lazy moments: a latent's moments (m, v) and its parameters change only on steps where it
-    fired. Dense Adam decays m and v of every latent every step and keeps moving a latent
-    along its momentum m/√v after it stops firing; row-sparse Adam does neither. For a
-    latent that fires every step the two are identical.
-  * bias correction per row: each latent counts its own updates t_j, and its step uses
-    1-β1^t_j and 1-β2^t_j. A latent that first fires at global step 1000 gets the same
-    first step (≈ lr·sign(g)) as under dense Adam at step 1; with a global count it would
-    take a (1-β1)/√(1-β2) ≈ 3.2× larger first step.
-  * parameters not indexed by latent (b_dec) use ordinary dense Adam.
-The memory cost is the same as dense Adam (moments for every latent); the time per step is
-O(touched latents · d_in) instead of O(d_sae · d_in).
+Row-sparse Adam semantics, against dense Adam (torch.optim.Adam). It keeps moments for
+every latent (the same memory as dense Adam) but a step reads and writes only the latents
+that fired, O(touched · d_in) instead of O(d_sae · d_in). Parameters not indexed by latent
+(b_dec) use ordinary dense Adam. Two modes:
+  * catch_up=True (default): a latent that fired at step L and fires again at step t first
+    receives, in closed form, the t-1-L zero-gradient steps dense Adam would have applied
+    meanwhile (it keeps moving along m/√v with m decaying by β1 and v by β2 per step), then
+    the ordinary update with the global step count t in the bias correction. This equals
+    dense Adam except that (a) the missed steps use the current lr, not the lr of those
+    steps, (b) eps is neglected inside the missed steps, (c) a unit-norm decoder row is
+    renormalised once after them instead of after each, and (d) the missed movement is
+    applied when the latent next fires (or at flush()), so a latent's weights can lag dense
+    Adam's while it is silent. With every latent firing every step, it is dense Adam.
+  * catch_up=False, "lazy" Adam (like torch.optim.SparseAdam, but with bias correction per
+    row): moments and weights of a latent change only on steps where it fired; each latent
+    counts its own updates t_j and uses 1-β1^t_j, 1-β2^t_j, so a latent that first fires at
+    global step 1000 takes the same first step (≈ lr·sign(g)) as dense Adam at step 1 (with
+    the global count it would take a (1-β1)/√(1-β2) ≈ 3.2× larger one). Silent latents do not
+    coast on their momentum, which measurably weakens AuxK's revival of dead latents (see
+    tests/test_optim.py and the issue-5 report).
 """
 
 from __future__ import annotations
@@ -114,15 +122,18 @@ class DenseAdam:
 
 class RowSparseAdam:
     """Adam over an SAE's latent-indexed parameters (W_enc columns, b_enc, W_dec rows) that
-    updates only the latents in each step's RowSparseGrads; see the module docstring for
-    how this differs from dense Adam. b_dec gets ordinary dense Adam.
+    reads and writes only the latents in each step's RowSparseGrads; see the module docstring
+    for its two modes. b_dec gets ordinary dense Adam.
 
     step(rows, db_dec): rows = the RowSparseGrads of ops "topk_sae_backward"(row_sparse=True).
+    flush(): apply every latent's pending momentum (catch-up mode), e.g. before saving the
+    final weights.
     """
 
     LATENT_PARAMS = ("W_enc", "b_enc", "W_dec")
 
-    def __init__(self, sae, lr: float, betas=(0.9, 0.999), eps: float = 1e-8, unit_norm_decoder: bool = True):
+    def __init__(self, sae, lr: float, betas=(0.9, 0.999), eps: float = 1e-8, unit_norm_decoder: bool = True,
+                 catch_up: bool = True, catch_up_horizon: int = 128, chunk_rows: int = 16384):
         names = {n for n, _ in sae.named_parameters()}
         extra = sorted(names - set(self.LATENT_PARAMS) - {"b_dec"})
         if extra:
@@ -133,6 +144,8 @@ class RowSparseAdam:
         self.sae = sae
         self.lr, self.betas, self.eps = lr, betas, eps
         self.unit_norm_decoder = unit_norm_decoder
+        self.catch_up, self.horizon, self.chunk_rows = catch_up, catch_up_horizon, chunk_rows
+        self.t = 0  # global steps taken
         n, d = sae.d_sae, sae.d_in
         dev = sae.device
         f32 = dict(dtype=torch.float32, device=dev)
@@ -143,6 +156,7 @@ class RowSparseAdam:
             "b_enc": (torch.zeros(n, **f32), torch.zeros(n, **f32)),
             "W_dec": (torch.zeros(n, d, **f32), torch.zeros(n, d, **f32)),
         }
+        # catch-up mode: the global step each row is up to date with; lazy mode: its update count
         self.row_steps = torch.zeros(n, dtype=torch.int64, device=dev)
         low = sae.dtype != torch.float32
         self.master = {
@@ -164,6 +178,8 @@ class RowSparseAdam:
         return p[:, u].t() if name == "W_enc" else p[u]
 
     def _write(self, name: str, u: torch.Tensor, rows: torch.Tensor) -> None:
+        if name == "W_dec" and self.unit_norm_decoder:
+            rows = rows / rows.norm(dim=1, keepdim=True).clamp_min(1e-12)
         if self.master is not None:
             self.master[name][u] = rows
         p = getattr(self.sae, name)
@@ -172,13 +188,57 @@ class RowSparseAdam:
         else:
             p.index_copy_(0, u, rows.to(p.dtype))
 
+    def _momentum_factor(self, last: torch.Tensor, gap: torch.Tensor) -> torch.Tensor:
+        """Σ_{s=1..min(gap,H)} lr·β1^s/(1-β1^(L+s)) · √(1-β2^(L+s))/β2^(s/2) per row: how far
+        dense Adam moves a row along m_L/√v_L in the `gap` zero-gradient steps after step L
+        (lr taken as the current lr; eps neglected; terms past H are below (β1/√β2)^H)."""
+        b1, b2 = self.betas
+        s = torch.arange(1, self.horizon + 1, dtype=torch.float64, device=last.device)
+        tau = last.double().unsqueeze(1) + s
+        f = b1 ** s / (1 - b1 ** tau) * (1 - b2 ** tau).sqrt() / b2 ** (s / 2)
+        f = torch.where(s <= gap.unsqueeze(1), f, torch.zeros((), dtype=f.dtype, device=f.device))
+        return (self.lr * f.sum(1)).float()
+
+    @torch.no_grad()
+    def _catch_up(self, u: torch.Tensor, upto: int) -> None:
+        """Bring rows u up to global step `upto`: apply the momentum steps dense Adam would
+        have taken while they sat out, and decay their moments to match."""
+        last = self.row_steps[u]
+        need = (last > 0) & (last < upto)
+        u, last = u[need], last[need]
+        b1, b2 = self.betas
+        for a in range(0, u.numel(), self.chunk_rows):
+            uu, L = u[a:a + self.chunk_rows], last[a:a + self.chunk_rows]
+            gap = upto - L
+            S = self._momentum_factor(L, gap)
+            d1, d2 = (b1 ** gap.double()).float(), (b2 ** gap.double()).float()
+            for name, (m_all, v_all) in self.state.items():
+                m, v = m_all[uu], v_all[uu]
+                shape = (-1,) + (1,) * (m.dim() - 1)
+                step = torch.where(v > 0, m / v.sqrt().clamp_min(1e-30), torch.zeros_like(m))
+                self._write(name, uu, self._rows(name, uu) - S.view(shape) * step)
+                m_all[uu], v_all[uu] = m * d1.view(shape), v * d2.view(shape)
+            self.row_steps[uu] = upto
+
+    @torch.no_grad()
+    def flush(self) -> None:
+        """Catch every row up to the current step (catch-up mode; a no-op in lazy mode)."""
+        if self.catch_up and self.t > 0:
+            self._catch_up(torch.arange(self.row_steps.numel(), device=self.row_steps.device), self.t)
+
     @torch.no_grad()
     def step(self, rows: RowSparseGrads, db_dec: torch.Tensor | None) -> None:
+        self.t += 1
         u = rows.latents
         if u.numel():
             b1, b2 = self.betas
-            self.row_steps[u] += 1
-            t = self.row_steps[u].double()
+            if self.catch_up:
+                self._catch_up(u, self.t - 1)
+                self.row_steps[u] = self.t
+                t = torch.full((u.numel(),), float(self.t), dtype=torch.float64, device=u.device)
+            else:
+                self.row_steps[u] += 1
+                t = self.row_steps[u].double()
             c1 = (1 - b1 ** t).float()
             c2 = (1 - b2 ** t).float()
             grads = {"W_enc": rows.W_enc.t().float(), "b_enc": rows.b_enc.float(), "W_dec": rows.W_dec.float()}
@@ -192,21 +252,20 @@ class RowSparseAdam:
                 m_all[u], v_all[u] = m, v
                 shape = (-1,) + (1,) * (g.dim() - 1)
                 denom = (v / c2.view(shape)).sqrt_().add_(self.eps)
-                w = w - self.lr * (m / c1.view(shape)) / denom
-                if name == "W_dec" and self.unit_norm_decoder:
-                    w = w / w.norm(dim=1, keepdim=True).clamp_min(1e-12)
-                self._write(name, u, w)
+                self._write(name, u, w - self.lr * (m / c1.view(shape)) / denom)
         if db_dec is not None:
             self.sae.b_dec.grad = db_dec.to(self.sae.b_dec.dtype)
             self.dense.step()
             self.sae.b_dec.grad = None
 
     def state_dict(self) -> dict:
-        return {"lr": self.lr, "state": self.state, "row_steps": self.row_steps,
-                "master": self.master, "dense": self.dense.state_dict()}
+        return {"lr": self.lr, "t": self.t, "catch_up": self.catch_up, "state": self.state,
+                "row_steps": self.row_steps, "master": self.master, "dense": self.dense.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
-        self.lr = state["lr"]
+        if state.get("catch_up", False) != self.catch_up:
+            raise ConfigError("this checkpoint's row-sparse Adam ran in the other mode (catch_up): resume with the same setting")
+        self.lr, self.t = state["lr"], state["t"]
         for name, (m, v) in state["state"].items():
             self.state[name][0].copy_(m)
             self.state[name][1].copy_(v)

@@ -54,6 +54,8 @@ class TrainConfig:
     optimizer: "adam" (dense, torch's fused kernel) or "row_sparse_adam" (TopK family; see
         fastsae.optim for how it differs from dense Adam).
     sparse_backward: None = on for TopK/BatchTopK (required by row_sparse_adam).
+    row_sparse_catch_up: row_sparse_adam's mode (True: silent latents get dense Adam's
+        momentum steps in closed form when they fire again; False: lazy Adam).
     lr schedule: linear warmup over warmup_steps, then flat, then from decay_start (fraction
         of steps) a linear/cosine decay to final_lr_fraction·lr.
     sparsity_warmup_steps: the L1/L0 penalty ramps linearly from 0 over these steps.
@@ -83,6 +85,7 @@ class TrainConfig:
     eps: float = 1e-8
     optimizer: str = "adam"
     sparse_backward: bool | None = None
+    row_sparse_catch_up: bool = True
     warmup_steps: int = 0
     decay: str = "linear"
     decay_start: float = 0.8
@@ -238,7 +241,8 @@ class Trainer:
         self.sae = sae
         self.k_aux = cfg.k_aux if cfg.k_aux is not None else max(1, d_in // 2)
         if cfg.optimizer == "row_sparse_adam":
-            self.opt = RowSparseAdam(sae, cfg.lr, cfg.betas, cfg.eps, unit_norm_decoder=cfg.use_unit_norm_decoder)
+            self.opt = RowSparseAdam(sae, cfg.lr, cfg.betas, cfg.eps, unit_norm_decoder=cfg.use_unit_norm_decoder,
+                                     catch_up=cfg.row_sparse_catch_up)
         else:
             self.opt = DenseAdam(dict(sae.named_parameters()), cfg.lr, cfg.betas, cfg.eps,
                                  unit_norm_rows=("W_dec",) if cfg.use_unit_norm_decoder else ())
@@ -429,6 +433,8 @@ class Trainer:
         finished = self.step >= cfg.steps or max_steps is None
         if finished:
             self.tracker.flush(self.step, self.tokens)
+            if isinstance(self.opt, RowSparseAdam):
+                self.opt.flush()  # the final weights include every latent's pending momentum
         if saved_at != self.step:
             self.save_checkpoint()
         final_dir = plot_path = None
