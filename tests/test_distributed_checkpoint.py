@@ -10,6 +10,7 @@ import torch
 import fastsae
 from fastsae.distributed import (ParallelLayout, ShardedSAE, build_layout, consolidate, launch, load_full,
                                  load_sharded, read_manifest, save_sharded)
+from fastsae.distributed.sharded_sae import latent_slice
 from fastsae.errors import CheckpointError
 
 ARCHS = ("topk", "jumprelu", "batchtopk")
@@ -47,14 +48,6 @@ def load_worker(root: str, x: torch.Tensor):
             out[arch] = {"range": (sae.shard_start, sae.shard_end), "forward": sae(x),
                          "state": {k: v.clone() for k, v in sae.state_dict().items()}}
     return out
-
-
-def _slice(name, t, start, end, arch):
-    if name == "W_enc":
-        return t[:, start:end]
-    if name in ("b_enc", "W_dec") or (name == "threshold" and arch == "jumprelu"):
-        return t[start:end]
-    return t
 
 
 @pytest.fixture(scope="module")
@@ -98,7 +91,8 @@ def test_two_rank_checkpoint_loads_on_four_ranks(saved):
         for r in results:
             start, end = r.value[arch]["range"]
             for name, t in r.value[arch]["state"].items():
-                torch.testing.assert_close(t, _slice(name, want.state_dict()[name], start, end, arch), atol=0, rtol=0)
+                exp = latent_slice(name, want.state_dict()[name], start, end, arch)
+                torch.testing.assert_close(t, exp, atol=0, rtol=0)
             with torch.no_grad():
                 torch.testing.assert_close(r.value[arch]["forward"], want(x), atol=1e-6, rtol=1e-5)
 

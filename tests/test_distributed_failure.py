@@ -14,6 +14,7 @@ import torch
 
 import fastsae
 from fastsae.distributed import ShardedSAE, build_layout, launch
+from fastsae.distributed.sharded_sae import latent_slice
 from fastsae.errors import ConfigError
 
 

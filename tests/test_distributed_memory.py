@@ -8,6 +8,7 @@ import torch
 
 import fastsae
 from fastsae.distributed import ParallelLayout, ShardedSAE
+from fastsae.distributed.sharded_sae import latent_slice
 from fastsae.distributed.memory import estimate, table, widest_d_sae
 from fastsae.optim import DenseAdam, RowSparseAdam
 from fastsae.distributed.train import LocalView

@@ -14,6 +14,7 @@ import torch
 import fastsae
 from fastsae import reference
 from fastsae.distributed import ShardedSAE, build_layout, launch, reduce_gradients, reduce_row_sparse
+from fastsae.distributed.sharded_sae import latent_slice
 from fastsae.sparse import SparseActs
 
 ARCHS = ("topk", "batchtopk", "standard", "jumprelu")
@@ -34,14 +35,6 @@ def make_case(arch: str, dtype: str = "float64", d_sae: int = 22, k: int = 4, se
         sae.b_dec.normal_(0, 0.1)
     batches = [torch.randn(8, 8, dtype=sae.dtype) for _ in range(STEPS)]
     return sae, batches
-
-
-def _slice(name: str, t: torch.Tensor, start: int, end: int, arch: str) -> torch.Tensor:
-    if name == "W_enc":
-        return t[:, start:end]
-    if name in ("b_enc", "W_dec") or (name == "threshold" and arch == "jumprelu"):
-        return t[start:end]
-    return t
 
 
 def _train(model, batches, rows=slice(None)):
@@ -105,17 +98,18 @@ def _compare(case, results, replicas):
             torch.testing.assert_close(res[key], want, atol=tol, rtol=0, msg=f"{case} {key}")
         for name, g in res["grads"].items():
             if replicas == 1:  # with replicas, gradients are compared through the weights they produce
-                torch.testing.assert_close(g, _slice(name, ref["grads"][name], start, end, arch), atol=tol, rtol=0,
-                                           msg=f"{case} grad {name}")
+                exp = latent_slice(name, ref["grads"][name], start, end, arch)
+                torch.testing.assert_close(g, exp, atol=tol, rtol=0, msg=f"{case} grad {name}")
         for name, t in res["state"].items():
-            torch.testing.assert_close(t, _slice(name, ref["state"][name], start, end, arch), atol=tol, rtol=0,
-                                       msg=f"{case} {name} after {STEPS} Adam steps")
+            exp = latent_slice(name, ref["state"][name], start, end, arch)
+            torch.testing.assert_close(t, exp, atol=tol, rtol=0, msg=f"{case} {name} after {STEPS} Adam steps")
         losses.setdefault(res["replica"], res["loss"])
     # the replicas' mean loss is the loss of the whole batch (losses are float32 in every dtype)
     assert sum(losses.values()) / replicas == pytest.approx(ref["loss"], rel=1e-6)
 
 
-CASES_2 = [(arch, "float64", 22, 4, 2) for arch in ARCHS] + [("topk", "float32", 22, 4, 2), ("standard", "float32", 22, 4, 2)]
+CASES_2 = [(arch, "float64", 22, 4, 2) for arch in ARCHS] + [
+    ("topk", "float32", 22, 4, 2), ("standard", "float32", 22, 4, 2)]
 # 4 ranks: 2 replicas x 2 shards, and 1 x 4 with uneven shards (6, 6, 5, 5) and k above a shard's width
 CASES_4 = [(arch, "float64", 22, 4, 2) for arch in ("topk", "standard", "jumprelu")] + [
     ("topk", "float64", 22, 7, 4), ("batchtopk", "float64", 22, 7, 4)]

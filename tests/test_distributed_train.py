@@ -16,6 +16,7 @@ import torch
 import fastsae
 from fastsae.data import TensorSource
 from fastsae.distributed import ShardedSAE, build_layout, launch
+from fastsae.distributed.sharded_sae import latent_slice
 from fastsae.distributed.train import ShardedTrainer
 from fastsae.errors import ConfigError
 from fastsae.trainer import TrainConfig, Trainer
@@ -60,14 +61,6 @@ def sharded_run(cases, root):
     return results
 
 
-def _slice(name, t, start, end, arch):
-    if name == "W_enc":
-        return t[:, start:end]
-    if name in ("b_enc", "W_dec") or (name == "threshold" and arch == "jumprelu"):
-        return t[start:end]
-    return t
-
-
 def _check(case, per_rank, tmp_path):
     arch, opt, shards, world, aux = case
     cfg = train_config(arch, opt, aux, tmp_path / f"ref-{arch}-{opt}-{world}")
@@ -77,7 +70,7 @@ def _check(case, per_rank, tmp_path):
     for res in per_rank:
         start, end = res["range"]
         for name, t in res["state"].items():
-            torch.testing.assert_close(t, _slice(name, want[name], start, end, arch), atol=TOL, rtol=0,
+            torch.testing.assert_close(t, latent_slice(name, want[name], start, end, arch), atol=TOL, rtol=0,
                                        msg=f"{case}: {name}")
     log = [json.loads(line) for line in open(f"{per_rank[0]['out']}/log.jsonl")]
     assert [r["step"] for r in log] == [2, 4, 6]  # written once (rank 0), not once per rank
@@ -138,7 +131,7 @@ def test_resumed_sharded_run_equals_the_uninterrupted_one(tmp_path):
     for r in results:
         start, end = r.value["range"]
         for name, t in r.value["state"].items():
-            torch.testing.assert_close(t, _slice(name, ref.sae.state_dict()[name], start, end, "topk"),
+            torch.testing.assert_close(t, latent_slice(name, ref.sae.state_dict()[name], start, end, "topk"),
                                        atol=TOL, rtol=0)
         assert "saved by 1 replica(s) x 2 shard(s), this job is 2 x 1" in r.value["mismatch"]
 

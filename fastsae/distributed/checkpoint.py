@@ -188,15 +188,19 @@ def _check_state(state: dict, expected: dict, path: Path) -> None:
             )
 
 
+def _override(cfg: SAEConfig, device, dtype) -> SAEConfig:
+    if device is not None:
+        cfg = cfg.replace(device=str(device))
+    return cfg if dtype is None else cfg.replace(dtype=dtype)
+
+
 def load_sharded(path: str | os.PathLike, layout: ParallelLayout | None = None, device=None,
                  dtype=None) -> ShardedSAE:
     """This rank's shard, for `layout` (any number of shards), of a sharded checkpoint."""
     path = Path(path)
     manifest = read_manifest(path)
     cfg = manifest["cfg"]
-    changes = {k: v for k, v in (("device", None if device is None else str(device)), ("dtype", dtype)) if v is not None}
-    if changes:
-        cfg = cfg.replace(**changes)
+    cfg = _override(cfg, device, dtype)
     with torch.device("meta"):
         sae = ShardedSAE(cfg.replace(device="meta"), layout or single_process_layout(), init=False)
     latent = {k for k in sae.state_dict() if sae._is_latent(k)}
@@ -213,10 +217,7 @@ def load_full(path: str | os.PathLike, device=None, dtype=None) -> BaseSAE:
     path = Path(path)
     manifest = read_manifest(path)
     cfg = manifest["cfg"]
-    if device is not None:
-        cfg = cfg.replace(device=str(device))
-    if dtype is not None:
-        cfg = cfg.replace(dtype=dtype)
+    cfg = _override(cfg, device, dtype)
     with torch.device("meta"):
         sae = build_sae(cfg.replace(device="meta"))
     latent = {"W_enc", "b_enc", "W_dec"} | ({"threshold"} if cfg.architecture == "jumprelu" else set())

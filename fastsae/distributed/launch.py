@@ -124,7 +124,8 @@ def launch(fn: Callable, world_size: int, args: tuple = (), *, backend: str = "g
             elif val.is_file() and p.exitcode == 0:
                 res.value = torch.load(val, weights_only=False)
             elif r in killed:
-                res.error = f"killed by the launcher: still running after {time.monotonic() - deadline + timeout_s:.0f} s"
+                waited = time.monotonic() - deadline + timeout_s
+                res.error = f"killed by the launcher: still running after {waited:.0f} s"
             else:
                 res.error = f"exited with code {p.exitcode} without reporting an error"
             results.append(res)

@@ -41,6 +41,18 @@ from .groups import ParallelLayout, shard_range, single_process_layout
 TOPK_FAMILY = ("topk", "batchtopk")
 
 
+def is_latent(name: str, architecture: str) -> bool:
+    """Whether state-dict entry `name` is indexed by latent (so split over the shards)."""
+    return name in ("W_enc", "b_enc", "W_dec") or (name == "threshold" and architecture == "jumprelu")
+
+
+def latent_slice(name: str, t: torch.Tensor, start: int, end: int, architecture: str) -> torch.Tensor:
+    """Latents [start, end) of a whole SAE's state-dict entry (replicated entries whole)."""
+    if name == "W_enc":
+        return t[:, start:end]
+    return t[start:end] if is_latent(name, architecture) else t
+
+
 @dataclass
 class ShardSelection:
     """A TopK-family encode split between shards.
@@ -100,16 +112,13 @@ class ShardedSAE(nn.Module):
     def from_full(cls, sae: BaseSAE, layout: ParallelLayout | None = None) -> "ShardedSAE":
         """This rank's slice of a whole (single-process) SAE; every rank passes the same SAE."""
         shard = cls(sae.cfg, layout, init=False)
-        lo, hi = shard.shard_start, shard.shard_end
-        state = {}
-        for name, t in sae.state_dict().items():
-            state[name] = t[:, lo:hi] if name == "W_enc" else t[lo:hi] if shard._is_latent(name) else t
-        shard.load_state_dict({k: v.clone() for k, v in state.items()})
+        lo, hi, arch = shard.shard_start, shard.shard_end, sae.cfg.architecture
+        shard.load_state_dict({k: latent_slice(k, t, lo, hi, arch).clone() for k, t in sae.state_dict().items()})
         return shard
 
     def _is_latent(self, name: str) -> bool:
         """Whether state-dict entry `name` is indexed by latent (and so split over shards)."""
-        return name in ("W_enc", "b_enc", "W_dec") or (name == "threshold" and self.cfg.architecture == "jumprelu")
+        return is_latent(name, self.cfg.architecture)
 
     @torch.no_grad()
     def to_full(self) -> BaseSAE:
@@ -134,34 +143,14 @@ class ShardedSAE(nn.Module):
 
     # ------------------------------------------------------------------ properties
     @property
-    def d_in(self) -> int:
-        return self.cfg.d_in
-
-    @property
-    def d_sae(self) -> int:
-        """The whole dictionary's width (global latent ids run over [0, d_sae))."""
-        return self.cfg.d_sae
-
-    @property
     def d_sae_local(self) -> int:
         return self.shard_end - self.shard_start
 
-    @property
-    def device(self) -> torch.device:
-        return self.W_enc.device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.W_enc.dtype
-
-    @property
-    def backend(self) -> str:
-        return ops.resolve_backend(self.cfg.backend, self.device)
-
-    def _op(self, name: str):
-        return ops.get(name, self.backend)
-
-    # input checks, normalisation and the b_dec switch are the single-process SAE's own
+    # d_in, d_sae (the whole dictionary's width: global latent ids run over [0, d_sae)),
+    # device, dtype, backend, op lookup, input checks, normalisation and the b_dec switch
+    # are the single-process SAE's own
+    d_in, d_sae, device, dtype, backend = BaseSAE.d_in, BaseSAE.d_sae, BaseSAE.device, BaseSAE.dtype, BaseSAE.backend
+    _op = BaseSAE._op
     _check_input = BaseSAE._check_input
     _normalize_input = BaseSAE._normalize_input
     _input_b_dec = BaseSAE._input_b_dec
@@ -418,4 +407,4 @@ class ShardedSAE(nn.Module):
         return rows, decoder_part - encoder_part
 
 
-__all__ = ["ShardedSAE", "ShardSelection"]
+__all__ = ["ShardedSAE", "ShardSelection", "is_latent", "latent_slice"]

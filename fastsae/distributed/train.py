@@ -96,8 +96,10 @@ class ShardedTrainer:
         sae.l1_decoder_norm = cfg.l1_decoder_norm
         self.k_aux = cfg.k_aux if cfg.k_aux is not None else max(1, cfg.sae.d_in // 2)
         if cfg.optimizer == "row_sparse_adam":
+            # the catch-up mode option exists in newer fastsae.trainer / optim versions
+            mode = {"catch_up": cfg.row_sparse_catch_up} if hasattr(cfg, "row_sparse_catch_up") else {}
             self.opt = RowSparseAdam(LocalView(sae), cfg.lr, cfg.betas, cfg.eps,
-                                     unit_norm_decoder=cfg.use_unit_norm_decoder)
+                                     unit_norm_decoder=cfg.use_unit_norm_decoder, **mode)
         else:
             self.opt = DenseAdam(dict(sae.named_parameters()), cfg.lr, cfg.betas, cfg.eps,
                                  unit_norm_rows=("W_dec",) if cfg.use_unit_norm_decoder else ())
@@ -294,6 +296,8 @@ class ShardedTrainer:
         finished = self.step >= cfg.steps or max_steps is None
         if finished:
             self.tracker.flush(self.step, self.tokens)
+            if hasattr(self.opt, "flush"):  # row-sparse Adam: apply every latent's pending momentum
+                self.opt.flush()
         if saved_at != self.step:
             self.save_checkpoint()
         final = final_sharded = None
