@@ -33,7 +33,7 @@ from torch import nn
 from .. import ops, reference
 from ..config import SAEConfig
 from ..errors import InputError
-from ..sae import BaseSAE, TrainOutput, build_sae
+from ..sae import BaseSAE, BatchTopKSAE, TrainOutput, build_sae
 from ..sparse import RowSparseGrads, SparseActs
 from .collectives import all_gather, all_gather_padded, all_reduce_, enter_group, group_rank, sum_over_group
 from .groups import ParallelLayout, shard_range, single_process_layout
@@ -257,16 +257,11 @@ class ShardedSAE(nn.Module):
         gi = all_gather_padded(local + self.shard_start, self._group, 0, "all_gather of the active ids")
         return ShardSelection(values, local, SparseActs(gv, gi, self.d_sae))
 
-    @torch.no_grad()
+    _update_batchtopk_threshold = BatchTopKSAE._update_threshold  # the EMA of the smallest kept value
+
     def _update_threshold(self, kept: torch.Tensor) -> None:
-        if kept.numel() == 0:
-            return
-        smallest = kept.min().float()
-        m = self.cfg.batchtopk_threshold_momentum
-        if float(self.threshold) < 0:
-            self.threshold.copy_(smallest)
-        else:
-            self.threshold.mul_(m).add_((1 - m) * smallest)
+        """kept: the batch's kept activation values, the same on every rank."""
+        self._update_batchtopk_threshold(SparseActs(kept, torch.zeros_like(kept, dtype=torch.long), self.d_sae))
 
     def select(self, x2: torch.Tensor, train: bool = False) -> ShardSelection:
         """TopK-family encode of normalised 2-D input x2 [N, d_in] across the shards."""
