@@ -20,6 +20,20 @@ TRAIN_FLAGS = {"steps": int, "batch_size": int, "lr": float, "optimizer": str, "
                "k_aux": int, "dead_tokens": int, "init": str, "b_dec_init": str, "nonfinite": str,
                "log_every": int, "checkpoint_every": int, "keep_checkpoints": int, "out_dir": str, "seed": int}
 DATA_KEYS = ("path", "buffer_rows", "chunk_rows", "shuffle")
+HELP = {
+    "d_in": "activation size (default: read from the shards)", "d_sae": "number of latents",
+    "architecture": "topk (default), batchtopk, standard (ReLU + L1) or jumprelu",
+    "k": "active latents per row (topk/batchtopk)", "dtype": "float32 (default) or bfloat16 weights",
+    "optimizer": "adam (default) or row_sparse_adam (TopK family: updates only the latents that fired)",
+    "lr": "peak learning rate (default 2e-4)", "decay": "linear (default), cosine or constant",
+    "decay_start": "fraction of the steps after which the lr decays (default 0.8)",
+    "dead_tokens": "tokens without firing after which a latent counts as dead (default 1e7)",
+    "init": "tied (default) or data (decoder atoms from activation samples)",
+    "b_dec_init": "geometric_median (default), mean or zeros",
+    "nonfinite": "raise (default) or skip batches holding NaN/inf (counted in the log)",
+    "checkpoint_every": "steps between checkpoints (0: only at the end)",
+    "out_dir": "where the run goes (default runs/sae)",
+}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -31,7 +45,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--chunk-rows", type=int, help="rows read contiguously from a shard (default 4096)")
     p.add_argument("--expansion", type=int, help="d_sae = expansion * d_in (instead of --d-sae)")
     for name, typ in {**SAE_FLAGS, **TRAIN_FLAGS}.items():
-        p.add_argument("--" + name.replace("_", "-"), type=typ, dest=name, default=None)
+        p.add_argument("--" + name.replace("_", "-"), type=typ, dest=name, default=None, help=HELP.get(name))
     p.add_argument("--set", action="append", default=[], metavar="FIELD=JSON",
                    help="any other TrainConfig field, value as JSON (e.g. --set final_lr_fraction=0.1)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out-dir from its latest checkpoint")
