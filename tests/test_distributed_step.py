@@ -13,7 +13,8 @@ import torch
 
 import fastsae
 from fastsae import reference
-from fastsae.distributed import ShardedSAE, build_layout, launch, reduce_gradients, reduce_row_sparse
+from fastsae.distributed import (ShardedSAE, broadcast_parameters, build_layout, launch, reduce_gradients,
+                                 reduce_row_sparse)
 from fastsae.distributed.sharded_sae import latent_slice
 from fastsae.sparse import SparseActs
 
@@ -153,7 +154,16 @@ def row_sparse_worker():
     grads, db_dec = model.sparse_backward(x, sel, grad_out)
     grads, db_dec = reduce_row_sparse(grads, db_dec, layout)
     dense = grads.to_dense()
-    return {"range": (model.shard_start, model.shard_end), "db_dec": db_dec, **dense}
+    # broadcast_parameters: every rank starts from a different init, then takes replica 0's shard
+    # and shard 0's b_dec
+    other = ShardedSAE(sae.cfg, layout, seed=layout.rank)
+    with torch.no_grad():
+        other.b_dec.fill_(float(layout.rank))
+    broadcast_parameters(other, layout)
+    start, end = model.shard_start, model.shard_end
+    reseeded = ShardedSAE(sae.cfg, layout, seed=layout.shard).W_dec  # what replica 0 of this shard drew
+    return {"range": (start, end), "db_dec": db_dec, **dense,
+            "broadcast_ok": bool(torch.equal(other.W_dec, reseeded)) and float(other.b_dec.max()) == 0.0}
 
 
 def test_row_sparse_backward_matches_reference():
@@ -171,6 +181,7 @@ def test_row_sparse_backward_matches_reference():
         torch.testing.assert_close(r.value["db_enc"], want["db_enc"][start:end], atol=1e-12, rtol=0)
         torch.testing.assert_close(r.value["dW_dec"], want["dW_dec"][start:end], atol=1e-12, rtol=0)
         torch.testing.assert_close(r.value["db_dec"], want["db_dec"], atol=1e-12, rtol=0)
+        assert r.value["broadcast_ok"]
 
 
 def test_single_process_sharded_module_is_the_sae():

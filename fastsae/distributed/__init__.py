@@ -10,8 +10,7 @@ data parallel (replicas of each slice) on torch.distributed. See docs/distribute
 
 from .checkpoint import consolidate, is_sharded_checkpoint, load_full, load_sharded, read_manifest, save_sharded
 from .collectives import DistributedError
-from .data_parallel import (ReducingOptimizer, broadcast_parameters, reduce_gradients, reduce_row_sparse,
-                            share_batch)
+from .data_parallel import broadcast_parameters, reduce_gradients, reduce_row_sparse
 from .groups import ParallelLayout, build_layout, init_distributed, shard_range, single_process_layout
 from .launch import RankResult, launch, run
 from .sharded_sae import ShardedSAE, ShardSelection
@@ -19,7 +18,7 @@ from .sharded_sae import ShardedSAE, ShardSelection
 __all__ = [
     "ParallelLayout", "build_layout", "init_distributed", "shard_range", "single_process_layout",
     "ShardedSAE", "ShardSelection", "DistributedError",
-    "reduce_gradients", "reduce_row_sparse", "broadcast_parameters", "share_batch", "ReducingOptimizer",
+    "reduce_gradients", "reduce_row_sparse", "broadcast_parameters",
     "save_sharded", "load_sharded", "load_full", "consolidate", "read_manifest", "is_sharded_checkpoint",
     "launch", "run", "RankResult",
 ]

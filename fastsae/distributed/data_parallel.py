@@ -79,29 +79,3 @@ def broadcast_parameters(module: nn.Module, layout: ParallelLayout) -> None:
         for name, t in module.state_dict().items():
             checked(f"broadcast of {name} over the replicas",
                     lambda t=t: dist.broadcast(t, src=src, group=layout.shard_group))
-
-
-def share_batch(x: torch.Tensor, layout: ParallelLayout) -> torch.Tensor:
-    """The replica group's shard-0 batch on every rank of the group (shards of one replica
-    must encode the same rows). Costs one broadcast of [N, d_in] per step."""
-    if layout.replica_group is None:
-        return x
-    x = x.contiguous()
-    checked("broadcast of the batch over the shards",
-            lambda: dist.broadcast(x, src=layout.replica_ranks()[0], group=layout.replica_group))
-    return x
-
-
-class ReducingOptimizer:
-    """Wrap an optimizer whose step() reads .grad: average the gradients over the replicas
-    first. Everything else (set_lr, zero_grad, state_dict, ...) passes through."""
-
-    def __init__(self, opt, module: nn.Module, layout: ParallelLayout):
-        self.opt, self.module, self.layout = opt, module, layout
-
-    def step(self, *args, **kwargs):
-        reduce_gradients(self.module, self.layout)
-        return self.opt.step(*args, **kwargs)
-
-    def __getattr__(self, name):
-        return getattr(self.opt, name)
