@@ -32,6 +32,7 @@ from . import ops
 from .atomic import atomic_write, atomic_write_text, fsync_dir
 from .checkpoint import load_sae, save_sae
 from .config import SAEConfig
+from .constraints import normalize_rows_
 from .data import ActivationSource, as_source
 from .errors import CheckpointError, ConfigError, InputError
 from .init import init_b_dec_, init_from_data_
@@ -257,15 +258,16 @@ class Trainer:
         if cfg.b_dec_init == "zeros" and cfg.init == "tied":
             return
         sample = self.source.sample(cfg.init_sample_rows).to(sae.device)
-        self._check_batch(sample, "the initialisation sample")
+        if not self._check_batch(sample, "the initialisation sample"):  # nonfinite="skip": use the clean rows
+            sample = sample[torch.isfinite(sample).all(1)]
+            if sample.shape[0] == 0:
+                raise InputError("every row of the initialisation sample holds NaN/inf: clean the activations")
         sample = sae._normalize_input(sample.float())[0]  # init in the space the SAE encodes
         init_b_dec_(sae, sample, cfg.b_dec_init)
         if cfg.init == "data":
             init_from_data_(sae, sample, cfg.data_init_fraction, generator=torch.Generator().manual_seed(cfg.seed))
         # the unit-norm constraint holds from step 0
         if cfg.use_unit_norm_decoder:
-            from .constraints import normalize_rows_
-
             normalize_rows_(sae.W_dec)
 
     # ------------------------------------------------------------------ checks
