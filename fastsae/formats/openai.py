@@ -14,7 +14,6 @@ import os
 from pathlib import Path
 from typing import Any
 
-import torch
 
 from ..errors import CheckpointError
 from .build import build_from_tensors, require_keys
