@@ -100,7 +100,7 @@ def test_two_rank_checkpoint_loads_on_four_ranks(saved):
 def test_single_process_save_and_reshard(tmp_path):
     """Without torch.distributed: a 1-shard save reads back as any shard of 3."""
     want = full_sae("topk")
-    save_sharded(ShardedSAE.from_full(want), tmp_path / "one")
+    ShardedSAE.from_full(want).save_pretrained(tmp_path / "one")  # = save_sharded
     for shard in range(3):
         part = load_sharded(tmp_path / "one", ParallelLayout(replicas=1, shards=3, rank=shard))
         start, end = part.shard_start, part.shard_end

@@ -379,6 +379,13 @@ class ShardedSAE(nn.Module):
             x_hat=x_hat.reshape(*lead, self.d_in), acts=acts.reshape_rows(tuple(lead)),
         )
 
+    def save_pretrained(self, path) -> None:
+        """Write a sharded checkpoint (collective: every rank calls it); see
+        fastsae.distributed.checkpoint for the format and the loaders."""
+        from .checkpoint import save_sharded
+
+        save_sharded(self, path)
+
     # ------------------------------------------------------------------ explicit sparse backward
     @torch.no_grad()
     def sparse_backward(self, x2: torch.Tensor, sel: ShardSelection, grad_out: torch.Tensor):
