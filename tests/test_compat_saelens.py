@@ -266,3 +266,13 @@ def test_batchtopk_training_sae_with_fractional_k():
     train.topk_threshold = torch.tensor(0.2, dtype=torch.double)
     ours = convert.from_saelens(train)
     assert ours.cfg.k == 3 and ours.cfg.metadata["saelens_k"] == 2.5
+
+
+@pytest.mark.parametrize("arch", ["topk", "jumprelu"])
+def test_bfloat16_checkpoint_keeps_its_dtype(tmp_path, arch):
+    theirs = make_saelens(arch, seed=37, dtype="bfloat16")
+    theirs.save_model(tmp_path)
+    ours = fastsae.load(tmp_path)
+    assert ours.dtype == torch.bfloat16 and ours.cfg.dtype == "bfloat16"
+    x = inputs()
+    torch.testing.assert_close(ours(x), theirs(x), rtol=2e-2, atol=2e-2)  # bf16: summation order differs
