@@ -80,15 +80,12 @@ void merge_tile(const scalar_t* tile, int64_t rows, int64_t width, int64_t first
   }
 }
 
-}  // namespace
-
-std::tuple<at::Tensor, at::Tensor> topk_encode_cpu(const at::Tensor& x, const at::Tensor& W_enc,
-                                                   const at::Tensor& b_enc,
-                                                   const std::optional<at::Tensor>& b_dec, int64_t k) {
-  const char* op = "topk_encode";
+// Checks shared by the encoders; returns xin = x - b_dec (or x), detached and contiguous.
+at::Tensor checked_encoder_input(const at::Tensor& x, const at::Tensor& W_enc, const at::Tensor& b_enc,
+                                 const std::optional<at::Tensor>& b_dec, const char* op) {
   check_float_matrix(x, "x", op);
   check_float_matrix(W_enc, "W_enc", op);
-  const int64_t B = x.size(0), d = W_enc.size(0), n = W_enc.size(1);
+  const int64_t d = W_enc.size(0), n = W_enc.size(1);
   check_shape2(x, -1, d, "x (its last dimension must be W_enc.shape[0])", op);
   check_vector(b_enc, n, "b_enc", op);
   check_same_dtype(x, W_enc, "x", "W_enc", op);
@@ -96,56 +93,101 @@ std::tuple<at::Tensor, at::Tensor> topk_encode_cpu(const at::Tensor& x, const at
   check_same_device(x, W_enc, "x", "W_enc", op);
   check_same_device(b_enc, W_enc, "b_enc", "W_enc", op);
   check_b_dec(b_dec, d, W_enc, op);
-  TORCH_CHECK(k >= 0 && k <= n, op, ": k must lie in [0, d_sae=", n, "], got k=", k);
+  // Worker threads do not inherit this thread's dispatch state: detach what they use.
+  return (b_dec.has_value() ? x - *b_dec : x).contiguous().detach();
+}
 
+// Computes pre = xin @ W + bias tile by tile and calls visit(tile, r0, rows, c0, width, part)
+// for each: rows r0.. and latents c0.. of latent part `part`. Tasks (row block, part) run in
+// parallel; a task owns its rows within its part, so per-(part, row) state needs no locks.
+struct TilePlan {
+  int64_t B, n, row_blocks, parts, chunks_per_part;
+  TilePlan(int64_t B_, int64_t n_) : B(B_), n(n_) {
+    row_blocks = (B + kRowBlock - 1) / kRowBlock;
+    const int64_t chunks = (n + kChunk - 1) / kChunk;
+    // Split the latents too when there are fewer row blocks than threads.
+    const int64_t blocks = std::max<int64_t>(row_blocks, 1);  // B = 0 is a valid, empty batch
+    parts = std::max<int64_t>(1, std::min(chunks, (at::get_num_threads() + blocks - 1) / blocks));
+    chunks_per_part = (chunks + parts - 1) / parts;
+  }
+};
+
+template <typename scalar_t, typename Visit>
+void for_each_tile(const TilePlan& plan, const at::Tensor& xin, const at::Tensor& W, const at::Tensor& bias,
+                   const Visit& visit) {
+  const at::Tensor Wd = W.contiguous().detach(), bd = bias.contiguous().detach();
+  at::parallel_for(0, plan.row_blocks * plan.parts, 1, [&](int64_t t0, int64_t t1) {
+    at::AutoDispatchBelowADInplaceOrView worker_below_autograd;
+    auto tile = at::empty({kRowBlock * kChunk}, Wd.options());
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t rb = t / plan.parts, p = t % plan.parts;
+      const int64_t r0 = rb * kRowBlock, rows = std::min(kRowBlock, plan.B - r0);
+      const int64_t c_begin = p * plan.chunks_per_part * kChunk;
+      const int64_t c_end = std::min(plan.n, (p + 1) * plan.chunks_per_part * kChunk);
+      auto xrows = xin.narrow(0, r0, rows);
+      for (int64_t c0 = c_begin; c0 < c_end; c0 += kChunk) {
+        const int64_t width = std::min(kChunk, c_end - c0);
+        auto out = tile.narrow(0, 0, rows * width).view({rows, width});
+        at::addmm_out(out, bd.narrow(0, c0, width), xrows, Wd.narrow(1, c0, width));
+        visit(static_cast<const scalar_t*>(out.data_ptr<scalar_t>()), r0, rows, c0, width, p);
+      }
+    }
+  });
+}
+
+#define FASTSAE_DISPATCH(T, NAME, ...) \
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, (T).scalar_type(), NAME, __VA_ARGS__)
+
+// Per-row lists of (value, latent) as a padded [B, m] pair, m = the longest list; padding
+// is value 0 at latent 0, which adds nothing when decoded or differentiated.
+template <typename scalar_t, typename acc_t>
+std::tuple<at::Tensor, at::Tensor> pack_rows(const std::vector<std::vector<Entry<acc_t>>>& rows,
+                                             const at::TensorOptions& opts) {
+  const int64_t B = static_cast<int64_t>(rows.size());
+  int64_t m = 0;
+  for (const auto& r : rows) m = std::max<int64_t>(m, static_cast<int64_t>(r.size()));
+  auto values = at::zeros({B, m}, opts);
+  auto indices = at::zeros({B, m}, opts.dtype(at::kLong));
+  scalar_t* vo = values.data_ptr<scalar_t>();
+  int64_t* io = indices.data_ptr<int64_t>();
+  for (int64_t b = 0; b < B; ++b)
+    for (size_t s = 0; s < rows[b].size(); ++s) {
+      vo[b * m + s] = static_cast<scalar_t>(rows[b][s].v);
+      io[b * m + s] = rows[b][s].id;
+    }
+  return {values, indices};
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> topk_encode_cpu(const at::Tensor& x, const at::Tensor& W_enc,
+                                                   const at::Tensor& b_enc,
+                                                   const std::optional<at::Tensor>& b_dec, int64_t k) {
+  const char* op = "topk_encode";
+  at::AutoDispatchBelowADInplaceOrView below_autograd;  // the gradient is registered separately
+  auto xin = checked_encoder_input(x, W_enc, b_enc, b_dec, op);
+  const int64_t B = x.size(0), n = W_enc.size(1);
+  TORCH_CHECK(k >= 0 && k <= n, op, ": k must lie in [0, d_sae=", n, "], got k=", k);
   auto values = at::empty({B, k}, x.options());
   auto indices = at::empty({B, k}, x.options().dtype(at::kLong));
   if (B == 0 || k == 0) return {values, indices};
+  const TilePlan plan(B, n);
 
-  // No autograd inside (the op's gradient is registered separately). Worker threads do not
-  // inherit this thread's dispatch state, so the tensors they use are detached as well.
-  at::AutoDispatchBelowADInplaceOrView below_autograd;
-  auto xin = (b_dec.has_value() ? x - *b_dec : x).contiguous().detach();
-  auto W = W_enc.contiguous().detach();
-  auto bias = b_enc.contiguous().detach();
-
-  const int64_t row_blocks = (B + kRowBlock - 1) / kRowBlock;
-  const int64_t chunks = (n + kChunk - 1) / kChunk;
-  // Split the latents too when there are fewer row blocks than threads.
-  const int64_t parts = std::min(chunks, std::max<int64_t>(1, (at::get_num_threads() + row_blocks - 1) / row_blocks));
-  const int64_t chunks_per_part = (chunks + parts - 1) / parts;
-
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, W.scalar_type(), "topk_encode", [&] {
+  FASTSAE_DISPATCH(W_enc, "topk_encode", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     // partial[p][b]: row b's top-k among the latents of part p.
-    std::vector<std::vector<RunningTopK<acc_t>>> partial(parts, std::vector<RunningTopK<acc_t>>(B));
-
-    at::parallel_for(0, row_blocks * parts, 1, [&](int64_t t0, int64_t t1) {
-      at::AutoDispatchBelowADInplaceOrView worker_below_autograd;
-      auto tile = at::empty({kRowBlock * kChunk}, W.options());
-      for (int64_t t = t0; t < t1; ++t) {
-        const int64_t rb = t / parts, p = t % parts;
-        const int64_t r0 = rb * kRowBlock, rows = std::min(kRowBlock, B - r0);
-        const int64_t c_begin = p * chunks_per_part * kChunk;
-        const int64_t c_end = std::min(n, (p + 1) * chunks_per_part * kChunk);
-        auto xrows = xin.narrow(0, r0, rows);
-        for (int64_t c0 = c_begin; c0 < c_end; c0 += kChunk) {
-          const int64_t width = std::min(kChunk, c_end - c0);
-          auto out = tile.narrow(0, 0, rows * width).view({rows, width});
-          at::addmm_out(out, bias.narrow(0, c0, width), xrows, W.narrow(1, c0, width));
-          merge_tile<scalar_t, acc_t>(out.data_ptr<scalar_t>(), rows, width, c0, k,
-                                      partial[p].data() + r0);
-        }
-      }
-    });
-
+    std::vector<std::vector<RunningTopK<acc_t>>> partial(plan.parts, std::vector<RunningTopK<acc_t>>(B));
+    for_each_tile<scalar_t>(plan, xin, W_enc, b_enc,
+                            [&](const scalar_t* tile, int64_t r0, int64_t rows, int64_t c0, int64_t width, int64_t p) {
+                              merge_tile<scalar_t, acc_t>(tile, rows, width, c0, k, partial[p].data() + r0);
+                            });
     scalar_t* vo = values.data_ptr<scalar_t>();
     int64_t* io = indices.data_ptr<int64_t>();
     at::parallel_for(0, B, 64, [&](int64_t b0, int64_t b1) {
       std::vector<Entry<acc_t>> all;
       for (int64_t b = b0; b < b1; ++b) {
         all.clear();
-        for (int64_t p = 0; p < parts; ++p)
+        for (int64_t p = 0; p < plan.parts; ++p)
           all.insert(all.end(), partial[p][b].best.begin(), partial[p][b].best.end());
         std::partial_sort(all.begin(), all.begin() + k, all.end(), ranks_before<acc_t>);
         for (int64_t s = 0; s < k; ++s) {
@@ -159,12 +201,110 @@ std::tuple<at::Tensor, at::Tensor> topk_encode_cpu(const at::Tensor& x, const at
   return {values, indices};
 }
 
+// BatchTopK: the B*k largest ReLU'd pre-activations of the whole batch, as padded per-row lists.
+// Each thread keeps one running top-(B*k) heap over the tiles it computes (ids b*n + j); the
+// heaps are merged at the end. (value, id) is a strict order, so the kept set does not depend
+// on how the work was split.
+std::tuple<at::Tensor, at::Tensor> batchtopk_encode_cpu(const at::Tensor& x, const at::Tensor& W_enc,
+                                                        const at::Tensor& b_enc,
+                                                        const std::optional<at::Tensor>& b_dec, int64_t k) {
+  const char* op = "batchtopk_encode";
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
+  auto xin = checked_encoder_input(x, W_enc, b_enc, b_dec, op);
+  const int64_t B = x.size(0), n = W_enc.size(1);
+  TORCH_CHECK(k >= 0, op, ": k must be >= 0, got k=", k);
+  const int64_t keep = std::min(B * k, B * n);
+  const TilePlan plan(B, n);
+  std::tuple<at::Tensor, at::Tensor> out;
+
+  FASTSAE_DISPATCH(W_enc, "batchtopk_encode", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    std::vector<RunningTopK<acc_t>> heaps(at::get_num_threads());
+    if (keep > 0)
+      for_each_tile<scalar_t>(plan, xin, W_enc, b_enc,
+                              [&](const scalar_t* tile, int64_t r0, int64_t rows, int64_t c0, int64_t width, int64_t) {
+                                RunningTopK<acc_t>& h = heaps[at::get_thread_num()];
+                                for (int64_t r = 0; r < rows; ++r) {
+                                  const scalar_t* row = tile + r * width;
+                                  const int64_t base = (r0 + r) * n + c0;
+                                  // only positive entries can be kept (ReLU, then > 0)
+                                  for (int64_t c = 0; c < width; ++c) {
+                                    const acc_t bar = h.full(keep) ? std::max(h.best.front().v, acc_t(0)) : acc_t(0);
+                                    c += find_above_acc<acc_t>(row + c, width - c, bar);
+                                    if (c == width) break;
+                                    h.offer({static_cast<acc_t>(row[c]), base + c}, keep);
+                                  }
+                                }
+                              });
+    std::vector<Entry<acc_t>> all;
+    for (const auto& h : heaps) all.insert(all.end(), h.best.begin(), h.best.end());
+    if (static_cast<int64_t>(all.size()) > keep) {
+      std::nth_element(all.begin(), all.begin() + keep, all.end(), ranks_before<acc_t>);
+      all.resize(keep);
+    }
+    std::sort(all.begin(), all.end(), ranks_before<acc_t>);
+    std::vector<std::vector<Entry<acc_t>>> rows(B);
+    for (const auto& e : all)
+      if (e.v > acc_t(0)) rows[e.id / n].push_back({e.v, e.id % n});  // NaN and 0 are dropped, as relu()>0 does
+    out = pack_rows<scalar_t, acc_t>(rows, x.options());
+  });
+  return out;
+}
+
+// Entries with pre > threshold (a scalar or one per latent), as padded per-row lists of pre.
+std::tuple<at::Tensor, at::Tensor> threshold_encode_cpu(const at::Tensor& x, const at::Tensor& W_enc,
+                                                        const at::Tensor& b_enc,
+                                                        const std::optional<at::Tensor>& b_dec,
+                                                        const at::Tensor& threshold) {
+  const char* op = "threshold_encode";
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
+  auto xin = checked_encoder_input(x, W_enc, b_enc, b_dec, op);
+  const int64_t B = x.size(0), n = W_enc.size(1);
+  TORCH_CHECK(threshold.numel() == 1 || (threshold.dim() == 1 && threshold.size(0) == n), op,
+              ": threshold must be a scalar or have shape [", n, "], got ", threshold.sizes());
+  TORCH_CHECK(at::isFloatingType(threshold.scalar_type()), op, ": threshold must be a floating dtype, got ",
+              threshold.scalar_type());
+  check_same_device(threshold, W_enc, "threshold", "W_enc", op);
+  const TilePlan plan(B, n);
+  std::tuple<at::Tensor, at::Tensor> out;
+
+  FASTSAE_DISPATCH(W_enc, "threshold_encode", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const auto th = threshold.detach().to(c10::CppTypeToScalarType<acc_t>::value).contiguous().reshape({-1});
+    const acc_t* t = th.data_ptr<acc_t>();
+    const bool scalar = th.numel() == 1;
+    std::vector<std::vector<std::vector<Entry<acc_t>>>> kept(plan.parts, std::vector<std::vector<Entry<acc_t>>>(B));
+    for_each_tile<scalar_t>(plan, xin, W_enc, b_enc,
+                            [&](const scalar_t* tile, int64_t r0, int64_t rows, int64_t c0, int64_t width, int64_t p) {
+                              for (int64_t r = 0; r < rows; ++r) {
+                                const scalar_t* row = tile + r * width;
+                                auto& list = kept[p][r0 + r];
+                                for (int64_t c = 0; c < width; ++c) {
+                                  const acc_t v = static_cast<acc_t>(row[c]);
+                                  if (v > t[scalar ? 0 : c0 + c]) list.push_back({v, c0 + c});
+                                }
+                              }
+                            });
+    std::vector<std::vector<Entry<acc_t>>> rows(B);
+    for (int64_t b = 0; b < B; ++b)
+      for (int64_t p = 0; p < plan.parts; ++p) rows[b].insert(rows[b].end(), kept[p][b].begin(), kept[p][b].end());
+    out = pack_rows<scalar_t, acc_t>(rows, x.options());
+  });
+  return out;
+}
+
 }  // namespace fastsae
 
 TORCH_LIBRARY_FRAGMENT(fastsae, m) {
   m.def("topk_encode(Tensor x, Tensor W_enc, Tensor b_enc, Tensor? b_dec, int k) -> (Tensor, Tensor)");
+  m.def("batchtopk_encode(Tensor x, Tensor W_enc, Tensor b_enc, Tensor? b_dec, int k) -> (Tensor, Tensor)");
+  m.def(
+      "threshold_encode(Tensor x, Tensor W_enc, Tensor b_enc, Tensor? b_dec, Tensor threshold) -> (Tensor, "
+      "Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(fastsae, CPU, m) {
   m.impl("topk_encode", &fastsae::topk_encode_cpu);
+  m.impl("batchtopk_encode", &fastsae::batchtopk_encode_cpu);
+  m.impl("threshold_encode", &fastsae::threshold_encode_cpu);
 }

@@ -3,7 +3,8 @@
 Each op is a torch custom op (torch.ops.fastsae.*) with a fake kernel, so torch.compile
 traces it; the forward ops also get an autograd formula whose backward is itself a C++ op:
 
-    topk_encode      -> topk_encode_backward   (dW_enc, db_enc, dx, encoder part of db_dec)
+    topk_encode, batchtopk_encode, threshold_encode
+                     -> topk_encode_backward   (dW_enc, db_enc, dx, encoder part of db_dec)
     sparse_decode    -> sparse_decode_backward (dvalues, dW_dec)
     topk_sae_backward: the whole sparse backward of a TopK-family step, outside autograd,
                        dense-shaped or row-sparse (reference.topk_sae_backward's contract).
@@ -19,7 +20,7 @@ import torch
 
 from . import _C  # noqa: F401  (loading the library registers torch.ops.fastsae.*)
 from . import ops, reference
-from .sparse import RowSparseGrads
+from .sparse import RowSparseGrads, SparseActs
 
 _DEVICES = ("cpu", "cuda") if _C.cuda_built() else ("cpu",)
 _DISPATCH_KEY = {"cpu": "CPU", "cuda": "CUDA"}
@@ -46,6 +47,15 @@ def _sparse_decode_backward_fake(grad, values, indices, W_dec):
 def _topk_encode_fake(x, W_enc, b_enc, b_dec, k):
     torch._check(0 <= k <= W_enc.shape[1], lambda: f"topk_encode: k={k} must lie in [0, d_sae]")
     return x.new_empty((x.shape[0], k)), x.new_empty((x.shape[0], k), dtype=torch.long)
+
+
+def _padded_rows_fake(x, W_enc, b_enc, b_dec, *_):
+    m = torch.library.get_ctx().new_dynamic_size()  # the longest row's number of kept latents
+    return x.new_empty((x.shape[0], m)), x.new_empty((x.shape[0], m), dtype=torch.long)
+
+
+torch.library.register_fake("fastsae::batchtopk_encode")(_padded_rows_fake)
+torch.library.register_fake("fastsae::threshold_encode")(_padded_rows_fake)
 
 
 @torch.library.register_fake("fastsae::topk_encode_backward")
@@ -111,9 +121,11 @@ def _topk_encode_backward(ctx, grad_values, grad_indices):
     return dx if need_dx else None, dW_enc, db_enc, db_dec if ctx.has_b_dec else None, None
 
 
-torch.library.register_autograd(
-    "fastsae::topk_encode", _topk_encode_backward, setup_context=_topk_encode_setup
-)
+# Kept values are ReLU'd pre-activations (TopK, BatchTopK) or pre-activations above a
+# non-negative threshold: in all cases dpre = dvalues * 1[values > 0], topk_encode_backward.
+# (The last input, k or the threshold, gets no gradient: the comparison has none.)
+for _op in ("topk_encode", "batchtopk_encode", "threshold_encode"):
+    torch.library.register_autograd(f"fastsae::{_op}", _topk_encode_backward, setup_context=_topk_encode_setup)
 
 
 # ---------------------------------------------------------------- the "cpp" backend
@@ -129,6 +141,27 @@ def topk_encode(x, W_enc, b_enc, b_dec, k: int):
     if not has_kernel("topk_encode", W_enc.device):
         return reference.topk_encode(x, W_enc, b_enc, b_dec, k)
     return torch.ops.fastsae.topk_encode(x, W_enc, b_enc, b_dec, int(k))
+
+
+@ops.register("batchtopk_encode", "cpp", devices=_DEVICES)
+def batchtopk_encode(x, W_enc, b_enc, b_dec, k: int) -> SparseActs:
+    if not has_kernel("batchtopk_encode", W_enc.device):
+        return reference.batchtopk_encode(x, W_enc, b_enc, b_dec, k)
+    values, indices = torch.ops.fastsae.batchtopk_encode(x, W_enc, b_enc, b_dec, int(k))
+    return SparseActs(values, indices, W_enc.shape[1])
+
+
+@ops.register("threshold_encode", "cpp", devices=_DEVICES)
+def threshold_encode(x, W_enc, b_enc, b_dec, threshold) -> SparseActs:
+    threshold = torch.as_tensor(threshold, dtype=W_enc.dtype, device=W_enc.device)
+    # The gradient formula masks by values > 0, which holds for kept entries only when the
+    # threshold is non-negative; otherwise (or without a kernel) the reference does it.
+    needs_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (x, W_enc, b_enc, b_dec))
+    if not has_kernel("threshold_encode", W_enc.device) or (needs_grad and bool((threshold < 0).any())):
+        return reference.threshold_encode(x, W_enc, b_enc, b_dec, threshold)
+    values, indices = torch.ops.fastsae.threshold_encode(x, W_enc, b_enc, b_dec, threshold)
+    return SparseActs(values, indices, W_enc.shape[1])
 
 
 @ops.register("topk_sae_backward", "cpp", devices=_DEVICES)

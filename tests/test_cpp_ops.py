@@ -134,7 +134,7 @@ def test_autograd_backward_is_bit_identical_across_runs():
 # ---------------------------------------------------------------- forward vs reference
 # n=1300 spans several 512-latent tiles; B=300 spans several 128-row blocks; B=3 makes the
 # op split the latents across threads and merge the partial top-k lists.
-@pytest.mark.parametrize("B,d,n,k", [(9, 7, 20, 1), (9, 7, 20, 20), (300, 17, 1300, 16), (3, 5, 1300, 40), (5, 3, 513, 512)])
+@pytest.mark.parametrize("B,d,n,k", [(0, 3, 6, 2), (9, 7, 20, 1), (9, 7, 20, 20), (300, 17, 1300, 16), (3, 5, 1300, 40), (5, 3, 513, 512)])
 @pytest.mark.parametrize("with_b_dec", [True, False])
 def test_topk_encode_matches_reference(B, d, n, k, with_b_dec):
     x, W, b = rand(B, d, seed=0), rand(d, n, seed=1), rand(n, seed=2)
@@ -170,6 +170,31 @@ def test_topk_encode_ties_prefer_smaller_id_and_nan_does_not_crash():
     assert torch.isnan(vals[0]).all() and torch.isfinite(vals[1]).all()
 
 
+@pytest.mark.parametrize("B,d,n,k", [(9, 7, 20, 3), (300, 17, 1300, 16), (3, 5, 1300, 40), (4, 3, 6, 9), (0, 3, 6, 2)])
+def test_batchtopk_and_threshold_encode_match_reference(B, d, n, k):
+    x, W, b, b_dec = rand(B, d, seed=0), rand(d, n, seed=1), rand(n, seed=2), rand(d, seed=3)
+    got = cpp_ops.batchtopk_encode(x, W, b, b_dec, k)
+    ref = reference.batchtopk_encode(x, W, b, b_dec, k)
+    assert got.indices.dtype == torch.long and got.values.shape == ref.values.shape
+    torch.testing.assert_close(got.to_dense(), ref.to_dense())
+    for th in (torch.tensor(0.3, dtype=F64), rand(n, seed=4).abs(), torch.tensor(-0.5, dtype=F64)):
+        got = cpp_ops.threshold_encode(x, W, b, None, th)
+        torch.testing.assert_close(got.to_dense(), reference.threshold_encode(x, W, b, None, th).to_dense())
+
+
+def test_threshold_encode_gradients_match_reference():
+    x, W, b = rand(6, 4, seed=0), rand(4, 15, seed=1), rand(15, seed=2)
+    for th in (torch.tensor(0.2, dtype=F64), torch.tensor(-0.3, dtype=F64)):  # < 0: reference fallback
+        grads = []
+        for fn in (cpp_ops.threshold_encode, reference.threshold_encode):
+            Wg, bg = W.clone().requires_grad_(), b.clone().requires_grad_()
+            acts = fn(x, Wg, bg, None, th)
+            (acts.to_dense() * torch.arange(15, dtype=F64)).sum().backward()
+            grads.append((Wg.grad, bg.grad))
+        for a, r in zip(*grads):
+            torch.testing.assert_close(a, r)
+
+
 # ---------------------------------------------------------------- registration
 def _opcheck(op, args):
     # test_aot_dispatch_dynamic compiles the op, which the data-dependent output size of
@@ -186,6 +211,9 @@ def test_opcheck_forward_ops_with_autograd():
     x = c["x"].requires_grad_()
     _opcheck(F.topk_encode, (x, W_enc, b_enc, b_dec, 3))
     _opcheck(F.topk_encode, (x, W_enc, b_enc, None, 12))
+    _opcheck(F.batchtopk_encode, (x, W_enc, b_enc, b_dec, 2))
+    _opcheck(F.threshold_encode, (x, W_enc, b_enc, b_dec, torch.tensor(0.5, dtype=F64)))
+    _opcheck(F.threshold_encode, (x, W_enc, b_enc, None, rand(12, seed=5).abs()))
     values = c["values"].requires_grad_()
     _opcheck(F.sparse_decode, (values, c["indices"], W_dec, b_dec))
     _opcheck(F.sparse_decode, (values, c["indices"], W_dec, None))
