@@ -349,8 +349,11 @@ def main(argv=None):
     p.add_argument("--skip-memory", action="store_true", help="skip the d_sae=2^20 memory run")
     p.add_argument("--out", default=str(Path(__file__).parent / "results"))
     p.add_argument("--machine", default=machine_name())
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--no-save", action="store_true")
     a = p.parse_args(argv)
+    if a.threads:
+        torch.set_num_threads(a.threads)
 
     load_before = [round(v, 2) for v in os.getloadavg()]
     rows = run_speed(a)
