@@ -170,8 +170,9 @@ def test_dense_adam_unit_norm_rows():
 
 
 def test_row_sparse_adam_matches_dense_quality_on_toy_data(tmp_path):
-    """Same data, seed and schedule; stated tolerance: |ΔFVU| <= 0.03 and |ΔMMCS| <= 0.03 on
-    held-out toy data (the longer comparison lives in the issue-5 report)."""
+    """Same data, seed and schedule; stated tolerance for the default (catch-up) mode:
+    |ΔFVU| <= 0.01 and |ΔMMCS| <= 0.01 on held-out toy data (measured: < 0.001 on both; the
+    longer comparison, lazy mode included, is in the issue-5 report)."""
     toy = ToyData(d=32, n_features=64, mean_active=3.0, seed=0)
     x = toy.sample(9600)
     held = toy.sample(4096)
@@ -186,4 +187,4 @@ def test_row_sparse_adam_matches_dense_quality_on_toy_data(tmp_path):
         scores[opt] = (fvu, mmcs(toy.features, tr.sae.W_dec.detach()))
     (fa, ma), (fs, ms) = scores["adam"], scores["row_sparse_adam"]
     assert fa < 0.5 and ma > 0.7, scores  # both actually learned the features
-    assert abs(fa - fs) <= 0.03 and abs(ma - ms) <= 0.03, scores
+    assert abs(fa - fs) <= 0.01 and abs(ma - ms) <= 0.01, scores
