@@ -111,7 +111,8 @@ def topk_encode(x, W_enc, b_enc, b_dec, k: int, splits: int | None = None, retur
     if not 1 <= k <= N:
         raise ValueError(f"topk_encode: k={k} must be in [1, d_sae={N}]")
     if k > MAX_K:
-        raise ValueError(f"topk_encode: the fused kernel supports k <= {MAX_K}, got k={k}")
+        raise ValueError(f"topk_encode: the fused kernel supports k <= {MAX_K}, got k={k}: use "
+                         "fastsae.reference.topk_encode (the triton backend falls back to it by itself)")
     S = splits or _num_splits(B, N, k, x.device)
     cand_v = torch.empty((B, S * k), dtype=torch.float32, device=x.device)
     cand_i = torch.empty((B, S * k), dtype=torch.int32, device=x.device)
