@@ -28,8 +28,8 @@ from . import memory, peers, report, sweep
 PRESETS = {
     # CPU: 2^16 is the cap: a dense peer's step takes seconds there on a few cores, and the
     # sweep runs every implementation at every width.
-    "quick": dict(device="cpu", d_in=256, k=32, batch=1024, min_log2=14, max_log2=16, table_log2=None,
-                  warmup=1, repeats=5, sweep_repeats=3, timeout=600, peak_mm_n=1024),
+    "quick": dict(device="cpu", d_in=256, k=32, batch=512, min_log2=14, max_log2=16, table_log2=None,
+                  warmup=1, repeats=3, sweep_repeats=2, timeout=600, peak_mm_n=1024),
     # GPU: the sweep goes on until every implementation has run out of memory (2^24 latents
     # at d_in=768 is 96 GiB of fp32 weights alone).
     "full": dict(device="cuda", d_in=768, k=32, batch=4096, min_log2=14, max_log2=24, table_log2=17,

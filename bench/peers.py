@@ -90,7 +90,7 @@ class Adapter:
 
     name: ClassVar[str] = ""
     distribution: ClassVar[str | None] = None  # the PyPI distribution, for its version
-    notes: ClassVar[str] = ""
+    notes: ClassVar[str] = ""  # how it is run, one line for the report
     trains: ClassVar[bool] = True  # has a training step (everything but the floor)
 
     def __init__(self, shape: Shape, device: torch.device, dtype: torch.dtype, weights: dict[str, torch.Tensor]):
@@ -154,6 +154,7 @@ class GemmFloor(Adapter):
 
     name = "torch.mm (floor)"
     trains = False
+    notes = "torch.mm(x, W_enc): the encoder GEMM alone, the floor every multiple refers to"
 
     def __init__(self, shape, device, dtype, weights):
         super().__init__(shape, device, dtype, weights)
@@ -174,6 +175,8 @@ class FastSAE(Adapter):
 
     distribution = "fastsae"
     backend: ClassVar[str] = ""
+    notes = ("fastsae.TopKSAE on this backend; step = fastsae's Trainer.train_step (sparse backward, "
+             "dense Adam, unit-norm decoder, dead-latent tracking, finite checks)")
 
     def __init__(self, shape, device, dtype, weights):
         super().__init__(shape, device, dtype, weights)
@@ -259,6 +262,7 @@ class DenseTorch(Adapter):
 
     name = "torch dense"
     distribution = "torch"
+    notes = "plain PyTorch: dense [B, d_sae] activations, autograd, torch.optim.Adam"
 
     def __init__(self, shape, device, dtype, weights):
         super().__init__(shape, device, dtype, weights)
@@ -284,15 +288,35 @@ class DenseTorch(Adapter):
         self.opt.zero_grad()
 
 
-# ------------------------------------------------------------------ SAELens
-class SAELens(Adapter):
+# ------------------------------------------------------------------ peers from PyPI
+class LibraryPeer(Adapter):
+    """A peer library's module in `self.sae`, trained with torch.optim.Adam."""
+
+    module: ClassVar[str] = ""  # the import name, to tell whether it is installed
+
+    @classmethod
+    def unavailable(cls, device):
+        if importlib.util.find_spec(cls.module) is None:
+            return f"{cls.module} is not installed: pip install -e '.[bench]'"
+        return None
+
+    def encode(self, x):
+        return self.sae.encode(x)
+
+    def _params(self):
+        return list(self.sae.parameters())
+
+
+class SAELens(LibraryPeer):
     """sae_lens.TopKTrainingSAE with its defaults (rescale_acts_by_decoder_norm=True, dense
     activations); the step is SAELens's trainer's: training_forward_pass, backward,
     clip_grad_norm_(1.0), Adam."""
 
     name = "SAELens"
     distribution = "sae-lens"
-    notes = "TopKTrainingSAE defaults (dense activations, rescale_acts_by_decoder_norm)"
+    module = "sae_lens"
+    notes = ("TopKTrainingSAE with its defaults (dense activations, rescale_acts_by_decoder_norm); step = "
+             "training_forward_pass, backward, clip_grad_norm_, Adam, as its trainer")
 
     def __init__(self, shape, device, dtype, weights):
         super().__init__(shape, device, dtype, weights)
@@ -306,13 +330,6 @@ class SAELens(Adapter):
                 getattr(self.sae, name).copy_(w)
         self.opt = torch.optim.Adam(self.sae.parameters(), lr=LR)
 
-    @classmethod
-    def unavailable(cls, device):
-        return None if importlib.util.find_spec("sae_lens") else "sae_lens is not installed: pip install '.[bench]'"
-
-    def encode(self, x):
-        return self.sae.encode(x)
-
     def decode(self, acts):
         return self.sae.decode(acts)
 
@@ -323,9 +340,6 @@ class SAELens(Adapter):
                                     n_training_steps=0, is_logging_step=False)
         return self.sae.training_forward_pass(step_input).loss
 
-    def _params(self):
-        return list(self.sae.parameters())
-
     def _optimizer_step(self):
         torch.nn.utils.clip_grad_norm_(self.sae.parameters(), 1.0)
         self.opt.step()
@@ -333,7 +347,7 @@ class SAELens(Adapter):
 
 
 # ------------------------------------------------------------------ sparsify
-class Sparsify(Adapter):
+class Sparsify(LibraryPeer):
     """sparsify.SparseCoder (its fused encoder and sparse decoder); the step is sparsify's
     trainer's: forward (bf16 autocast on CUDA, as its forward is decorated), fvu.backward(),
     remove the decoder-parallel gradient, Adam. On CPU its Triton decoder cannot run, so
@@ -341,7 +355,10 @@ class Sparsify(Adapter):
 
     name = "sparsify"
     distribution = "eai-sparsify"
+    module = "sparsify"
     env = {"cpu": {"SPARSIFY_DISABLE_TRITON": "1"}}  # set before sparsify is imported
+    notes = ("SparseCoder: fused encoder, embedding-bag decoder (Triton on CUDA, eager on CPU), bf16 autocast "
+             "forward on CUDA; step = fvu backward, decoder-parallel gradient removed, Adam, as its trainer")
 
     def __init__(self, shape, device, dtype, weights):
         super().__init__(shape, device, dtype, weights)
@@ -356,21 +373,11 @@ class Sparsify(Adapter):
             self.sae.b_dec.copy_(weights["b_dec"])
         self.opt = torch.optim.Adam(self.sae.parameters(), lr=LR)
 
-    @classmethod
-    def unavailable(cls, device):
-        return None if importlib.util.find_spec("sparsify") else "sparsify is not installed: pip install '.[bench]'"
-
-    def encode(self, x):
-        return self.sae.encode(x)
-
     def decode(self, acts):
         return self.sae.decode(acts.top_acts, acts.top_indices)
 
     def _loss(self, x):
         return self.sae(x).fvu
-
-    def _params(self):
-        return list(self.sae.parameters())
 
     def _optimizer_step(self):
         self.sae.remove_gradient_parallel_to_decoder_directions()

@@ -264,7 +264,8 @@ def markdown(report: dict[str, Any], image_names: dict[str, str] | None = None) 
     if agree.get("reference"):
         lines.append(f"same x̂: relative L2 error of the reconstruction of {64} probe rows against "
                      f"{agree['reference']} (all built from the same weights).")
-    lines += ["", *not_run]
+    lines += ["", "How each implementation runs:",
+              *(f"- {n}: {peers.adapter_class(n).notes}" for n in plan["impls"]), "", *not_run]
     lines += ["", *sweep_markdown(report, image_names)]
     if report.get("notes"):
         lines += ["", "Notes:", *[f"- {n}" for n in report["notes"]]]
@@ -276,8 +277,9 @@ def sweep_markdown(report: dict[str, Any], image_names: dict[str, str] | None) -
     if len(plan["widths"]) < 2:
         return []
     lines = [f"### Scaling with d_sae (d_in={plan['d_in']}, k={plan['k']}, batch={plan['batch']})", "",
-             "Training-step time (the GEMM's for the floor) and peak step memory; the first failure "
-             "of an implementation is marked and wider widths are not tried.", ""]
+             f"Training-step time (the GEMM's for the floor; median of {plan['sweep_repeats']} timed calls "
+             "after the memory measurement's two steps) and peak step memory; the first failure of an "
+             "implementation is marked and wider widths are not tried.", ""]
     head = ["implementation", *(f"{w:,}" for w in plan["widths"])]
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     at = {(r["impl"], r["d_sae"]): r for r in records}

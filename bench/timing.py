@@ -94,17 +94,18 @@ def measure(
 ) -> Timing:
     """Time fn() (or fn(setup()) when setup is given) on `device`.
 
-    warmup calls run first and are discarded (lazy allocation, autotuning, caches).
+    warmup calls run first and are discarded (lazy allocation, autotuning, caches); at least
+    one runs, to choose how many calls make a sample.
     min_sample_s: None picks 1 ms on CUDA and 5 ms on CPU; 0 disables batching of calls.
     """
     device = torch.device(device)
     if repeats < 1:
         raise ValueError(f"repeats must be >= 1, got {repeats}")
-    for _ in range(max(0, warmup)):
-        _sample_s(fn, setup, 1, device)
+    one = 0.0
+    for _ in range(max(1, warmup)):  # the last warm-up call (or one untimed call) calibrates `number`
+        one = _sample_s(fn, setup, 1, device)
     if min_sample_s is None:
         min_sample_s = 1e-3 if device.type == "cuda" else 5e-3
-    one = _sample_s(fn, setup, 1, device)
     number = 1 if one <= 0 or one >= min_sample_s else min(1000, math.ceil(min_sample_s / one))
     samples = [_sample_s(fn, setup, number, device) / number * 1e3 for _ in range(repeats)]
     xs = sorted(samples)

@@ -107,7 +107,7 @@ def test_measure_reports_the_spread_of_its_samples():
     assert t.min_ms <= t.median_ms <= t.max_ms and t.iqr_ms >= 0
     calls = []
     measure(lambda s: calls.append(s), "cpu", warmup=0, repeats=3, setup=lambda: "state", min_sample_s=0)
-    assert calls == ["state"] * 4  # one calibration call, then the repeats; setup feeds each
+    assert calls == ["state"] * 4  # one calibrating warm-up call, then the repeats; setup feeds each
 
 
 def _return(x):
