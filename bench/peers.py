@@ -63,18 +63,21 @@ def op_flops(op: str, s: Shape) -> float:
 
 
 def make_weights(s: Shape, device, dtype, seed: int = 0) -> dict[str, torch.Tensor]:
-    """SAELens-layout weights: unit-norm decoder rows, tied encoder, small random biases."""
-    g = torch.Generator(device="cpu").manual_seed(seed)
-    W_dec = torch.randn(s.d_sae, s.d_in, generator=g)
+    """SAELens-layout weights: unit-norm decoder rows, tied encoder, small random biases.
+    Drawn on `device` (the widest ones would not fit in host RAM twice): the same numbers for
+    every implementation on one device, not across devices."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    f = dict(generator=g, device=device)
+    W_dec = torch.randn(s.d_sae, s.d_in, **f)
     W_dec /= W_dec.norm(dim=1, keepdim=True)
-    w = {"W_enc": W_dec.t().contiguous(), "b_enc": 0.01 * torch.randn(s.d_sae, generator=g),
-         "W_dec": W_dec, "b_dec": 0.01 * torch.randn(s.d_in, generator=g)}
-    return {k: v.to(device=device, dtype=dtype) for k, v in w.items()}
+    w = {"W_enc": W_dec.t().contiguous(), "b_enc": 0.01 * torch.randn(s.d_sae, **f),
+         "W_dec": W_dec, "b_dec": 0.01 * torch.randn(s.d_in, **f)}
+    return {k: v.to(dtype) for k, v in w.items()}
 
 
 def make_batch(s: Shape, device, dtype, seed: int = 1) -> torch.Tensor:
-    g = torch.Generator(device="cpu").manual_seed(seed)
-    return torch.randn(s.batch, s.d_in, generator=g).to(device=device, dtype=dtype)
+    g = torch.Generator(device=device).manual_seed(seed)
+    return torch.randn(s.batch, s.d_in, generator=g, device=device).to(dtype)
 
 
 def _no_grad(fn: Callable) -> Callable:
@@ -266,7 +269,7 @@ class DenseTorch(Adapter):
 
     def __init__(self, shape, device, dtype, weights):
         super().__init__(shape, device, dtype, weights)
-        self.p = {k: torch.nn.Parameter(v.clone()) for k, v in weights.items()}
+        self.p = {k: torch.nn.Parameter(v) for k, v in weights.items()}
         self.opt = torch.optim.Adam(self.p.values(), lr=LR)
 
     def encode(self, x):
