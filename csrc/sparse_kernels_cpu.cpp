@@ -16,6 +16,13 @@
 namespace fastsae {
 namespace {
 
+// Items per parallel chunk so that a chunk holds at least ~32k multiply-adds: small inputs
+// then run on the calling thread instead of waking (and waiting for) the whole pool.
+inline int64_t grain_for(int64_t work_per_item) {
+  constexpr int64_t kMinWork = 1 << 15;
+  return std::max<int64_t>(1, kMinWork / std::max<int64_t>(1, work_per_item));
+}
+
 // Where the per-latent rows go: row r of the output starts at base + r*s0 and steps by s1,
 // with r = the latent id (dense-shaped gradient) or the segment number (row-sparse).
 template <typename T>
@@ -28,7 +35,7 @@ template <typename scalar_t>
 void dvalues_kernel(const scalar_t* grad, const int64_t* idx, const scalar_t* W_dec, scalar_t* out,
                     int64_t B, int64_t k, int64_t d) {
   using acc_t = at::opmath_type<scalar_t>;
-  at::parallel_for(0, B, 16, [&](int64_t b0, int64_t b1) {
+  at::parallel_for(0, B, grain_for(k * d), [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
       const scalar_t* g = grad + b * d;
       for (int64_t s = 0; s < k; ++s) {
@@ -76,7 +83,9 @@ void segment_sums_kernel(const LatentCSR& csr, int64_t k, int64_t d, bool dense_
   const int64_t* off = csr.offsets.data_ptr<int64_t>();
   const int64_t* ord = csr.order.data_ptr<int64_t>();
   const int64_t blocks = (u + kSegBlock - 1) / kSegBlock;
-  at::parallel_for(0, blocks, 1, [&](int64_t c0, int64_t c1) {
+  const int64_t entries = csr.order.numel();
+  at::parallel_for(0, blocks, grain_for(kSegBlock * d * (entries / std::max<int64_t>(u, 1) + 1)),
+                   [&](int64_t c0, int64_t c1) {
     std::vector<acc_t> acc_dec(dW_dec.base ? kSegBlock * d : 0), acc_enc(dW_enc.base ? kSegBlock * d : 0);
     for (int64_t c = c0; c < c1; ++c) {
       const int64_t g0 = c * kSegBlock, g1 = std::min(u, g0 + kSegBlock);
@@ -109,7 +118,7 @@ template <typename scalar_t>
 void gather_columns_kernel(const scalar_t* W_enc, int64_t n, int64_t d, const int64_t* lat, int64_t u,
                            scalar_t* out) {
   constexpr int64_t kBlock = 64;
-  at::parallel_for(0, (u + kBlock - 1) / kBlock, 1, [&](int64_t c0, int64_t c1) {
+  at::parallel_for(0, (u + kBlock - 1) / kBlock, grain_for(kBlock * d), [&](int64_t c0, int64_t c1) {
     for (int64_t c = c0; c < c1; ++c) {
       const int64_t g0 = c * kBlock, g1 = std::min(u, g0 + kBlock);
       for (int64_t i = 0; i < d; ++i) {
@@ -125,7 +134,7 @@ template <typename scalar_t>
 void dx_kernel(const scalar_t* values, const scalar_t* dvalues, const int64_t* slot,
                const scalar_t* cols, scalar_t* dx, int64_t B, int64_t k, int64_t d) {
   using acc_t = at::opmath_type<scalar_t>;
-  at::parallel_for(0, B, 16, [&](int64_t b0, int64_t b1) {
+  at::parallel_for(0, B, grain_for(k * d), [&](int64_t b0, int64_t b1) {
     std::vector<acc_t> acc(d);
     for (int64_t b = b0; b < b1; ++b) {
       std::fill(acc.begin(), acc.end(), acc_t(0));
@@ -144,7 +153,7 @@ void dx_kernel(const scalar_t* values, const scalar_t* dvalues, const int64_t* s
 template <typename scalar_t>
 void neg_row_dots_kernel(const scalar_t* W_enc, const scalar_t* db_enc, int64_t d, int64_t n, scalar_t* out) {
   using acc_t = at::opmath_type<scalar_t>;
-  at::parallel_for(0, d, 1, [&](int64_t i0, int64_t i1) {
+  at::parallel_for(0, d, grain_for(n), [&](int64_t i0, int64_t i1) {
     for (int64_t i = i0; i < i1; ++i) out[i] = static_cast<scalar_t>(-dot_acc<acc_t>(W_enc + i * n, db_enc, n));
   });
 }
@@ -206,7 +215,7 @@ void decode_cpu(const at::Tensor& values, const at::Tensor& indices, const at::T
     const acc_t* v = values.data_ptr<acc_t>();
     const int64_t* ix = indices.data_ptr<int64_t>();
     acc_t* o = out.data_ptr<acc_t>();
-    at::parallel_for(0, B, 16, [&](int64_t b0, int64_t b1) {
+    at::parallel_for(0, B, grain_for(k * d), [&](int64_t b0, int64_t b1) {
       for (int64_t b = b0; b < b1; ++b)
         for (int64_t s = 0; s < k; ++s) {
           const acc_t c = v[b * k + s];
