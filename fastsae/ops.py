@@ -12,6 +12,8 @@ Op signatures (x is 2-D [N, d_in]; b_dec is None when it is not applied to the i
     jumprelu_encode(x, W_enc, b_enc, b_dec, threshold, bandwidth) -> dense [N, d_sae]
     sparse_decode(values, indices, W_dec, b_dec)           -> [N, d_in]
     dense_decode(acts, W_dec, b_dec)                       -> [N, d_in]
+    relu_forward(x, W_enc, b_enc, b_dec, W_dec, b_dec_out)            -> x_hat (inference, no autograd)
+    jumprelu_forward(x, W_enc, b_enc, b_dec, threshold, W_dec, b_dec_out) -> x_hat (inference, no autograd)
     topk_sae_backward(x, values, indices, grad_out, W_enc, W_dec, b_dec, row_sparse=False)
         -> dict (see reference.topk_sae_backward): the whole sparse backward of a
            TopK-family step outside autograd, for the row-sparse optimizer.
@@ -36,6 +38,8 @@ OPS = (
     "jumprelu_encode",
     "sparse_decode",
     "dense_decode",
+    "relu_forward",
+    "jumprelu_forward",
     "topk_sae_backward",
 )
 BACKENDS = ("reference", "cpp", "triton")

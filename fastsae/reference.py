@@ -111,6 +111,16 @@ def dense_decode(acts, W_dec, b_dec):
     return out if b_dec is None else out + b_dec
 
 
+def relu_forward(x, W_enc, b_enc, b_dec, W_dec, b_dec_out):
+    """Whole inference forward of a ReLU SAE (the fused kernels' oracle)."""
+    return dense_decode(relu_encode(x, W_enc, b_enc, b_dec), W_dec, b_dec_out)
+
+
+def jumprelu_forward(x, W_enc, b_enc, b_dec, threshold, W_dec, b_dec_out):
+    pre = pre_activations(x, W_enc, b_enc, b_dec)
+    return dense_decode(pre * (pre > threshold), W_dec, b_dec_out)
+
+
 def topk_sae_backward(x, values, indices, grad_out, W_enc, W_dec, b_dec=None, row_sparse=False):
     """Gradients of a TopK-family step, written out sparsely (DESIGN.md formulas).
 

@@ -182,7 +182,17 @@ class BaseSAE(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """The reconstruction x_hat of x, same shape as x."""
         x2, restore = self._normalize_input(self._check_input(x))
-        return restore(self.decode(self._encode_2d(x2))).reshape(x.shape)
+        x_hat = None if self._needs_grad(x2) else self._fused_forward(x2)
+        if x_hat is None:
+            x_hat = self.decode(self._encode_2d(x2))
+        return restore(x_hat).reshape(x.shape)
+
+    def _needs_grad(self, x: torch.Tensor) -> bool:
+        return torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters()))
+
+    def _fused_forward(self, x: torch.Tensor) -> torch.Tensor | None:
+        """x_hat in one fused pass where the architecture has one (no autograd), else None."""
+        return None
 
     def training_forward(self, x: torch.Tensor) -> TrainOutput:
         """Encode, decode and score a batch; backpropagate `.loss`."""
@@ -240,6 +250,9 @@ class StandardSAE(BaseSAE):
 
     def _encode_2d(self, x, train=False):
         return self._op("relu_encode")(x, self.W_enc, self.b_enc, self._input_b_dec())
+
+    def _fused_forward(self, x):
+        return self._op("relu_forward")(x, self.W_enc, self.b_enc, self._input_b_dec(), self.W_dec, self.b_dec)
 
     def _train_encode(self, x):
         acts = self._encode_2d(x, train=True)
@@ -308,6 +321,11 @@ class JumpReLUSAE(BaseSAE):
     def _encode_2d(self, x, train=False):
         return self._op("jumprelu_encode")(
             x, self.W_enc, self.b_enc, self._input_b_dec(), self.threshold, self.cfg.jumprelu_bandwidth
+        )
+
+    def _fused_forward(self, x):
+        return self._op("jumprelu_forward")(
+            x, self.W_enc, self.b_enc, self._input_b_dec(), self.threshold, self.W_dec, self.b_dec
         )
 
     def _train_encode(self, x):

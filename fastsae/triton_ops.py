@@ -207,3 +207,14 @@ def relu_forward(x, W_enc, b_enc, b_dec_in, W_dec, b_dec, capacity=None) -> _fus
 def jumprelu_forward(x, W_enc, b_enc, b_dec_in, threshold, W_dec, b_dec, capacity=None) -> _fused.FusedResult:
     """Inference forward of a JumpReLU SAE in one pass (see relu_forward)."""
     return _fused.fused_threshold(x, W_enc, b_enc, b_dec_in, threshold, W_dec, b_dec, capacity=capacity)
+
+
+# The ops-table entries: the modules' no-grad forward only needs x_hat.
+@_register("relu_forward")
+def _relu_forward_x_hat(x, W_enc, b_enc, b_dec_in, W_dec, b_dec):
+    return relu_forward(x, W_enc, b_enc, b_dec_in, W_dec, b_dec).x_hat
+
+
+@_register("jumprelu_forward")
+def _jumprelu_forward_x_hat(x, W_enc, b_enc, b_dec_in, threshold, W_dec, b_dec):
+    return jumprelu_forward(x, W_enc, b_enc, b_dec_in, threshold, W_dec, b_dec).x_hat

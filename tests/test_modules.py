@@ -166,3 +166,17 @@ def test_backend_switch_env(monkeypatch):
     assert sae.backend == "reference"
     monkeypatch.delenv("FASTSAE_BACKEND")
     assert sae.backend == ops.resolve_backend("auto", "cpu")
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("arch", ["standard", "jumprelu"])
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_no_grad_forward_takes_the_fused_path_and_matches(arch, backend, dtype):
+    sae = make(arch, backend=backend, dtype=dtype)
+    x = torch.randn(9, D, dtype=sae.dtype)
+    with torch.no_grad():
+        expected = manual_acts(sae, x) @ sae.W_dec + sae.b_dec
+        fused = sae(x)  # no grad needed: relu_forward / jumprelu_forward op
+    tol = dict(atol=1e-5, rtol=1e-5) if dtype == "float32" else {}
+    torch.testing.assert_close(fused, expected, **tol)
+    torch.testing.assert_close(sae(x).detach(), expected, **tol)  # grad path: encode + decode
