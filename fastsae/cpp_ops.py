@@ -9,8 +9,8 @@ traces it; the forward ops also get an autograd formula whose backward is itself
     topk_sae_backward: the whole sparse backward of a TopK-family step, outside autograd,
                        dense-shaped or row-sparse (reference.topk_sae_backward's contract).
 
-The backward ops group the B*k entries by latent (a counting sort into CSR) and give each
-latent's sums to one worker, so gradients are bit-identical from run to run. An op without
+The backward ops group the B*k entries by latent (CSR: a counting sort on CPU, a stable sort
+on CUDA) and give each latent's sums to one worker, so gradients are bit-identical from run to run. An op without
 a kernel for the tensors' device falls back to the reference implementation.
 """
 

@@ -325,6 +325,12 @@ def test_forward_and_decode_bad_input_raise_clear_errors():
         F.topk_encode(x, W, rand(5), None, 2)
     with pytest.raises(RuntimeError, match="cast"):
         F.topk_encode(x.float(), W, b, None, 2)
+    with pytest.raises(RuntimeError, match="threshold must be a scalar or have shape"):
+        F.threshold_encode(x, W, b, None, rand(5))
+    with pytest.raises(RuntimeError, match="k must be >= 0"):
+        F.batchtopk_encode(x, W, b, None, -1)
+    with pytest.raises(RuntimeError, match="b_dec"):
+        F.batchtopk_encode(x, W, b, rand(4), 2)
     vals, idx = F.topk_encode(x, W, b, None, 2)
     with pytest.raises(RuntimeError, match="out of range"):
         F.sparse_decode_backward(x, vals, idx + 6, W.t().contiguous())
