@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import json
 import os
 import re
 import sys
@@ -66,6 +67,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="how each measurement gets its fresh process (spawn: slower, re-imports everything)")
     p.add_argument("--out-dir", type=Path, default=report.RESULTS, help="where results go (default bench/results)")
     p.add_argument("--note", action="append", default=[], help="a line for the report's notes (repeatable)")
+    p.add_argument("--render", type=Path, metavar="JSON",
+                   help="measure nothing: rewrite the markdown and plots of an earlier run's JSON")
     p.add_argument("--no-plots", action="store_true")
     p.add_argument("--no-progress", action="store_true")
 
@@ -127,7 +130,28 @@ def _start_processes(plan: sweep.Plan, method: str, notes: list[str]) -> None:
     memory.start_server(preload, env, method)
 
 
+def write_outputs(rep: dict, out_dir: Path, plots: bool) -> None:
+    """The markdown (printed too) and the plots of a report, beside its JSON."""
+    out = report.paths(rep, out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    plan = rep["plan"]
+    images = None
+    if plots and len(plan["widths"]) > 1:
+        title = f"{rep['device']['name']}: d_in={plan['d_in']}, k={plan['k']}, batch={plan['batch']}, {plan['dtype']}"
+        sweep.plot(rep["records"], title, out["time_png"], out["memory_png"])
+        images = {"time_png": out["time_png"].name, "memory_png": out["memory_png"].name}
+    text = report.markdown(rep, images)
+    out["md"].write_text(text, encoding="utf-8")
+    print(text)
+    written = [out["json"], out["md"]] + ([out["time_png"], out["memory_png"]] if images else [])
+    print("wrote " + ", ".join(str(p) for p in written))
+
+
 def run(args) -> int:
+    if args.render:
+        rep = json.loads(args.render.read_text(encoding="utf-8"))
+        write_outputs(rep, args.render.parent, not args.no_plots)
+        return 0
     plan, notes = make_plan(args)
     started = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
     t0 = time.perf_counter()
@@ -142,19 +166,8 @@ def run(args) -> int:
           f"sweep {plan.widths[0]}..{plan.widths[-1]}", flush=True)
     records = sweep.run_plan(plan, progress=not args.no_progress)
     rep = report.build(plan, records, started, time.perf_counter() - t0, notes)
-    out = report.paths(rep, args.out_dir)
-    args.out_dir.mkdir(parents=True, exist_ok=True)
-    images = None
-    if not args.no_plots and len(plan.widths) > 1:
-        title = f"{rep['device']['name']}: d_in={plan.d_in}, k={plan.k}, batch={plan.batch}, {plan.dtype}"
-        sweep.plot(records, title, out["time_png"], out["memory_png"])
-        images = {"time_png": out["time_png"].name, "memory_png": out["memory_png"].name}
-    text = report.markdown(rep, images)
-    report.write_json(rep, out["json"])
-    out["md"].write_text(text, encoding="utf-8")
-    print(text)
-    written = [out["json"], out["md"]] + ([out["time_png"], out["memory_png"]] if images else [])
-    print("wrote " + ", ".join(str(p) for p in written))
+    report.write_json(rep, report.paths(rep, args.out_dir)["json"])
+    write_outputs(rep, args.out_dir, not args.no_plots)
     return 0
 
 

@@ -264,8 +264,11 @@ def markdown(report: dict[str, Any], image_names: dict[str, str] | None = None) 
     if agree.get("reference"):
         lines.append(f"same x̂: relative L2 error of the reconstruction of {64} probe rows against "
                      f"{agree['reference']} (all built from the same weights).")
-    lines += ["", "How each implementation runs:",
-              *(f"- {n}: {peers.adapter_class(n).notes}" for n in plan["impls"]), "", *not_run]
+    how: dict[str, list[str]] = {}  # note -> the implementations it describes
+    for n in plan["impls"]:
+        how.setdefault(peers.adapter_class(n).notes, []).append(n)
+    lines += ["", "How each implementation runs:", *(f"- {', '.join(ns)}: {note}" for note, ns in how.items()),
+              "", *not_run]
     lines += ["", *sweep_markdown(report, image_names)]
     if report.get("notes"):
         lines += ["", "Notes:", *[f"- {n}" for n in report["notes"]]]

@@ -70,6 +70,18 @@ def test_cli_writes_json_markdown_and_plots(cli_run):
         assert (out / js.name.replace(".json", png)).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_render_rewrites_markdown_from_json(cli_run):
+    from bench.__main__ import main
+
+    out, _ = cli_run
+    (js,) = out.glob("*.json")
+    md = out / js.name.replace(".json", ".md")
+    before = md.read_text()
+    md.unlink()
+    assert main(["--render", str(js)]) == 0
+    assert md.read_text() == before
+
+
 def test_failures_are_marked_where_they_happened(tmp_path):
     ok = {"timings": {"step": {"median_ms": 2.0, "spread_pct": 1.0}}, "peak_step_bytes": 2**20}
     records = [
