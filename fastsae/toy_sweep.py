@@ -250,18 +250,35 @@ def plot_results(results: dict[str, Any], out: Path) -> list[Path]:
             plt.close(fig)
     comparison = results.get("init_comparison", {})
     if all(init in comparison for init in INITS):
-        fig, ax = plt.subplots(figsize=(6, 4))
-        for init in INITS:
-            h = comparison[init]["history"]
-            ax.plot([p["step"] for p in h], [p["mmcs"] for p in h], label=f"{init} init")
+        curves = {f"{init} init": comparison[init]["history"] for init in INITS}
+        title = f"data-sample vs random init: {comparison['cell']}"
+        written.append(_plot_curves(plt, curves, title, out / "init_comparison.png"))
+    progress_path = out / "progress.json"
+    if progress_path.exists():
+        curves = json.loads(progress_path.read_text())
+        written.append(_plot_curves(plt, curves, "tracked cells", out / "progress.png"))
+    return written
+
+
+def _plot_curves(plt, curves: dict[str, list[dict[str, float]]], title: str, path: Path) -> Path:
+    """MMCS and fraction recovered against steps, one line per curve."""
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for label, history in curves.items():
+        steps = [p["step"] for p in history]
+        axes[0].plot(steps, [p["mmcs"] for p in history], label=label)
+        if all("recovered" in p for p in history):
+            axes[1].plot(steps, [p["recovered"] for p in history], label=label)
+    axes[0].set_ylabel("MMCS with the true features")
+    axes[1].set_ylabel("fraction recovered (cos > 0.99)")
+    for ax in axes:
         ax.set_xlabel("step")
-        ax.set_ylabel("MMCS with the true features")
-        ax.set_title(f"data-sample vs random init: {comparison['cell']}", fontsize=9)
         ax.grid(alpha=0.3)
-        ax.legend()
-        fig.tight_layout()
-        written.append(_save(fig, out / "init_comparison.png"))
-        plt.close(fig)
+        ax.legend(fontsize=8)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    _save(fig, path)
+    plt.close(fig)
+    return path
     return written
 
 

@@ -65,6 +65,13 @@ def test_init_comparison_tracks_mmcs_for_both_inits(tmp_path):
     assert (tmp_path / "init_comparison.png").stat().st_size > 0
 
 
+def test_tracked_cells_save_progress_and_plot_it(tmp_path):
+    sweep(tmp_path, "--ratios", "1", "--l1", "0.1", "--track-cells", "--track-every", "4")
+    progress = json.loads((tmp_path / "progress.json").read_text())
+    assert [p["step"] for p in progress["standard/ratio=1/coef=0.1"]] == [0, 4, 8]
+    assert (tmp_path / "progress.png").stat().st_size > 0
+
+
 def test_topk_cells_take_k(tmp_path):
     main(["toy-sweep", "--out", str(tmp_path), *TINY[:-4], "--arch", "topk", "--k", "2",
           "--ratios", "1", "--no-plots"])
