@@ -264,6 +264,8 @@ def markdown(report: dict[str, Any], image_names: dict[str, str] | None = None) 
     if agree.get("reference"):
         lines.append(f"same x̂: relative L2 error of the reconstruction of {64} probe rows against "
                      f"{agree['reference']} (all built from the same weights).")
+    if not cuda:
+        lines += ["", *cpu_time_markdown(records, width)]
     how: dict[str, list[str]] = {}  # note -> the implementations it describes
     for n in plan["impls"]:
         how.setdefault(peers.adapter_class(n).notes, []).append(n)
@@ -273,6 +275,31 @@ def markdown(report: dict[str, Any], image_names: dict[str, str] | None = None) 
     if report.get("notes"):
         lines += ["", "Notes:", *[f"- {n}" for n in report["notes"]]]
     return "\n".join(lines).rstrip() + "\n"
+
+
+def cpu_time_markdown(records: list[dict[str, Any]], width: int) -> list[str]:
+    """CPU seconds (all threads) of a step: what other jobs on shared cores sway least."""
+    rows = []
+    floor_cpu = None
+    for r in records:
+        if r["d_sae"] != width or r.get("status") != "ok":
+            continue
+        op = "gemm" if r["impl"] == peers.FLOOR else "step"
+        t = r["result"]["timings"].get(op) or {}
+        if t.get("cpu_median_ms") is None:
+            continue
+        if r["impl"] == peers.FLOOR:
+            floor_cpu = t["cpu_median_ms"]
+        rows.append((r["impl"], op, t))
+    if not rows:
+        return []
+    lines = ["CPU time of the same calls (process CPU seconds over all threads; less swayed by other "
+             "jobs than wall time):", "", "| implementation | op | wall | CPU time | CPU × floor's |",
+             "|---|---|---|---|---|"]
+    for impl, op, t in rows:
+        ratio = _times(t["cpu_median_ms"] / floor_cpu) if floor_cpu else ""
+        lines.append(f"| {impl} | {op} | {_ms(t['median_ms'])} | {_ms(t['cpu_median_ms'])} | {ratio} |")
+    return lines
 
 
 def sweep_markdown(report: dict[str, Any], image_names: dict[str, str] | None) -> list[str]:

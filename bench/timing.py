@@ -2,7 +2,8 @@
 
 CUDA: each sample is bracketed by CUDA events recorded on the current stream, and the
 stream is synchronised before the first event (so earlier queued work is not billed to
-fn) and after the last (so the whole of fn is). CPU: time.perf_counter around the call.
+fn) and after the last (so the whole of fn is). CPU: time.perf_counter around the call,
+and time.process_time for the CPU time it used.
 
 A sample shorter than `min_sample_s` (a tiny op) runs fn `number` times in a row and
 reports the mean per call, so the clock's resolution and the launch of one event pair do
@@ -32,6 +33,9 @@ class Timing:
     repeats: int
     number: int
     samples_ms: list[float]
+    # CPU: median CPU seconds (all threads) per call; less swayed than wall time by other jobs
+    # on shared cores, and about threads x wall time when the op parallelises. None on CUDA.
+    cpu_median_ms: float | None = None
 
     @property
     def spread_pct(self) -> float:
@@ -47,8 +51,9 @@ def synchronize(device: torch.device | str) -> None:
         torch.cuda.synchronize(device)
 
 
-def _sample_s(fn, setup, number: int, device: torch.device) -> float:
-    """Seconds for `number` calls of fn (setup, when given, is outside the clock)."""
+def _sample_s(fn, setup, number: int, device: torch.device) -> tuple[float, float | None]:
+    """(wall seconds, CPU seconds of all this process's threads or None on CUDA) for `number`
+    calls of fn; setup, when given, is outside both clocks."""
     if device.type == "cuda":
         total = 0.0
         state = None
@@ -62,19 +67,20 @@ def _sample_s(fn, setup, number: int, device: torch.device) -> float:
             end.record()
             torch.cuda.synchronize(device)
             total += start.elapsed_time(end) / 1e3
-        return total
-    total = 0.0
+        return total, None
     if setup is None:
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         for _ in range(number):
             fn()
-        return time.perf_counter() - t0
+        return time.perf_counter() - t0, time.process_time() - c0
+    wall = cpu = 0.0
     for _ in range(number):
         state = setup()
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         fn(state)
-        total += time.perf_counter() - t0
-    return total
+        wall += time.perf_counter() - t0
+        cpu += time.process_time() - c0
+    return wall, cpu
 
 
 def _quantile(sorted_xs: list[float], q: float) -> float:
@@ -103,11 +109,13 @@ def measure(
         raise ValueError(f"repeats must be >= 1, got {repeats}")
     one = 0.0
     for _ in range(max(1, warmup)):  # the last warm-up call (or one untimed call) calibrates `number`
-        one = _sample_s(fn, setup, 1, device)
+        one = _sample_s(fn, setup, 1, device)[0]
     if min_sample_s is None:
         min_sample_s = 1e-3 if device.type == "cuda" else 5e-3
     number = 1 if one <= 0 or one >= min_sample_s else min(1000, math.ceil(min_sample_s / one))
-    samples = [_sample_s(fn, setup, number, device) / number * 1e3 for _ in range(repeats)]
+    pairs = [_sample_s(fn, setup, number, device) for _ in range(repeats)]
+    samples = [w / number * 1e3 for w, _ in pairs]
+    cpu = None if pairs[0][1] is None else statistics.median(c / number * 1e3 for _, c in pairs)
     xs = sorted(samples)
     return Timing(
         median_ms=statistics.median(xs),
@@ -117,6 +125,7 @@ def measure(
         repeats=repeats,
         number=number,
         samples_ms=samples,
+        cpu_median_ms=cpu,
     )
 
 
