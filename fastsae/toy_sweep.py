@@ -227,6 +227,8 @@ def plot_results(results: dict[str, Any], out: Path) -> list[Path]:
         mine = [c for c in cells if c["arch"] == arch]
         ratios = sorted({c["ratio"] for c in mine})
         coefs = sorted({c["coefficient"] for c in mine})
+        if len(ratios) * len(coefs) < 2:  # a single cell is a table row, not a map
+            continue
         for metric, (title, cmap, limits) in HEATMAP_METRICS.items():
             grid = torch.full((len(ratios), len(coefs)), float("nan"))
             for c in mine:
