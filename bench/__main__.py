@@ -155,8 +155,9 @@ def run(args) -> int:
     plan, notes = make_plan(args)
     started = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
     t0 = time.perf_counter()
-    if hasattr(os, "getloadavg") and plan.device == "cpu":
-        load = os.getloadavg()[0]
+    machine = report.machine_info()
+    if "load_average_at_start" in machine and plan.device == "cpu":
+        load = machine["load_average_at_start"][0]
         if load > (os.cpu_count() or 1):
             notes.append(f"the machine was busy: load average {load:.1f} on {os.cpu_count()} logical CPUs at "
                          "the start, so CPU times are inflated and noisy")
@@ -165,7 +166,7 @@ def run(args) -> int:
           f"d_in={plan.d_in} k={plan.k} batch={plan.batch}, table at d_sae={plan.table_width}, "
           f"sweep {plan.widths[0]}..{plan.widths[-1]}", flush=True)
     records = sweep.run_plan(plan, progress=not args.no_progress)
-    rep = report.build(plan, records, started, time.perf_counter() - t0, notes)
+    rep = report.build(plan, records, started, time.perf_counter() - t0, notes, machine)
     report.write_json(rep, report.paths(rep, args.out_dir)["json"])
     write_outputs(rep, args.out_dir, not args.no_plots)
     return 0

@@ -120,10 +120,12 @@ def tolerance(dtype: str, device: str, impl: str) -> float:
 
 
 # ------------------------------------------------------------------ JSON
-def build(plan, records: list[dict[str, Any]], started: str, elapsed_s: float, notes: list[str]) -> dict[str, Any]:
+def build(plan, records: list[dict[str, Any]], started: str, elapsed_s: float, notes: list[str],
+          machine: dict[str, Any]) -> dict[str, Any]:
+    """machine: machine_info() taken when the run started (its load average is the start's)."""
     from dataclasses import asdict
 
-    machine = machine_info()
+    machine = dict(machine)
     if hasattr(os, "getloadavg"):
         machine["load_average_at_end"] = list(os.getloadavg())
     return {
