@@ -16,13 +16,6 @@
 #include "sparse_kernels.h"
 
 namespace fastsae {
-namespace {
-
-at::Tensor input_rows(const at::Tensor& x, const std::optional<at::Tensor>& b_dec) {
-  return (b_dec.has_value() ? x - *b_dec : x).contiguous();
-}
-
-}  // namespace
 
 at::Tensor sparse_decode(const at::Tensor& values, const at::Tensor& indices, const at::Tensor& W_dec,
                          const std::optional<at::Tensor>& b_dec) {
@@ -91,7 +84,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> topk_encode_backward(
   a.enc_transposed = true;
   a.values = values.contiguous();
   a.dvalues = dvalues.contiguous();
-  a.xin = input_rows(x, b_dec);
+  a.xin = encoder_input(x, b_dec);
   a.dW_enc = at::zeros({d, n}, W_enc.options());
   a.db_enc = at::zeros({n}, W_enc.options());
   K.segment_sums(csr, a);
@@ -139,7 +132,7 @@ topk_sae_backward(const at::Tensor& x, const at::Tensor& values, const at::Tenso
   a.enc_transposed = !row_sparse;
   a.values = values.contiguous();
   a.grad = grad_out.contiguous();
-  a.xin = input_rows(x, b_dec);
+  a.xin = encoder_input(x, b_dec);
   a.dvalues = at::empty({B, k}, opts);
   a.dW_dec = row_sparse ? at::empty({u, d}, opts) : at::zeros({n, d}, opts);
   a.dW_enc = row_sparse ? at::empty({u, d}, opts) : at::zeros({d, n}, opts);

@@ -94,7 +94,7 @@ at::Tensor checked_encoder_input(const at::Tensor& x, const at::Tensor& W_enc, c
   check_same_device(b_enc, W_enc, "b_enc", "W_enc", op);
   check_b_dec(b_dec, d, W_enc, op);
   // Worker threads do not inherit this thread's dispatch state: detach what they use.
-  return (b_dec.has_value() ? x - *b_dec : x).contiguous().detach();
+  return encoder_input(x, b_dec).detach();
 }
 
 // Computes pre = xin @ W + bias tile by tile and calls visit(tile, r0, rows, c0, width, part)
