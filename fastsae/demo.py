@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+import torch
+
 from .toy import ToyData
 from .toy_train import INITS, make_toy_sae, train_toy
 
@@ -18,15 +20,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ratio", type=float, default=2.0, help="d_sae / G")
     p.add_argument("--k", type=int, default=5, help="active latents per sample (topk)")
     p.add_argument("--l1", type=float, default=0.3, help="L1 coefficient (standard)")
-    p.add_argument("--init", choices=INITS, default="data", help="decoder init: data samples or random")
+    p.add_argument("--init", choices=INITS, default="random",
+                   help="decoder init: random (default; learns faster on toy data, see docs/toy_recovery.md) or data samples")
     p.add_argument("--resample-every", type=int, default=500,
                    help="resample latents dead for this many steps (0 = never)")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--eval-samples", type=int, default=16384)
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch CPU threads (default 1: these small matrices gain little from more, and "
+                        "threads that outnumber free cores slow every step down; 0 = torch's default)")
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
     data = ToyData(d=args.d, n_features=args.features, seed=args.seed)
     coef = args.k if args.arch == "topk" else args.l1
     sae = make_toy_sae(args.arch, data, args.ratio, coef, seed=args.seed)
