@@ -10,7 +10,7 @@ cpp_ops = pytest.importorskip("fastsae.cpp_ops", reason="fastsae._C is not built
 if not (torch.cuda.is_available() and cpp_ops._C.cuda_built()):
     pytest.skip("needs a CUDA device and _C built with its CUDA sources", allow_module_level=True)
 
-from test_cpp_ops import KINDS, sparse_case  # noqa: E402
+from test_cpp_ops import KINDS, check_autograd_backward_ops, sparse_case  # noqa: E402
 
 F = torch.ops.fastsae
 
@@ -41,13 +41,4 @@ def test_cuda_decode_and_its_backward_match_reference():
     c = on_cuda(sparse_case(64, 33, 100, 5, "few_latents"))
     out = F.sparse_decode(c["values"], c["indices"], c["W_dec"], c["b_dec"])
     torch.testing.assert_close(out, reference.sparse_decode(c["values"], c["indices"], c["W_dec"], c["b_dec"]))
-    ref = reference.topk_sae_backward(**c)
-    dvalues, dW_dec = F.sparse_decode_backward(c["grad_out"], c["values"], c["indices"], c["W_dec"])
-    torch.testing.assert_close(dvalues, ref["dvalues"])
-    torch.testing.assert_close(dW_dec, ref["dW_dec"])
-    dx, dW_enc, db_enc, db_dec = F.topk_encode_backward(
-        ref["dvalues"], c["values"], c["indices"], c["x"], c["W_enc"], c["b_dec"], True)
-    torch.testing.assert_close(dx, ref["dx"])
-    torch.testing.assert_close(dW_enc, ref["dW_enc"])
-    torch.testing.assert_close(db_enc, ref["db_enc"])
-    torch.testing.assert_close(db_dec, -ref["dx"].sum(0))
+    check_autograd_backward_ops(c)
