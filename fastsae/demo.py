@@ -21,7 +21,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--k", type=int, default=5, help="active latents per sample (topk)")
     p.add_argument("--l1", type=float, default=0.3, help="L1 coefficient (standard)")
     p.add_argument("--init", choices=INITS, default="random",
-                   help="decoder init: random (default; learns faster on toy data, see docs/toy_recovery.md) or data samples")
+                   help="decoder init: random (default: faster on toy data, see docs/toy_recovery.md) "
+                        "or data samples")
     p.add_argument("--resample-every", type=int, default=500,
                    help="resample latents dead for this many steps (0 = never)")
     p.add_argument("--lr", type=float, default=1e-3)
