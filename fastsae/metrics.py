@@ -111,4 +111,6 @@ def shrinkage(x: torch.Tensor, x_hat: torch.Tensor) -> float:
 
 def _check_same_shape(x: torch.Tensor, x_hat: torch.Tensor) -> None:
     if x.shape != x_hat.shape or x.dim() == 0:
-        raise InputError(f"x and x_hat must have the same shape [..., d], got {tuple(x.shape)} and {tuple(x_hat.shape)}")
+        raise InputError(
+            f"x and x_hat must have the same shape [..., d], got {tuple(x.shape)} and {tuple(x_hat.shape)}"
+        )

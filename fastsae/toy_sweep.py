@@ -96,7 +96,8 @@ def _data_kwargs(args: argparse.Namespace) -> dict[str, Any]:
 def _settings(args: argparse.Namespace, data: ToyData) -> dict[str, Any]:
     """What every cell shares: a results file is only resumed under the same settings."""
     return {"data": data.config(), "steps": args.steps, "batch": args.batch, "lr": args.lr,
-            "lr_decay": args.lr_decay, "resample_every": args.resample_every, "eval_samples": args.eval_samples, "optimizer": "adam"}
+            "lr_decay": args.lr_decay, "resample_every": args.resample_every,
+            "eval_samples": args.eval_samples, "optimizer": "adam"}
 
 
 def cell_key(arch: str, ratio: float, coef: float) -> str:
