@@ -11,6 +11,10 @@ Then, at d_sae=2^20, d=256, B=4096: the peak resident memory of fastsae steps ag
 parameters + Adam state. Every model uses torch.optim.Adam(fused=True).
 
     nice .venv/bin/python bench/cpu_step.py            # writes bench/results/cpu_step-<machine>.md/.json
+
+On a machine shared with other jobs, OpenMP threads that spin while waiting for a descheduled
+sibling inflate every parallel region; OMP_WAIT_POLICY=PASSIVE (or --threads 1) measures the
+code rather than the contention.
 """
 
 from __future__ import annotations
@@ -299,7 +303,7 @@ def markdown(info: dict, rows: list[dict], mem: dict | None) -> str:
         "",
         f"d_in={a['d_in']}, d_sae={a['d_sae']}, k={a['k']}, B={a['batch']}, fp32, Adam(fused=True); "
         f"median of {a['repeats']} runs after {a['warmup']} warm-up. torch {info['torch']}, "
-        f"{info['threads']} threads, {info['date']}.",
+        f"{info['threads']} threads, OMP_WAIT_POLICY={info['omp_wait_policy']}, {info['date']}.",
         f"Load average before/after: {info['load_before']} / {info['load_after']}"
         + (" (machine shared with other jobs: timings are noisy)" if info["shared"] else ""),
         "",
@@ -366,6 +370,7 @@ def main(argv=None):
         "threads": torch.get_num_threads(), "torch": torch.__version__, "python": platform.python_version(),
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "niceness": os.nice(0),
         "load_before": load_before, "load_after": load_after,
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "(unset)"),
         "shared": max(load_before[0], load_after[0]) > 1.5 * torch.get_num_threads(),
         "args": vars(a),
     }
