@@ -19,7 +19,9 @@ $(BIN)/python:
 	$(BIN)/pip install "$(TORCH_SPEC)"
 
 $(STAMP): $(BIN)/python $(NATIVE)
-	$(BIN)/pip install --no-build-isolation -e ".[$(EXTRAS)]"
+	# Pin the torch just installed: otherwise a peer's dependency lets pip swap it for a multi-GB build.
+	$(BIN)/python -c "import torch; print('torch==' + torch.__version__)" > $(VENV)/constraints.txt
+	$(BIN)/pip install -c $(VENV)/constraints.txt --no-build-isolation -e ".[$(EXTRAS)]"
 	# PyPI torchvision (pulled in by a compat peer) fails to import beside CPU torch; nothing needs it.
 	$(BIN)/pip uninstall -y -q torchvision 2>/dev/null || true
 	touch $@
