@@ -11,13 +11,7 @@ from fastsae.toy import ToyData
 from fastsae.trainer import Trainer, TrainConfig
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # tiny tensors: thread start-up and contention on a shared box cost more than the math
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _cfg(tmp, **kw):

@@ -12,13 +12,7 @@ from fastsae.trainer import Trainer, TrainConfig, latest_checkpoint, list_checkp
 from fastsae.tracking import read_log
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # tiny tensors: thread start-up and contention on a shared box cost more than the math
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _data(n=2048, d=16, seed=0):

@@ -14,12 +14,7 @@ from fastsae.toy import ToyData
 from fastsae.trainer import Trainer, TrainConfig
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _cfg(tmp, **kw):

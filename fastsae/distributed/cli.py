@@ -13,8 +13,6 @@ import json
 
 from .. import train_cli
 from ..config import SAEConfig
-from ..data import ShardSource
-from ..errors import ConfigError
 from ..trainer import TrainConfig
 from .groups import init_distributed
 from .train import ShardedTrainer
@@ -31,16 +29,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     layout = init_distributed(args.shards, args.replicas, args.dist_backend, args.dist_timeout)
-    train, data = train_cli.build(args)
-    opts = {k: data[k] for k in ("buffer_rows", "chunk_rows", "shuffle") if k in data}
-    source = ShardSource(data["path"], batch_size=int(train.get("batch_size", 4096)),
-                         seed=int(train.get("seed", 0)), **opts)
+    train, source = train_cli.prepare(args)
     sae = train["sae"]
-    sae.setdefault("d_in", source.d_in)
-    if args.expansion:
-        sae.setdefault("d_sae", args.expansion * sae["d_in"])
-    if "d_sae" not in sae:
-        raise ConfigError("say how wide the SAE is: --d-sae N or --expansion E")
     if args.resume:
         overrides = {k: v for k, v in train.items() if k in ("steps", "progress")}
         trainer = ShardedTrainer.resume(train.get("out_dir", "runs/sae"), source, layout, **overrides)
