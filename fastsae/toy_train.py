@@ -16,7 +16,9 @@ import torch
 from tqdm.auto import tqdm
 
 from . import metrics
+from .constraints import normalize_rows_
 from .errors import InputError
+from .init import init_from_data_
 from .sae import BaseSAE, StandardSAE, TopKSAE
 from .toy import ToyData
 
@@ -39,27 +41,19 @@ def make_toy_sae(architecture: str, data: ToyData, ratio: float, coefficient: fl
     raise InputError(f"toy runs support architecture 'standard' (ReLU + L1) or 'topk', got {architecture!r}")
 
 
-@torch.no_grad()
 def init_from_data(sae: BaseSAE, x: torch.Tensor) -> None:
-    """Data-sample init: decoder atoms are normalised activation samples, W_enc = W_decᵀ.
-
-    x: [>= d_sae, d_in] samples; the first d_sae rows are used.
-    """
-    if x.dim() != 2 or x.shape[1] != sae.d_in or x.shape[0] < sae.d_sae:
-        raise InputError(f"data init needs x of shape [>= {sae.d_sae}, {sae.d_in}], got {tuple(x.shape)}")
-    atoms = x[: sae.d_sae].float()
-    norms = atoms.norm(dim=1, keepdim=True)
-    if bool((norms == 0).any()):  # an all-zero sample has no direction: use a random one instead
-        fill = torch.randn(atoms.shape, device=atoms.device)
-        atoms = torch.where(norms == 0, fill, atoms)
-    atoms = torch.nn.functional.normalize(atoms, dim=1).to(sae.dtype)
-    sae.W_dec.copy_(atoms)
-    sae.W_enc.copy_(atoms.t())
-
-
-@torch.no_grad()
-def normalize_decoder_rows(sae: BaseSAE) -> None:
-    sae.W_dec.div_(sae.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-8))
+    """Data-sample init (fastsae.init.init_from_data_): decoder atoms are normalised activation
+    samples, W_enc = W_decᵀ. x: [>= d_sae, d_in]; all-zero rows (a sample with no active
+    feature) have no direction and are skipped."""
+    if x.dim() != 2 or x.shape[1] != sae.d_in:
+        raise InputError(f"data init needs samples of shape [N, {sae.d_in}], got {tuple(x.shape)}")
+    nonzero = x[x.norm(dim=1) > 0]
+    if nonzero.shape[0] < sae.d_sae:
+        raise InputError(
+            f"data init needs at least d_sae={sae.d_sae} non-zero samples, got {nonzero.shape[0]}: "
+            "pass a larger sample"
+        )
+    init_from_data_(sae, nonzero)
 
 
 @torch.no_grad()
@@ -153,8 +147,8 @@ def train_toy(sae: BaseSAE, data: ToyData, steps: int, batch: int = 256, lr: flo
     if steps < 1 or batch < 1:
         raise InputError(f"steps and batch must be positive, got steps={steps}, batch={batch}")
     if init == "data":
-        init_from_data(sae, data.sample(sae.d_sae).to(sae.dtype))
-    normalize_decoder_rows(sae)
+        init_from_data(sae, data.sample(2 * sae.d_sae).to(sae.dtype))  # room for empty samples
+    normalize_rows_(sae.W_dec)
     opt = torch.optim.Adam(sae.parameters(), lr=lr)
     decay_start = int(steps * (1.0 - lr_decay_fraction))
     history: list[dict[str, float]] = []
@@ -180,7 +174,7 @@ def train_toy(sae: BaseSAE, data: ToyData, steps: int, batch: int = 256, lr: flo
         opt.zero_grad(set_to_none=True)
         out.loss.backward()
         opt.step()
-        normalize_decoder_rows(sae)
+        normalize_rows_(sae.W_dec)
         step += 1
         if resample_every:
             fired += metrics.latent_fire_counts(out.acts, sae.d_sae)
