@@ -5,9 +5,10 @@ import re
 import pytest
 import torch
 
-from one_thread import one_thread  # noqa: F401  (autouse)
 
 from fastsae.cli import main
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_demo_smoke(capsys):

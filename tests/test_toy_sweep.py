@@ -5,10 +5,11 @@ import json
 import pytest
 import torch
 
-from one_thread import one_thread  # noqa: F401  (autouse)
 
 from fastsae.cli import main
 from fastsae.errors import InputError
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 TINY = ["--d", "8", "--features", "16", "--mean-active", "2", "--steps", "8", "--batch", "32",

@@ -3,11 +3,12 @@
 import pytest
 import torch
 
-from one_thread import one_thread  # noqa: F401  (autouse)
 
 from fastsae.errors import InputError
 from fastsae.toy import ToyData
 from fastsae.toy_train import evaluate, init_from_data, make_toy_sae, resample_dead_latents, train_toy
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 EASY = dict(d=16, n_features=16, mean_active=1.5, decay=1.0, correlation=0.0)
