@@ -72,6 +72,10 @@ def test_two_rank_checkpoint_loads_on_one_process(saved, arch, tmp_path):
     assert type(got) is type(want)
     for name, t in want.state_dict().items():
         torch.testing.assert_close(got.state_dict()[name], t, atol=0, rtol=0)
+    assert fastsae.formats.detect_format(saved / arch) == "fastsae-sharded"
+    via_load = fastsae.load(saved / arch)  # the one entry point reads sharded runs too
+    for name, t in want.state_dict().items():
+        torch.testing.assert_close(via_load.state_dict()[name], t, atol=0, rtol=0)
     # the converters' input: a plain single-process checkpoint
     consolidate(saved / arch, tmp_path / "plain")
     plain = fastsae.load(tmp_path / "plain")

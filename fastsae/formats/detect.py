@@ -10,11 +10,11 @@ from pathlib import Path
 import torch
 
 from ..errors import CheckpointError, InputError
-from . import dictionary_learning, gemma_scope, native, openai, saelens, sparsify
+from . import dictionary_learning, gemma_scope, native, openai, saelens, sharded, sparsify
 from .files import safetensors_metadata
 
 # Detection tries these in order: fastsae before SAELens (same file names, told apart by content).
-FORMATS = {m.NAME: m for m in (native, saelens, sparsify, dictionary_learning, gemma_scope, openai)}
+FORMATS = {m.NAME: m for m in (native, sharded, saelens, sparsify, dictionary_learning, gemma_scope, openai)}
 SAVABLE = tuple(name for name, m in FORMATS.items() if hasattr(m, "save"))
 # Naming one of a checkpoint's files means its directory.
 _DIRECTORY_FILES = {"cfg.json", "sae_weights.safetensors", "sae.safetensors", "config.json"}
