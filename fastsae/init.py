@@ -1,7 +1,7 @@
 """Initialisation from data: b_dec at the geometric median, dictionary atoms from samples.
 
-Tied init (W_enc = W_decᵀ, unit-norm decoder rows) is what BaseSAE.reset_parameters does;
-`tie_encoder_` re-applies it after the decoder was changed here.
+`tied_init_` (unit-norm decoder rows, W_enc = W_decᵀ, zero biases) is every SAE's default init;
+`tie_encoder_` re-applies the tie after the decoder was changed here.
 """
 
 from __future__ import annotations
@@ -28,6 +28,16 @@ def geometric_median(points: torch.Tensor, max_iter: int = 100, tol: float = 1e-
         if moved <= tol * max(1.0, float(median.norm())):
             break
     return median.to(points.dtype)
+
+
+@torch.no_grad()
+def tied_init_(sae, directions: torch.Tensor) -> None:
+    """W_dec = `directions` [d_sae, d_in] scaled to unit-norm rows, W_enc = W_decᵀ, zero biases."""
+    w = directions / directions.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    sae.W_dec.copy_(w)
+    sae.W_enc.copy_(w.t())
+    sae.b_enc.zero_()
+    sae.b_dec.zero_()
 
 
 @torch.no_grad()

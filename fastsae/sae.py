@@ -16,6 +16,7 @@ from torch import nn
 from . import ops, reference
 from .config import SAEConfig
 from .errors import InputError
+from .init import tied_init_
 from .sparse import SparseActs
 
 Acts = Union[torch.Tensor, SparseActs]
@@ -73,12 +74,7 @@ class BaseSAE(nn.Module):
     @torch.no_grad()
     def reset_parameters(self) -> None:
         """Unit-norm random decoder rows and a tied encoder (W_enc = W_decᵀ), zero biases."""
-        w = torch.randn(self.cfg.d_sae, self.cfg.d_in, dtype=torch.float32, device=self.W_dec.device)
-        w /= w.norm(dim=1, keepdim=True).clamp_min(1e-12)
-        self.W_dec.copy_(w)
-        self.W_enc.copy_(w.t())
-        self.b_enc.zero_()
-        self.b_dec.zero_()
+        tied_init_(self, torch.randn(self.cfg.d_sae, self.cfg.d_in, dtype=torch.float32, device=self.W_dec.device))
 
     # ---------------------------------------------------------------- properties
     @property

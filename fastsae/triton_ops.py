@@ -108,6 +108,12 @@ def topk_encode_with_counts(x, W_enc, b_enc, b_dec, k):
     return values, indices, counts
 
 
+def _rows_of_unknown_width(x):
+    """Fake (values, indices) [N, m] whose width m is only known once the kernel has run."""
+    m = torch.library.get_ctx().new_dynamic_size()
+    return x.new_empty((x.shape[0], m)), x.new_empty((x.shape[0], m), dtype=torch.long)
+
+
 # ------------------------------------------------------------------ batchtopk_encode
 @torch.library.custom_op("fastsae_triton::batchtopk_encode", mutates_args=())
 def _batchtopk_op(x: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Optional[Tensor], k: int) -> tuple[Tensor, Tensor]:
@@ -116,8 +122,7 @@ def _batchtopk_op(x: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Optional[Tenso
 
 @_batchtopk_op.register_fake
 def _(x, W_enc, b_enc, b_dec, k):
-    m = torch.library.get_ctx().new_dynamic_size()
-    return x.new_empty((x.shape[0], m)), x.new_empty((x.shape[0], m), dtype=torch.long)
+    return _rows_of_unknown_width(x)
 
 
 _batchtopk_op.register_autograd(_encode_backward, setup_context=_encode_setup)
@@ -138,8 +143,7 @@ def _threshold_op(x: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Optional[Tenso
 
 @_threshold_op.register_fake
 def _(x, W_enc, b_enc, b_dec, threshold):
-    m = torch.library.get_ctx().new_dynamic_size()
-    return x.new_empty((x.shape[0], m)), x.new_empty((x.shape[0], m), dtype=torch.long)
+    return _rows_of_unknown_width(x)
 
 
 # The threshold itself gets no gradient here (BatchTopK's is a buffer); JumpReLU training

@@ -33,6 +33,7 @@ from torch import nn
 from .. import ops, reference
 from ..config import SAEConfig
 from ..errors import InputError
+from ..init import tied_init_
 from ..sae import BaseSAE, BatchTopKSAE, TrainOutput, build_sae
 from ..sparse import RowSparseGrads, SparseActs
 from .collectives import all_gather, all_gather_padded, all_reduce_, enter_group, group_rank, sum_over_group
@@ -100,12 +101,7 @@ class ShardedSAE(nn.Module):
         ever generates the whole dictionary."""
         gen = torch.Generator(device=self.W_dec.device)
         gen.manual_seed((0 if seed is None else seed) * 1_000_003 + self.layout.shard)
-        w = torch.randn(self.d_sae_local, self.d_in, generator=gen, device=self.W_dec.device)
-        w /= w.norm(dim=1, keepdim=True).clamp_min(1e-12)
-        self.W_dec.copy_(w)
-        self.W_enc.copy_(w.t())
-        self.b_enc.zero_()
-        self.b_dec.zero_()
+        tied_init_(self, torch.randn(self.d_sae_local, self.d_in, generator=gen, device=self.W_dec.device))
 
     @classmethod
     @torch.no_grad()
