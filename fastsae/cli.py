@@ -12,7 +12,6 @@ SUBCOMMANDS = {
     "convert": "fastsae.formats.convert_cli",
     "toy-sweep": "fastsae.toy_sweep",
     "train": "fastsae.train_cli",
-    "train-dist": "fastsae.distributed.cli",
     "harvest": "fastsae.harvest",
 }
 

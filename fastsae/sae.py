@@ -17,7 +17,7 @@ from . import ops, reference
 from .config import SAEConfig
 from .errors import InputError
 from .init import tied_init_
-from .sparse import SparseActs
+from .sparse import Selection, SparseActs
 
 Acts = Union[torch.Tensor, SparseActs]
 
@@ -215,6 +215,43 @@ class BaseSAE(nn.Module):
         """Training-mode encode and the sparsity penalty (times its coefficient)."""
         return self._encode_2d(x, train=True), torch.zeros((), device=self.device)
 
+    # ---------------------------------------------------------------- the trainer's seam
+    # fastsae.trainer.Trainer drives a single-process SAE and a ShardedSAE through these four
+    # methods (ShardedSAE has the same ones, with collectives inside), so one training loop
+    # serves both.
+    def select(self, x2: torch.Tensor, train: bool = False) -> Selection:
+        """TopK-family encode of normalised 2-D input x2 [N, d_in]."""
+        acts = self._encode_2d(x2, train=train)
+        if not isinstance(acts, SparseActs):
+            raise InputError(f"select() is for topk/batchtopk SAEs, this one is {self.cfg.architecture!r}")
+        return Selection(acts.values, acts.indices, acts)
+
+    def _decode_selection(self, sel: Selection) -> torch.Tensor:
+        return self._op("sparse_decode")(sel.values.to(self.dtype), sel.indices, self.W_dec, self.b_dec)
+
+    @torch.no_grad()
+    def sparse_backward(self, x2: torch.Tensor, sel: Selection, grad_out: torch.Tensor):
+        """The TopK-family backward outside autograd (ops "topk_sae_backward"): (RowSparseGrads
+        of the latents that fired, db_dec) for grad_out = dL/dx_hat [N, d_in]."""
+        g = self._op("topk_sae_backward")(x2, sel.values.to(self.dtype), sel.indices, grad_out.to(self.dtype),
+                                          self.W_enc, self.W_dec, self._input_b_dec(), row_sparse=True)
+        return g["rows"], g["db_dec"]
+
+    def auxk_loss(self, x_in: torch.Tensor, residual: torch.Tensor, dead: torch.Tensor, k_aux: int,
+                  scale: float = 1.0):
+        """AuxK (fastsae.losses.auxk_loss) from each row's k_aux largest pre-activations among
+        the `dead` latent ids. The gradient goes to leaf copies of the touched latents only:
+        returns (loss, latent ids u, (W_enc[:, u], b_enc[u], W_dec[u]) leaves)."""
+        from .losses import auxk_loss, top_dead_latents
+
+        x_in = x_in.detach()
+        idx = top_dead_latents(x_in, self.W_enc.detach(), self.b_enc.detach(), dead, k_aux,
+                               topk_encode=self._op("topk_encode"))
+        u, local = torch.unique(idx, return_inverse=True)
+        leaves = (self.W_enc.detach()[:, u].requires_grad_(), self.b_enc.detach()[u].requires_grad_(),
+                  self.W_dec.detach()[u].requires_grad_())
+        return auxk_loss(x_in, residual, local, *leaves, scale), u, leaves
+
     # ---------------------------------------------------------------- save / load
     def save_pretrained(self, path) -> None:
         """Write cfg.json + sae_weights.safetensors into directory `path`, atomically."""
@@ -243,6 +280,7 @@ class StandardSAE(BaseSAE):
     """ReLU SAE trained with an L1 penalty weighted by decoder row norms (Anthropic, 2024)."""
 
     architecture = "standard"
+    l1_decoder_norm = True  # TrainConfig.l1_decoder_norm sets it per run
 
     def _encode_2d(self, x, train=False):
         return self._op("relu_encode")(x, self.W_enc, self.b_enc, self._input_b_dec())
@@ -252,9 +290,10 @@ class StandardSAE(BaseSAE):
 
     def _train_encode(self, x):
         acts = self._encode_2d(x, train=True)
-        # Σ_j |f_j|·‖W_dec[j]‖ per row, mean over rows; not divided by d_sae, so the
-        # coefficient means the same at every width.
-        l1 = (acts.abs() * self.W_dec.norm(dim=1)).sum(-1).mean()
+        # Σ_j |f_j|·‖W_dec[j]‖ per row (or Σ_j |f_j| with l1_decoder_norm off), mean over rows;
+        # not divided by d_sae, so the coefficient means the same at every width.
+        weighted = acts.abs() * self.W_dec.norm(dim=1) if self.l1_decoder_norm else acts.abs()
+        l1 = weighted.sum(-1).mean()
         return acts, self.cfg.l1_coefficient * l1.float()
 
 

@@ -72,6 +72,21 @@ class SparseActs:
 
 
 @dataclass
+class Selection:
+    """A TopK-family training encode, as the explicit sparse backward wants it.
+
+    values / indices [N, m]: the kept activations with the ids of this module's own latents
+    (for a ShardedSAE, local ids, value 0 in slots another shard owns), the tensors the
+    decode and backward use. acts: the whole selection over global ids (values detached),
+    what tracking and metrics read. For a single-process SAE both views are the same.
+    """
+
+    values: torch.Tensor
+    indices: torch.Tensor
+    acts: SparseActs
+
+
+@dataclass
 class RowSparseGrads:
     """Gradients of the latent-indexed parameters, restricted to the latents that fired.
 

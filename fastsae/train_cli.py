@@ -1,4 +1,13 @@
-"""Train an SAE on activation shards (fastsae train --data DIR ... or --config run.json/.toml)."""
+"""Train an SAE on activation shards (fastsae train --data DIR ... or --config run.json/.toml).
+
+The same command trains across GPUs when torchrun starts it:
+
+    torchrun --nproc-per-node 4 -m fastsae train --shards 4 --data acts/ --expansion 256 --k 32
+
+--shards (latent shards per replica; default every rank one shard) or --replicas pick the
+layout, replicas x shards = the number of ranks; --batch-size is per replica (the global
+batch is replicas x batch size). Only rank 0 logs and shows progress.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +18,7 @@ from pathlib import Path
 
 from .config import SAEConfig
 from .data import ShardSource, read_manifest
+from .distributed.groups import init_distributed
 from .errors import ConfigError
 from .trainer import Trainer, TrainConfig
 
@@ -50,6 +60,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="any other TrainConfig field, value as JSON (e.g. --set final_lr_fraction=0.1)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out-dir from its latest checkpoint")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    g = p.add_argument_group("under torchrun")
+    g.add_argument("--shards", type=int, help="latent shards per replica (default: every rank one shard)")
+    g.add_argument("--replicas", type=int, help="data-parallel replicas (default: world size / shards)")
+    g.add_argument("--dist-timeout", type=float,
+                   help="seconds a collective may wait before the job stops with an error (default 600)")
+    g.add_argument("--dist-backend", choices=("nccl", "gloo"), help="default: nccl with CUDA, else gloo")
 
 
 def _read_config(path: str) -> dict:
@@ -117,15 +133,23 @@ def prepare(args: argparse.Namespace) -> tuple[dict, ShardSource]:
 
 
 def run(args: argparse.Namespace) -> int:
+    # a plain `python` run (no torchrun variables) gets the single-process layout, no process group
+    layout = init_distributed(args.shards, args.replicas, args.dist_backend, args.dist_timeout)
     train, source = prepare(args)
     if args.resume:
         out_dir = train.get("out_dir", "runs/sae")
         overrides = {k: v for k, v in train.items() if k in ("steps", "progress")}
-        trainer = Trainer.resume(out_dir, source, **overrides)
+        trainer = Trainer.resume(out_dir, source, layout=layout, **overrides)
     else:
-        trainer = Trainer(TrainConfig.from_dict({**train, "sae": SAEConfig.from_dict(train["sae"])}), source)
+        cfg = TrainConfig.from_dict({**train, "sae": SAEConfig.from_dict(train["sae"])})
+        trainer = Trainer(cfg, source, layout=layout)
     res = trainer.fit()
-    print(json.dumps({"out_dir": str(res.out_dir), "final": str(res.final_dir) if res.final_dir else None,
-                      "log": str(res.log_path), "curves": str(res.plot_path) if res.plot_path else None,
-                      "checkpoint": str(res.last_checkpoint) if res.last_checkpoint else None}))
+    if layout.is_main:
+        summary = {"out_dir": str(res.out_dir), "final": str(res.final_dir) if res.final_dir else None,
+                   "log": str(res.log_path), "curves": str(res.plot_path) if res.plot_path else None,
+                   "checkpoint": str(res.last_checkpoint) if res.last_checkpoint else None}
+        if layout.world_size > 1:
+            summary.update(final_sharded=str(res.final_sharded_dir) if res.final_sharded_dir else None,
+                           layout=f"{layout.replicas}x{layout.shards}")
+        print(json.dumps(summary))
     return 0

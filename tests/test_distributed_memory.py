@@ -11,7 +11,6 @@ from fastsae.distributed import ParallelLayout, ShardedSAE
 from fastsae.distributed.sharded_sae import latent_slice
 from fastsae.distributed.memory import estimate, table, widest_d_sae
 from fastsae.optim import DenseAdam, RowSparseAdam
-from fastsae.distributed.train import LocalView
 
 
 def _nbytes(tensors) -> int:
@@ -43,7 +42,7 @@ def test_dense_adam_bytes_match_the_model(dtype, arch):
 def test_row_sparse_adam_bytes_match_the_model(dtype):
     cfg = fastsae.SAEConfig(d_in=12, d_sae=50, architecture="topk", k=4, dtype=dtype)
     sae = ShardedSAE(cfg, ParallelLayout(replicas=1, shards=3, rank=0))
-    opt = RowSparseAdam(LocalView(sae), lr=1e-3)
+    opt = RowSparseAdam(sae.local_view(), lr=1e-3)
     est = estimate(12, 50, dtype, "row_sparse_adam", shards=3)
     moments = _nbytes(t for pair in opt.state.values() for t in pair) + _nbytes([opt.row_steps])
     dense = opt.dense

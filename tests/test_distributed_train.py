@@ -1,9 +1,10 @@
-"""ShardedTrainer (the trainer's recipe on a ShardedSAE) against the single-process Trainer.
+"""The one Trainer, run on every rank of a replicas x shards layout, against itself on one process.
 
 Same data, same initial weights: after 6 steps the shards hold the single-process weights
 (float64; 1e-6 absolute, the losses are accumulated in float32 in both). AuxK is on where
 the layout has one replica; with replicas it is normalised by each replica's residual
-variance, so the data-parallel cases switch it off to compare exactly.
+variance, so the data-parallel cases switch it off to compare exactly. shards = 1 with
+2 replicas trains the plain (unsharded) module data-parallel.
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ import fastsae
 from fastsae.data import TensorSource
 from fastsae.distributed import ShardedSAE, build_layout, launch
 from fastsae.distributed.sharded_sae import latent_slice
-from fastsae.distributed.train import ShardedTrainer
 from fastsae.errors import ConfigError
 from fastsae.trainer import TrainConfig, Trainer
 
@@ -25,7 +25,8 @@ TOL = 1e-6
 # (architecture, optimizer, shards, world size, AuxK coefficient)
 CASES = [("topk", "adam", 2, 2, 1 / 32), ("topk", "row_sparse_adam", 2, 2, 1 / 32),
          ("batchtopk", "adam", 2, 2, 1 / 32), ("jumprelu", "adam", 2, 2, 0.0)]
-DP_CASES = [("topk", "row_sparse_adam", 2, 4, 0.0), ("standard", "adam", 2, 4, 0.0)]
+DP_CASES = [("topk", "row_sparse_adam", 2, 4, 0.0), ("standard", "adam", 2, 4, 0.0),
+            ("topk", "adam", 1, 4, 0.0)]
 
 
 def train_config(arch, opt, aux, out, batch_size=16, steps=6):
@@ -52,12 +53,14 @@ def sharded_run(cases, root):
         layout = build_layout(shards=shards)
         out = f"{root}/{arch}-{opt}-{world}"
         cfg = train_config(arch, opt, aux, out, batch_size=16 // layout.replicas)
-        sae = ShardedSAE.from_full(initial_sae(cfg), layout)
-        trainer = ShardedTrainer(cfg, TensorSource(activations(), cfg.batch_size, shuffle=False), layout, sae=sae)
-        trainer._resumed = False  # a fresh run that starts from given weights
+        # every rank passes the same whole SAE; the trainer keeps this rank's slice
+        trainer = Trainer(cfg, TensorSource(activations(), cfg.batch_size, shuffle=False), initial_sae(cfg),
+                          layout=layout)
+        assert isinstance(trainer.sae, ShardedSAE) == (shards > 1)
         trainer.fit()
-        results.append({"state": {k: v.clone() for k, v in trainer.sae.state_dict().items()},
-                        "range": (trainer.sae.shard_start, trainer.sae.shard_end), "out": out})
+        sae = trainer.sae
+        span = (sae.shard_start, sae.shard_end) if shards > 1 else (0, sae.d_sae)
+        results.append({"state": {k: v.clone() for k, v in sae.state_dict().items()}, "range": span, "out": out})
     return results
 
 
@@ -107,14 +110,13 @@ def interrupted_run(root):
     layout = build_layout(shards=2)
     cfg = train_config("topk", "row_sparse_adam", 1 / 32, f"{root}/run")
     data = TensorSource(activations(), cfg.batch_size, shuffle=True, seed=3)
-    trainer = ShardedTrainer(cfg, data, layout, sae=ShardedSAE.from_full(initial_sae(cfg), layout))
-    trainer._resumed = False
+    trainer = Trainer(cfg, data, ShardedSAE.from_full(initial_sae(cfg), layout), layout=layout)
     trainer.fit(max_steps=3)
-    resumed = ShardedTrainer.resume(f"{root}/run", TensorSource(activations(), 16, shuffle=True, seed=3), layout)
+    resumed = Trainer.resume(f"{root}/run", TensorSource(activations(), 16, shuffle=True, seed=3), layout=layout)
     resumed.fit()
     other = build_layout(shards=1)  # 2 replicas x 1 shard: the optimizer state does not fit
     try:
-        ShardedTrainer.resume(f"{root}/run", TensorSource(activations(), 16), other)
+        Trainer.resume(f"{root}/run", TensorSource(activations(), 16), layout=other)
         mismatch = None
     except ConfigError as e:
         mismatch = str(e)
@@ -136,9 +138,10 @@ def test_resumed_sharded_run_equals_the_uninterrupted_one(tmp_path):
         assert "saved by 1 replica(s) x 2 shard(s), this job is 2 x 1" in r.value["mismatch"]
 
 
-def test_train_dist_runs_under_torchrun(tmp_path):
-    """`torchrun -m fastsae train-dist`: one progress bar and one log (rank 0), a sharded and a
-    consolidated final SAE. --standalone picks a free port; the timeouts keep CI from hanging."""
+def test_train_runs_under_torchrun(tmp_path):
+    """`torchrun -m fastsae train --shards 2`: one progress bar and one log (rank 0), a sharded
+    and a consolidated final SAE, and a resume with the same layout. --standalone picks a
+    free port; the timeouts keep CI from hanging."""
     import os
     import subprocess
     import sys
@@ -149,9 +152,9 @@ def test_train_dist_runs_under_torchrun(tmp_path):
     (tmp_path / "acts").mkdir()
     np.save(tmp_path / "acts" / "s0.npy", np.random.default_rng(0).standard_normal((256, 8)).astype("float32"))
     torchrun = Path(sys.executable).with_name("torchrun")
-    cmd = [str(torchrun), "--standalone", "--nproc-per-node", "2", "-m", "fastsae", "train-dist", "--shards", "2",
+    cmd = [str(torchrun), "--standalone", "--nproc-per-node", "2", "-m", "fastsae", "train", "--shards", "2",
            "--data", str(tmp_path / "acts"), "--d-sae", "24", "--architecture", "topk", "--k", "3", "--steps", "4",
-           "--batch-size", "32", "--log-every", "2", "--checkpoint-every", "0", "--b-dec-init", "zeros",
+           "--batch-size", "32", "--log-every", "2", "--checkpoint-every", "0", "--init", "data",
            "--out-dir", str(tmp_path / "run")]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "FASTSAE_DIST_TIMEOUT": "60"}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env, cwd=tmp_path)
@@ -164,3 +167,40 @@ def test_train_dist_runs_under_torchrun(tmp_path):
     from fastsae.distributed import load_full
 
     torch.testing.assert_close(load_full(tmp_path / "run" / "final_sharded").W_dec, sae.W_dec, atol=0, rtol=0)
+
+    more = subprocess.run([*cmd[:cmd.index("--steps") + 1], "6", *cmd[cmd.index("--steps") + 2:], "--resume"],
+                          capture_output=True, text=True, timeout=240, env=env, cwd=tmp_path)
+    assert more.returncode == 0, more.stdout[-3000:] + more.stderr[-3000:]
+    log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [2, 4, 6] and log[-1]["tokens"] == 6 * 32
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints" / "step_00000006").glob("trainer_state*")) == \
+        ["trainer_state.rank0.pt", "trainer_state.rank1.pt"]
+
+
+def nonfinite_run(root, mode):
+    """2 replicas; only replica 1's first batch holds a NaN."""
+    layout = build_layout(shards=1)
+    x = activations()
+    x[20, 2] = float("nan")  # rows 16..31 are the 2nd batch of 16: replica 1's first
+    cfg = train_config("topk", "row_sparse_adam", 0.0, f"{root}/{mode}").replace(nonfinite=mode, steps=3)
+    trainer = Trainer(cfg, TensorSource(x, 16, shuffle=False), initial_sae(cfg), layout=layout)
+    try:
+        trainer.fit()
+    except fastsae.errors.InputError as e:
+        return {"error": str(e)}
+    return {"steps": trainer.step, "skipped": trainer.tracker.skipped_batches, "W_dec": trainer.sae.W_dec.detach()}
+
+
+@pytest.mark.parametrize("mode", ["skip", "raise"])
+def test_a_nonfinite_batch_on_one_replica_is_handled_on_every_rank(tmp_path, mode):
+    """Every rank takes the same branch (skip the step, or raise), so none waits in a collective."""
+    results = launch(nonfinite_run, 2, (str(tmp_path), mode), timeout_s=120, collective_timeout_s=30)
+    assert all(r.ok for r in results), [(r.error, r.traceback) for r in results]
+    a, b = (r.value for r in results)
+    if mode == "raise":
+        assert "holds NaN/inf on another replica" in a["error"]
+        assert "contains 1 NaN/inf value(s)" in b["error"]
+        return
+    # 6 batches of 16 = 3 pairs, the source cycles: pairs 0 (skipped), 1, 2, 0 (skipped), 1
+    assert a["steps"] == b["steps"] == 3 and a["skipped"] == b["skipped"] == 2
+    torch.testing.assert_close(a["W_dec"], b["W_dec"], atol=0, rtol=0)

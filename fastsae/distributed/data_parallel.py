@@ -79,3 +79,72 @@ def broadcast_parameters(module: nn.Module, layout: ParallelLayout) -> None:
         for name, t in module.state_dict().items():
             checked(f"broadcast of {name} over the replicas",
                     lambda t=t: dist.broadcast(t, src=src, group=layout.shard_group))
+
+
+# ---------------------------------------------------------------------- the trainer's helpers
+# fastsae.trainer.Trainer calls these on every layout; on a single-process one they are
+# pass-throughs with no collective.
+
+def all_ranks_agree(flags: list[bool], layout: ParallelLayout, device) -> list[bool]:
+    """Each flag AND-ed over every rank (one all_reduce), so all ranks take the same branch
+    (skip a batch, stop, raise) and none is left waiting in a collective."""
+    if layout.world_size == 1:
+        return list(flags)
+    t = torch.tensor([int(f) for f in flags], dtype=torch.int64, device=device)
+    checked("all_reduce of the step's go/no-go flags", lambda: dist.all_reduce(t, op=dist.ReduceOp.MIN))
+    return [bool(v) for v in t.tolist()]
+
+
+def replica_batches(source, layout: ParallelLayout, device, dtype):
+    """This rank's batches [N, d] from the run's batch stream. Replica r keeps the r-th of
+    every R batches (replicas see disjoint data; the global batch is R x batch_size rows).
+    Only each replica's shard 0 reads; it broadcasts the batch to the replica's other shards.
+    Ends on every rank as soon as the stream ends on any replica."""
+    if layout.world_size == 1:
+        for b in source:
+            yield b.reshape(-1, b.shape[-1])
+        return
+    batches = iter(source) if layout.shard == 0 else None
+    src = layout.replica_ranks()[0]
+    while True:
+        x = None
+        if batches is not None:
+            try:
+                for i in range(layout.replicas):
+                    b = next(batches)
+                    if i == layout.replica:
+                        x = b.reshape(-1, b.shape[-1])
+            except StopIteration:
+                x = None
+        shape = torch.tensor([-1, -1] if x is None else list(x.shape), dtype=torch.int64, device=device)
+        if layout.replica_group is not None:
+            checked("broadcast of the batch shape",
+                    lambda: dist.broadcast(shape, src, group=layout.replica_group))
+        if not all_ranks_agree([int(shape[0]) >= 0], layout, device)[0]:
+            return
+        if x is None:
+            x = torch.empty(shape.tolist(), dtype=dtype, device=device)
+        else:
+            x = x.to(device, dtype).contiguous()
+        if layout.replica_group is not None:
+            checked("broadcast of the batch", lambda: dist.broadcast(x, src, group=layout.replica_group))
+        yield x
+
+
+def gather_fired(fired: torch.Tensor, layout: ParallelLayout) -> torch.Tensor:
+    """The latent ids that fired on any replica (each rank's dead-latent tracker, and with it
+    AuxK, then sees the whole global batch and stays identical everywhere)."""
+    if layout.shard_group is None:
+        return fired
+    ids = all_gather_padded(fired.unsqueeze(0), layout.shard_group, -1, "all_gather of the fired latents")[0]
+    return ids[ids >= 0]
+
+
+def replica_mean(scalars: dict[str, float], layout: ParallelLayout, device) -> dict[str, float]:
+    """The step's logged numbers as the mean over the replicas (each saw a different batch)."""
+    if layout.shard_group is None:
+        return scalars
+    keys = sorted(scalars)
+    t = torch.tensor([scalars[k] for k in keys], dtype=torch.float64, device=device)
+    all_reduce_(t, layout.shard_group, what="all_reduce of the step's metrics")
+    return {k: v / layout.replicas for k, v in zip(keys, t.tolist())}

@@ -25,8 +25,6 @@ every rank, so dead-latent tracking sees the whole dictionary.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import nn
 
@@ -35,7 +33,7 @@ from ..config import SAEConfig
 from ..errors import InputError
 from ..init import tied_init_
 from ..sae import BaseSAE, BatchTopKSAE, TrainOutput, build_sae
-from ..sparse import RowSparseGrads, SparseActs
+from ..sparse import RowSparseGrads, Selection, SparseActs
 from .collectives import all_gather, all_gather_padded, all_reduce_, enter_group, group_rank, sum_over_group
 from .groups import ParallelLayout, shard_range, single_process_layout
 
@@ -54,19 +52,21 @@ def latent_slice(name: str, t: torch.Tensor, start: int, end: int, architecture:
     return t[start:end] if is_latent(name, architecture) else t
 
 
-@dataclass
-class ShardSelection:
-    """A TopK-family encode split between shards.
+ShardSelection = Selection  # the name this module exported first
 
-    values / indices: this rank's kept activations [N, m] with *local* latent ids (value 0
-    where a slot is padding or belongs to another shard), the tensors the local decode and
-    backward use. acts: the whole selection with global ids, identical on every rank of the
-    group (values detached).
-    """
 
-    values: torch.Tensor
-    indices: torch.Tensor
-    acts: SparseActs
+class LocalView:
+    """A shard's latents seen as an SAE of width d_sae_local, for the single-process helpers
+    that index latents from 0 (RowSparseAdam, init_from_data_)."""
+
+    def __init__(self, sae: "ShardedSAE"):
+        self.sae = sae
+        self.d_sae, self.d_in = sae.d_sae_local, sae.d_in
+        self.device, self.dtype = sae.device, sae.dtype
+        self.W_enc, self.b_enc, self.W_dec, self.b_dec = sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec
+
+    def named_parameters(self):
+        return self.sae.named_parameters()
 
 
 class ShardedSAE(nn.Module):
@@ -150,6 +150,9 @@ class ShardedSAE(nn.Module):
     _check_input = BaseSAE._check_input
     _normalize_input = BaseSAE._normalize_input
     _input_b_dec = BaseSAE._input_b_dec
+
+    def local_view(self) -> LocalView:
+        return LocalView(self)
 
     @property
     def _group(self):
@@ -405,4 +408,4 @@ class ShardedSAE(nn.Module):
         return rows, decoder_part - encoder_part
 
 
-__all__ = ["ShardedSAE", "ShardSelection", "is_latent", "latent_slice"]
+__all__ = ["ShardedSAE", "ShardSelection", "LocalView", "is_latent", "latent_slice"]
