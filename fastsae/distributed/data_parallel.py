@@ -7,6 +7,9 @@ touched, so nothing O(d_sae) is communicated. The mean over replicas of each rep
 batch-mean loss is the loss of the whole global batch when replicas take equal batches, so
 the step equals the single-process step on the concatenated batch (for TopK, ReLU and
 JumpReLU; BatchTopK selects per replica batch, as any data-parallel BatchTopK does).
+
+Also here: what the Trainer needs from the layout each step (which batch a rank trains on,
+agreeing on a branch, gathering fired latents, averaging logged metrics).
 """
 
 from __future__ import annotations
