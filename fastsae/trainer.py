@@ -41,8 +41,8 @@ from .constraints import normalize_rows_
 from .data import ActivationSource, as_source
 from .distributed.checkpoint import consolidate, is_sharded_checkpoint, load_sharded, save_sharded
 from .distributed.collectives import DistributedError, checked
-from .distributed.data_parallel import (all_ranks_agree, broadcast_parameters, gather_fired, reduce_gradients,
-                                        reduce_row_sparse, replica_batches, replica_mean)
+from .distributed.data_parallel import (all_ranks_agree, average_buffers, broadcast_parameters, gather_fired,
+                                        reduce_gradients, reduce_row_sparse, replica_batches, replica_mean)
 from .distributed.groups import ParallelLayout, single_process_layout
 from .distributed.sharded_sae import ShardedSAE
 from .errors import CheckpointError, ConfigError, InputError
@@ -444,6 +444,7 @@ class Trainer:
             self.tracker.skipped_batches += 1
             return None
         scalars, x_hat, x_target, fired = result
+        average_buffers(self.sae, self.layout)
         n_tokens = x.shape[0] * self.layout.replicas
         scalars = replica_mean(scalars, self.layout, self.sae.device)
         self.tracker.record(gather_fired(fired, self.layout), n_tokens, scalars, x_hat, x_target)

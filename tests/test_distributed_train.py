@@ -204,3 +204,22 @@ def test_a_nonfinite_batch_on_one_replica_is_handled_on_every_rank(tmp_path, mod
     # 6 batches of 16 = 3 pairs, the source cycles: pairs 0 (skipped), 1, 2, 0 (skipped), 1
     assert a["steps"] == b["steps"] == 3 and a["skipped"] == b["skipped"] == 2
     torch.testing.assert_close(a["W_dec"], b["W_dec"], atol=0, rtol=0)
+
+
+def batchtopk_replicas_run(root):
+    layout = build_layout(shards=1)
+    cfg = train_config("batchtopk", "adam", 1 / 32, f"{root}/btk", batch_size=8)
+    trainer = Trainer(cfg, TensorSource(activations(), 8, shuffle=False), initial_sae(cfg), layout=layout)
+    trainer.fit()
+    return {k: v.clone() for k, v in trainer.sae.state_dict().items()}
+
+
+def test_batchtopk_replicas_stay_identical(tmp_path):
+    """Each replica's BatchTopK threshold EMA sees its own batches; the trainer averages it every
+    step, so the replicas (and what any one of them saves) stay the same SAE."""
+    results = launch(batchtopk_replicas_run, 2, (str(tmp_path),), timeout_s=120, collective_timeout_s=30)
+    assert all(r.ok for r in results), [(r.error, r.traceback) for r in results]
+    a, b = (r.value for r in results)
+    assert float(a["threshold"]) > 0
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], atol=0, rtol=0, msg=name)

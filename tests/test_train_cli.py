@@ -84,3 +84,5 @@ def test_train_cli_errors_say_what_to_do(shards, tmp_path):
     bad.write_text("{nope")
     with pytest.raises(ConfigError, match="not valid JSON"):
         main(["train", "--config", str(bad)])
+    with pytest.raises(ConfigError, match="start it with torchrun --nproc-per-node N"):
+        main(["train", "--data", str(shards), "--d-sae", "8", "--shards", "2"])

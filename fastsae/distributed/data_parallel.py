@@ -134,6 +134,18 @@ def replica_batches(source, layout: ParallelLayout, device, dtype):
         yield x
 
 
+@torch.no_grad()
+def average_buffers(module: nn.Module, layout: ParallelLayout) -> None:
+    """Average floating-point buffers over the replicas. BatchTopK's inference threshold is
+    an EMA of each replica's own batches; averaging it every step keeps the replicas identical."""
+    if layout.shard_group is None:
+        return
+    for name, b in module.named_buffers():
+        if b.is_floating_point():
+            all_reduce_(b, layout.shard_group, what=f"all_reduce of buffer {name} over the replicas")
+            b /= layout.replicas
+
+
 def gather_fired(fired: torch.Tensor, layout: ParallelLayout) -> torch.Tensor:
     """The latent ids that fired on any replica (each rank's dead-latent tracker, and with it
     AuxK, then sees the whole global batch and stays identical everywhere)."""

@@ -166,6 +166,13 @@ def init_distributed(shards: int | None = None, replicas: int | None = None, bac
     timeout_s = timeout_s or default_timeout_s()
     if not dist.is_initialized():
         if int(os.environ.get("WORLD_SIZE", "1")) == 1:  # a plain `python` run: nothing to join
+            ranks = (shards or 1) * (replicas or 1)
+            if ranks > 1:
+                raise ConfigError(
+                    f"shards={shards}, replicas={replicas} need {ranks} ranks, but this "
+                    "is one plain process: start it with torchrun --nproc-per-node N (N = replicas x shards), "
+                    "or drop --shards/--replicas to train on one process"
+                )
             return build_layout(shards, replicas, timeout_s)
         if backend is None:
             backend = "nccl" if torch.cuda.is_available() else "gloo"
