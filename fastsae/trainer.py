@@ -5,7 +5,7 @@ Two step paths:
   the whole backward through ops "topk_sae_backward"(row_sparse=True), which returns
   gradients for the latents that fired only. Nothing [B, d_sae]-shaped is built here, so
   memory is set by the encode op (the native backends stream the top-k). The gradients
-  feed RowSparseAdam directly, or are densified for dense Adam.
+  feed RowSparseAdam, or dense Adam's step_row_sparse (persistent gradient buffers).
 * autograd (ReLU / JumpReLU, or sparse_backward=False): `sae.training_forward` + backward.
 Both reach the SAE only through its training seam (select, _decode_selection,
 sparse_backward, auxk_loss, training_forward), which a ShardedSAE has too: the same loop
@@ -382,11 +382,7 @@ class Trainer:
         if isinstance(self.opt, RowSparseAdam):
             self.opt.step(rows, db_dec)
         else:
-            dense = rows.to_dense()
-            sae.W_enc.grad, sae.b_enc.grad, sae.W_dec.grad = dense["dW_enc"], dense["db_enc"], dense["dW_dec"]
-            sae.b_dec.grad = db_dec.to(sae.b_dec.dtype)
-            self.opt.step()
-            self.opt.zero_grad()
+            self.opt.step_row_sparse(rows, db_dec)
         acts = sel.acts
         l0 = float((acts.values > 0).sum(-1).float().mean())
         scalars = {"mse": float(mse), "fvu": float(fvu), "l0": l0, "auxk": float(aux.detach()),
