@@ -22,6 +22,20 @@ from .sparse import Selection, SparseActs
 Acts = Union[torch.Tensor, SparseActs]
 
 
+def check_latent_ids(indices: torch.Tensor, d_sae: int) -> None:
+    """Raise InputError unless every id is in [0, d_sae). The GPU kernels index W_dec with the
+    ids unchecked, so user-made SparseActs are checked here (one min/max; the trainer's own
+    selections skip it)."""
+    if indices.numel() == 0:
+        return
+    lo, hi = (int(v) for v in torch.aminmax(indices))
+    if lo < 0 or hi >= d_sae:
+        raise InputError(
+            f"acts.indices hold latent ids from {lo} to {hi}, but this SAE's latents are 0..{d_sae - 1}: "
+            "decode SparseActs made by this SAE's encode (or of its width)"
+        )
+
+
 @dataclass
 class TrainOutput:
     """What a training forward returns: the loss to backpropagate and its terms.
@@ -159,11 +173,17 @@ class BaseSAE(nn.Module):
 
     def decode(self, acts: Acts) -> torch.Tensor:
         """Reconstruction [..., d_in] from a SparseActs or a dense [..., d_sae] tensor."""
+        return self._decode(acts, check_ids=True)
+
+    def _decode(self, acts: Acts, check_ids: bool) -> torch.Tensor:
+        """decode; check_ids=False for acts this module's own encode just made."""
         if isinstance(acts, SparseActs):
             if acts.d_sae != self.d_sae:
                 raise InputError(f"acts have d_sae={acts.d_sae} but this SAE has d_sae={self.d_sae}")
             lead = acts.values.shape[:-1]
             flat = acts.flatten_rows()
+            if check_ids:
+                check_latent_ids(flat.indices, self.d_sae)
             out = self._op("sparse_decode")(flat.values.to(self.dtype), flat.indices, self.W_dec, self.b_dec)
             return out.reshape(*lead, self.d_in)
         if not isinstance(acts, torch.Tensor) or acts.dim() == 0 or acts.shape[-1] != self.d_sae:
@@ -180,7 +200,7 @@ class BaseSAE(nn.Module):
         x2, restore = self._normalize_input(self._check_input(x))
         x_hat = None if self._needs_grad(x2) else self._fused_forward(x2)
         if x_hat is None:
-            x_hat = self.decode(self._encode_2d(x2))
+            x_hat = self._decode(self._encode_2d(x2), check_ids=False)
         return restore(x_hat).reshape(x.shape)
 
     def _needs_grad(self, x: torch.Tensor) -> bool:
@@ -195,7 +215,7 @@ class BaseSAE(nn.Module):
         lead = x.shape[:-1] if isinstance(x, torch.Tensor) and x.dim() else ()
         x2 = self._normalize_input(self._check_input(x))[0]  # losses in normalised space, as OpenAI
         acts, sparsity = self._train_encode(x2)
-        x_hat = self.decode(acts)
+        x_hat = self._decode(acts, check_ids=False)
         err = (x_hat - x2).float()
         mse = err.pow(2).sum(-1).mean()
         var = (x2.float() - x2.float().mean(0)).pow(2).sum()

@@ -88,6 +88,18 @@ def test_decode_wrong_width(sae):
         sae.decode(torch.randn(2, 15))
 
 
+@pytest.mark.parametrize("bad", [16, -1])
+@pytest.mark.parametrize("backend", ["reference", "cpp"])
+def test_decode_latent_id_out_of_range(backend, bad):
+    """Checked before any backend runs: the GPU kernels would read outside W_dec."""
+    if backend not in fastsae.ops.available_backends(torch.device("cpu")):
+        pytest.skip(f"backend {backend} is not built here")
+    sae = fastsae.TopKSAE(d_in=8, d_sae=16, k=2, backend=backend)
+    acts = fastsae.SparseActs(torch.ones(3, 2), torch.tensor([[0, 1], [2, bad], [4, 5]]), 16)
+    with pytest.raises(InputError, match=rf"latent ids from {min(bad, 0)} to {max(bad, 5)}.*latents are 0\.\.15"):
+        sae.decode(acts)
+
+
 def test_architecture_mismatch_between_class_and_config():
     cfg = fastsae.SAEConfig(d_in=8, d_sae=16, architecture="standard")
     with pytest.raises(InputError, match="TopKSAE needs architecture='topk'.*sae_class"):

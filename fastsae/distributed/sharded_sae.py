@@ -32,7 +32,7 @@ from .. import ops, reference
 from ..config import SAEConfig
 from ..errors import InputError
 from ..init import tied_init_
-from ..sae import BaseSAE, BatchTopKSAE, TrainOutput, build_sae
+from ..sae import BaseSAE, BatchTopKSAE, TrainOutput, build_sae, check_latent_ids
 from ..sparse import RowSparseGrads, Selection, SparseActs
 from .collectives import all_gather, all_gather_padded, all_reduce_, enter_group, group_rank, sum_over_group
 from .groups import ParallelLayout, shard_range, single_process_layout
@@ -330,6 +330,7 @@ class ShardedSAE(nn.Module):
                 raise InputError(f"acts have d_sae={acts.d_sae} but this SAE has d_sae={self.d_sae}")
             lead = acts.values.shape[:-1]
             flat = acts.flatten_rows()
+            check_latent_ids(flat.indices, self.d_sae)
             own = (flat.indices >= self.shard_start) & (flat.indices < self.shard_end)
             values = flat.values.to(self.dtype).masked_fill(~own, 0)
             local = torch.where(own, flat.indices - self.shard_start, torch.zeros_like(flat.indices))
