@@ -79,3 +79,35 @@ def test_layout_must_divide_the_ranks():
         resolve_sizes(8, shards=3)
     with pytest.raises(ConfigError, match=r"replicas=2 × shards=2 = 4, but 8 ranks"):
         resolve_sizes(8, shards=2, replicas=2)
+
+
+def dying_trainer_worker(root: str):
+    """Rank 1 exits in its third optimizer step of Trainer.fit (1 replica x 3 shards)."""
+    from fastsae.trainer import TrainConfig, Trainer
+
+    layout = build_layout()
+    cfg = TrainConfig(sae=fastsae.SAEConfig(d_in=8, d_sae=24, architecture="topk", k=4), steps=10, batch_size=16,
+                      b_dec_init="zeros", log_every=1, checkpoint_every=0, out_dir=root, progress=False,
+                      console=False, plot=False)
+    trainer = Trainer(cfg, torch.randn(96, 8, generator=torch.Generator().manual_seed(0)), layout=layout)
+    if layout.rank == 1:
+        step, calls = trainer.opt.step_row_sparse, []
+
+        def dying_step(*args):
+            calls.append(1)
+            if len(calls) == 3:
+                os._exit(17)
+            step(*args)
+
+        trainer.opt.step_row_sparse = dying_step
+    trainer.fit()
+    return "finished"
+
+
+def test_rank_dying_mid_fit_stops_the_trainer_on_every_rank(tmp_path):
+    results = launch(dying_trainer_worker, 3, (str(tmp_path),), timeout_s=90, collective_timeout_s=20, grace_s=40)
+    assert results[1].exitcode == 17
+    for r in (results[0], results[2]):
+        assert not r.killed, f"rank {r.rank} hung and had to be killed"
+        assert r.exitcode == 1 and r.error.startswith(f"DistributedError: rank {r.rank}: "), r.error
+    assert not (tmp_path / "final").exists()
