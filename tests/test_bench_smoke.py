@@ -145,3 +145,14 @@ def test_run_isolated_reports_every_way_a_child_ends():
     assert status == "error" and "bad shape" in msg
     assert memory.run_isolated(_die, None, 120)[0] == "oom"  # SIGKILL: what the OOM killer sends
     assert memory.run_isolated(_sleep, None, 2)[0] == "timeout"
+
+
+def test_distributed_step_bench_writes_its_table(tmp_path):
+    """bench.distributed_step on a tiny shape: three layouts timed, one table row per width."""
+    from bench import distributed_step
+
+    out = tmp_path / "dist.md"
+    assert distributed_step.main(["--d-in", "8", "--d-sae", "64", "--k", "2", "--batch", "16", "--warmup", "1",
+                                  "--repeats", "1", "--out", str(out)]) == 0
+    rows = [line for line in out.read_text().splitlines() if line.startswith("| 64 |")]
+    assert len(rows) == 1 and rows[0].count(" ms") == 3, out.read_text()

@@ -20,7 +20,7 @@ from torch import nn
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
 from ..sparse import RowSparseGrads
-from .collectives import all_gather_padded, all_reduce_, checked
+from .collectives import all_gather, all_gather_padded, all_reduce_, checked, max_over_group
 from .groups import ParallelLayout
 
 
@@ -52,13 +52,19 @@ def reduce_row_sparse(rows: RowSparseGrads, db_dec: torch.Tensor, layout: Parall
     if group is None:
         return rows, db_dec
     d = rows.W_dec.shape[1]
-    # one [u, 2d+1] block per replica: W_enc column, W_dec row and b_enc of each touched latent
+    # one [u, 2d+1] row per touched latent: its W_enc column, W_dec row and b_enc; padded to the
+    # widest replica's u with id -1 and zeros, which all land in one slot that is dropped
     block = torch.cat([rows.W_enc.t(), rows.W_dec.to(rows.W_enc.dtype), rows.b_enc.unsqueeze(1)], 1)
-    ids = all_gather_padded(rows.latents.unsqueeze(0), group, -1, "all_gather of the touched latents")[0]
-    blocks = all_gather_padded(block.t().contiguous(), group, 0, "all_gather of the row-sparse gradients").t()
-    real = ids >= 0
-    latents, inverse = torch.unique(ids[real], return_inverse=True)
-    summed = blocks.new_zeros(latents.numel(), blocks.shape[1]).index_add_(0, inverse, blocks[real])
+    width = max_over_group(block.shape[0], group, "all_reduce(max) of the touched latents' count")
+    fill = width - block.shape[0]
+    ids = torch.cat([rows.latents, rows.latents.new_full((fill,), -1)])
+    block = torch.cat([block, block.new_zeros(fill, block.shape[1])])
+    ids = torch.cat(all_gather(ids, group, "all_gather of the touched latents"))
+    blocks = torch.cat(all_gather(block, group, "all_gather of the row-sparse gradients"))
+    latents, inverse = torch.unique(ids, return_inverse=True)
+    summed = blocks.new_zeros(latents.numel(), blocks.shape[1]).index_add_(0, inverse, blocks)
+    if latents.numel() and int(latents[0]) < 0:  # the padding's slot (unique sorts it first)
+        latents, summed = latents[1:], summed[1:]
     summed /= layout.replicas
     db = all_reduce_(db_dec.clone(), group, what="all_reduce of b_dec's gradient over the replicas")
     merged = RowSparseGrads(latents, summed[:, :d].t(), summed[:, 2 * d], summed[:, d:2 * d].to(rows.W_dec.dtype),
