@@ -24,7 +24,6 @@ import gc
 import json
 import os
 import platform
-import statistics
 import sys
 import threading
 import time
@@ -41,22 +40,15 @@ from tqdm import tqdm  # noqa: E402
 import fastsae  # noqa: E402
 from fastsae import ops  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `python bench/cpu_step.py` too
+from bench.report import device_info  # noqa: E402
+from bench.timing import measure  # noqa: E402
+
 GiB = 2**30
 
 
 def machine_name() -> str:
-    model = "cpu"
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    slug = "".join(c if c.isalnum() else "-" for c in model.lower()).strip("-")
-    while "--" in slug:
-        slug = slug.replace("--", "-")
-    return f"{slug}-{os.cpu_count()}c"
+    return f"{device_info('cpu')['slug'].removeprefix('cpu-')}-{os.cpu_count()}c"
 
 
 def adam(params):
@@ -65,7 +57,8 @@ def adam(params):
 
 # ---------------------------------------------------------------- the contenders
 # Each builder returns (step, parts): step() runs one training step; parts maps a
-# breakdown name to a callable timed on its own (optional).
+# breakdown name to a callable timed on its own, or to (setup, fn): fn(setup()) with setup
+# untimed (optional).
 def gemm_alone(x, a):
     W_enc = torch.randn(a.d_in, a.d_sae) / a.d_in**0.5
     return (lambda: torch.mm(x, W_enc)), {}
@@ -86,12 +79,12 @@ def fastsae_autograd(x, a):
         with torch.no_grad():
             sae.training_forward(x)
 
-    def backward_only():
+    def forward_for_backward():  # untimed: the graph the timed backward consumes
         opt.zero_grad(set_to_none=True)
-        out = sae.training_forward(x)
-        t, c = time.perf_counter(), time.process_time()
+        return sae.training_forward(x)
+
+    def backward_only(out):
         out.loss.backward()
-        return time.perf_counter() - t, time.process_time() - c
 
     def adam_only():
         opt.step()
@@ -101,7 +94,7 @@ def fastsae_autograd(x, a):
             encode(x, sae.W_enc, sae.b_enc, sae.b_dec, a.k)
 
     return step, {"topk_encode (fused chunked encoder)": encode_only, "training_forward": forward_only,
-                  "backward (autograd, C++ ops)": backward_only, "Adam step (fused)": adam_only}
+                  "backward (autograd, C++ ops)": (forward_for_backward, backward_only), "Adam step (fused)": adam_only}
 
 
 def fastsae_explicit(x, a):
@@ -198,20 +191,13 @@ CONTENDERS = [
 
 # ---------------------------------------------------------------- timing
 def time_it(fn, warmup: int, repeats: int) -> dict:
-    for _ in range(warmup):
-        fn()
-    times, cpu = [], []
-    for _ in range(repeats):
-        t, c = time.perf_counter(), time.process_time()
-        inner = fn()
-        wall, used = time.perf_counter() - t, time.process_time() - c
-        if isinstance(inner, tuple):  # a callable may time its own interesting part: (wall, cpu)
-            wall, used = inner
-        times.append(wall)
-        cpu.append(used)
+    setup = None
+    if isinstance(fn, tuple):
+        setup, fn = fn
+    t = measure(fn, "cpu", warmup=warmup, repeats=repeats, setup=setup, min_sample_s=0)
     # CPU seconds of all threads: less swayed than wall time when other jobs share the cores
-    return {"median_ms": 1e3 * statistics.median(times), "min_ms": 1e3 * min(times),
-            "cpu_ms": 1e3 * statistics.median(cpu), "runs_ms": [round(1e3 * t, 2) for t in times]}
+    return {"median_ms": t.median_ms, "min_ms": t.min_ms, "cpu_ms": t.cpu_median_ms,
+            "runs_ms": [round(v, 2) for v in t.samples_ms]}
 
 
 def run_speed(a) -> list[dict]:

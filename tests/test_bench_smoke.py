@@ -156,3 +156,16 @@ def test_distributed_step_bench_writes_its_table(tmp_path):
                                   "--repeats", "1", "--out", str(out)]) == 0
     rows = [line for line in out.read_text().splitlines() if line.startswith("| 64 |")]
     assert len(rows) == 1 and rows[0].count(" ms") == 3, out.read_text()
+
+
+def test_cpu_step_bench_runs_every_contender(capsys):
+    """bench/cpu_step.py on a tiny shape: every contender timed (a failing peer would be a row
+    with an error instead of numbers), the breakdown rows included."""
+    from bench import cpu_step
+
+    cpu_step.main(["--d-in", "16", "--d-sae", "256", "--k", "4", "--batch", "64", "--warmup", "1", "--repeats", "1",
+                   "--skip-memory", "--no-save"])
+    out = capsys.readouterr().out
+    rows = [line for line in out.splitlines() if line.startswith("| ") and "median ms" not in line]
+    assert len(rows) == 10, out  # the GEMM, 5 contenders, 4 breakdown rows
+    assert "backward (autograd, C++ ops)" in out and "error" not in out.lower(), out
