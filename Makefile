@@ -11,7 +11,7 @@ comma  := ,
 STAMP  := $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS))
 NATIVE := setup.py pyproject.toml CMakeLists.txt $(wildcard csrc/*)
 
-.PHONY: demo test bench install clean
+.PHONY: demo test lint bench install clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -31,8 +31,12 @@ install: $(STAMP)
 demo: install
 	$(BIN)/python -m fastsae demo
 
-test: install
-	$(BIN)/python -m pytest -q
+lint: install
+	$(BIN)/ruff check .
+
+# FASTSAE_REQUIRE_EXTRAS=1: a missing extra (peers, transformers) fails its tests instead of skipping them
+test: lint
+	FASTSAE_REQUIRE_EXTRAS=1 $(BIN)/python -m pytest -q
 
 clean:
 	rm -rf build $(VENV) *.egg-info fastsae/_C*.so

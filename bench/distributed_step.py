@@ -96,7 +96,8 @@ def main(argv=None) -> int:
         "|---:|---:|---:|---:|",
     ]
     for r in rows:
-        lines.append(f"| {r['d_sae']:,} | {r['single']:.1f} ms | {r['shards']:.1f} ms ({r['shards'] / r['single']:.2f}x) "
+        lines.append(f"| {r['d_sae']:,} | {r['single']:.1f} ms "
+                     f"| {r['shards']:.1f} ms ({r['shards'] / r['single']:.2f}x) "
                      f"| {r['replicas']:.1f} ms ({r['replicas'] / r['single']:.2f}x) |")
     out = args.out or RESULTS / f"distributed-step-{device_info('cpu')['slug']}.md"
     out.write_text("\n".join(lines) + "\n", encoding="utf-8")

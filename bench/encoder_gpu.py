@@ -151,7 +151,8 @@ def main(argv=None) -> str:
         grid = [(24, 128, 20, 4), (20, 70, 17, 3)]
     else:
         grid = [(d, 2**e, B, k) for d, e, B, k in itertools.product(args.d, args.log2_d_sae, args.batch, args.k)]
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU interpreter ({platform.processor() or platform.machine()})"
+    cpu = platform.processor() or platform.machine()
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU interpreter ({cpu})"
     time_fn = _timer(device)
     rows = [run_one(d, n, B, k, dtype, device, args.check_rows, time_fn)
             for d, n, B, k in tqdm(grid, desc="encoder configs")]

@@ -27,7 +27,8 @@ import os
 import resource
 import sys
 import traceback
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 

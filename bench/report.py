@@ -10,7 +10,6 @@ probe batch, from the shared weights, against the reference one (relative L2 err
 
 from __future__ import annotations
 
-import datetime as dt
 import importlib.metadata
 import json
 import os

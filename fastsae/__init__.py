@@ -26,12 +26,24 @@ from .trainer import TrainConfig, Trainer, train
 
 __version__ = "0.1.0"
 
+# Subpackages loaded on first use (`fastsae.formats.save(...)` works after `import fastsae`);
+# fastsae.distributed stays unloaded until a distributed run needs it.
+_LAZY = ("compat", "convert", "distributed", "facades", "formats", "metrics", "ops", "toy")
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return importlib.import_module(f"{__name__}.{name}")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 def load(path, format=None, device=None, dtype=None, **options) -> BaseSAE:
     """Load an SAE checkpoint: fastsae's own (cfg.json + sae_weights.safetensors) or SAELens,
     sparsify, dictionary_learning, OpenAI or Gemma Scope (see fastsae.formats); the format is
     detected unless `format` names it. `options` go to that format's loader."""
-    from .formats import load as _load_any
+    from .compat.formats import load as _load_any
 
     return _load_any(path, format=format, device=device, dtype=dtype, **options)
 

@@ -9,8 +9,8 @@ import sys
 # subcommand -> module with add_arguments(parser) and run(args) -> int
 SUBCOMMANDS = {
     "demo": "fastsae.demo",
-    "convert": "fastsae.formats.convert_cli",
-    "toy-sweep": "fastsae.toy_sweep",
+    "convert": "fastsae.compat.formats.convert_cli",
+    "toy-sweep": "fastsae.toy.sweep",
     "train": "fastsae.train_cli",
     "harvest": "fastsae.harvest",
 }

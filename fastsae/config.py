@@ -121,7 +121,7 @@ class SAEConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "SAEConfig":
+    def from_dict(cls, d: dict[str, Any]) -> SAEConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - known)
         kwargs = {k: v for k, v in d.items() if k in known}
@@ -130,5 +130,5 @@ class SAEConfig:
             kwargs["metadata"] = {**kwargs["metadata"], "extra_cfg": {k: d[k] for k in unknown}}
         return cls(**kwargs)
 
-    def replace(self, **changes: Any) -> "SAEConfig":
+    def replace(self, **changes: Any) -> SAEConfig:
         return dataclasses.replace(self, **changes)

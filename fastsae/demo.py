@@ -6,8 +6,8 @@ import argparse
 
 import torch
 
-from .toy import ToyData
-from .toy_train import INITS, make_toy_sae, train_toy
+from .toy.data import ToyData
+from .toy.train import INITS, make_toy_sae, train_toy
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

@@ -14,8 +14,8 @@ from __future__ import annotations
 import argparse
 import difflib
 import json
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Iterable, Iterator
 
 import numpy as np
 import torch
@@ -190,7 +190,7 @@ def _chain(*iterables):
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="a Hugging Face model name or a local directory")
     p.add_argument("--hook", required=True, help="name of the module whose output to capture, e.g. transformer.h.6")
-    p.add_argument("--text", required=True, action="append", help=".txt (one document per line) or .jsonl file; repeatable")
+    p.add_argument("--text", required=True, action="append", help=".txt (one document per line) or .jsonl file; repeatable")  # noqa: E501
     p.add_argument("--text-field", default="text", help="the field of a .jsonl record holding the text")
     p.add_argument("--out", required=True, help="directory for the shards and manifest.json")
     p.add_argument("--context-length", type=int, default=128)

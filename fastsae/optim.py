@@ -34,7 +34,7 @@ that fired, O(touched · d_in) instead of O(d_sae · d_in). Parameters not index
 
 from __future__ import annotations
 
-from typing import Iterable
+from collections.abc import Iterable
 
 import torch
 from torch import nn
@@ -293,7 +293,8 @@ class RowSparseAdam:
 
     def load_state_dict(self, state: dict) -> None:
         if state.get("catch_up", False) != self.catch_up:
-            raise ConfigError("this checkpoint's row-sparse Adam ran in the other mode (catch_up): resume with the same setting")
+            raise ConfigError(
+                "this checkpoint's row-sparse Adam ran in the other mode (catch_up): resume with the same setting")
         self.lr, self.t = state["lr"], state["t"]
         for name, (m, v) in state["state"].items():
             self.state[name][0].copy_(m)

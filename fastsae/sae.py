@@ -13,10 +13,11 @@ from typing import Any, ClassVar, Union
 import torch
 from torch import nn
 
-from . import ops, reference
+from . import ops
 from .config import SAEConfig
 from .errors import InputError
 from .init import tied_init_
+from .ops import reference
 from .sparse import Selection, SparseActs
 
 Acts = Union[torch.Tensor, SparseActs]
@@ -280,7 +281,7 @@ class BaseSAE(nn.Module):
         save_sae(self, path)
 
     @classmethod
-    def from_pretrained(cls, path, device=None, dtype=None) -> "BaseSAE":
+    def from_pretrained(cls, path, device=None, dtype=None) -> BaseSAE:
         from .checkpoint import load_sae
 
         sae = load_sae(path, device=device, dtype=dtype)

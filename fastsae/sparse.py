@@ -48,20 +48,20 @@ class SparseActs:
         """Active latents per row, shape [...]."""
         return (self.values != 0).sum(-1)
 
-    def flatten_rows(self) -> "SparseActs":
+    def flatten_rows(self) -> SparseActs:
         m = self.values.shape[-1]
         return SparseActs(self.values.reshape(-1, m), self.indices.reshape(-1, m), self.d_sae)
 
-    def reshape_rows(self, lead: tuple[int, ...]) -> "SparseActs":
+    def reshape_rows(self, lead: tuple[int, ...]) -> SparseActs:
         m = self.values.shape[-1]
         return SparseActs(self.values.reshape(*lead, m), self.indices.reshape(*lead, m), self.d_sae)
 
-    def to(self, *args, **kwargs) -> "SparseActs":
+    def to(self, *args, **kwargs) -> SparseActs:
         values = self.values.to(*args, **kwargs)
         return SparseActs(values, self.indices.to(values.device), self.d_sae)
 
     @staticmethod
-    def from_dense(dense: torch.Tensor) -> "SparseActs":
+    def from_dense(dense: torch.Tensor) -> SparseActs:
         """Compact a dense [..., n] tensor to its nonzeros (differentiable through values)."""
         nz = dense != 0
         m = int(nz.sum(-1).max().item()) if dense.numel() else 0

@@ -13,14 +13,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import tomllib
 from pathlib import Path
+
+import tomllib
 
 from .config import SAEConfig
 from .data import ShardSource, read_manifest
 from .distributed.groups import init_distributed
 from .errors import ConfigError
-from .trainer import Trainer, TrainConfig
+from .trainer import TrainConfig, Trainer
 
 # flag -> (TrainConfig or SAEConfig field, type); None type means a boolean switch
 SAE_FLAGS = {"d_in": int, "d_sae": int, "architecture": str, "k": int, "dtype": str, "device": str,

@@ -41,8 +41,16 @@ from .constraints import normalize_rows_
 from .data import ActivationSource, as_source
 from .distributed.checkpoint import consolidate, is_sharded_checkpoint, load_sharded, save_sharded
 from .distributed.collectives import DistributedError, checked
-from .distributed.data_parallel import (all_ranks_agree, average_buffers, broadcast_parameters, gather_fired,
-                                        reduce_gradients, reduce_row_sparse, replica_batches, replica_mean)
+from .distributed.data_parallel import (
+    all_ranks_agree,
+    average_buffers,
+    broadcast_parameters,
+    gather_fired,
+    reduce_gradients,
+    reduce_row_sparse,
+    replica_batches,
+    replica_mean,
+)
 from .distributed.groups import ParallelLayout, single_process_layout
 from .distributed.sharded_sae import ShardedSAE
 from .errors import CheckpointError, ConfigError, InputError
@@ -178,14 +186,14 @@ class TrainConfig:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict) -> "TrainConfig":
+    def from_dict(cls, d: dict) -> TrainConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
             raise ConfigError(f"unknown training option(s) {unknown}: known ones are {sorted(known)}")
         return cls(**d)
 
-    def replace(self, **changes) -> "TrainConfig":
+    def replace(self, **changes) -> TrainConfig:
         return dataclasses.replace(self, **changes)
 
 
@@ -595,7 +603,7 @@ class Trainer:
 
     @classmethod
     def resume(cls, out_dir: str | Path, data, checkpoint: str | Path | None = None,
-               layout: ParallelLayout | None = None, **overrides) -> "Trainer":
+               layout: ParallelLayout | None = None, **overrides) -> Trainer:
         """Continue the run in out_dir from its latest checkpoint (or `checkpoint`). `data`
         must be the same activations; overrides change TrainConfig fields (e.g. steps=...).
         A distributed run resumes with the replicas x shards layout it was saved with (the

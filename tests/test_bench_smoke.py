@@ -10,12 +10,12 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
 
-REPO = Path(__file__).resolve().parent.parent
+from helpers import REPO
+
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 

@@ -3,8 +3,6 @@
 import re
 
 import pytest
-import torch
-
 
 from fastsae.cli import main
 

@@ -6,8 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-transformers = pytest.importorskip("transformers")
-tokenizers = pytest.importorskip("tokenizers")
+from helpers import require
+
+transformers = require("transformers", "compat")
+tokenizers = require("tokenizers", "compat")
 
 from fastsae.cli import main  # noqa: E402
 from fastsae.data import ShardSource  # noqa: E402

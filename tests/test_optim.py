@@ -7,9 +7,8 @@ import fastsae
 from fastsae.metrics import mmcs
 from fastsae.optim import DenseAdam, RowSparseAdam, merge_row_sparse
 from fastsae.sparse import RowSparseGrads
-from fastsae.toy import ToyData
-from fastsae.trainer import Trainer, TrainConfig
-
+from fastsae.toy.data import ToyData
+from fastsae.trainer import TrainConfig, Trainer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -4,13 +4,11 @@ import json
 
 import numpy as np
 import pytest
-import torch
 
 import fastsae
 from fastsae.cli import main
 from fastsae.errors import ConfigError
-from fastsae.toy import ToyData
-
+from fastsae.toy.data import ToyData
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -7,10 +7,9 @@ import torch
 
 import fastsae
 from fastsae.errors import CheckpointError
-from fastsae.toy import ToyData
-from fastsae.trainer import Trainer, TrainConfig, latest_checkpoint, list_checkpoints
+from fastsae.toy.data import ToyData
 from fastsae.tracking import read_log
-
+from fastsae.trainer import TrainConfig, Trainer, latest_checkpoint, list_checkpoints
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

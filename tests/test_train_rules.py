@@ -10,9 +10,8 @@ from fastsae.constraints import normalize_rows_, remove_parallel_component_
 from fastsae.errors import ConfigError, InputError
 from fastsae.init import geometric_median, init_b_dec_, init_from_data_
 from fastsae.schedules import lr_factor, sparsity_factor
-from fastsae.toy import ToyData
-from fastsae.trainer import Trainer, TrainConfig
-
+from fastsae.toy.data import ToyData
+from fastsae.trainer import TrainConfig, Trainer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -46,7 +46,7 @@ SCRIPT = textwrap.dedent(f"""
 
 def _missing_native_ops():
     try:
-        from fastsae import cpp_ops
+        from fastsae.ops import cpp as cpp_ops
     except Exception as e:  # the extension is not built
         return f"fastsae._C is not importable ({e})"
     missing = [op for op in ("topk_encode", "topk_sae_backward", "sparse_decode")

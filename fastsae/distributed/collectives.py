@@ -14,7 +14,8 @@ A group of None means "this rank alone": every function is then the identity.
 from __future__ import annotations
 
 import time
-from typing import Callable, TypeVar
+from collections.abc import Callable
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist

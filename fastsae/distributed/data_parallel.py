@@ -128,7 +128,7 @@ def replica_batches(source, layout: ParallelLayout, device, dtype):
         shape = torch.tensor([-1, -1] if x is None else list(x.shape), dtype=torch.int64, device=device)
         if layout.replica_group is not None:
             checked("broadcast of the batch shape",
-                    lambda: dist.broadcast(shape, src, group=layout.replica_group))
+                    lambda: dist.broadcast(shape, src, group=layout.replica_group))  # noqa: B023 (called at once)
         if not all_ranks_agree([int(shape[0]) >= 0], layout, device)[0]:
             return
         if x is None:
@@ -136,7 +136,7 @@ def replica_batches(source, layout: ParallelLayout, device, dtype):
         else:
             x = x.to(device, dtype).contiguous()
         if layout.replica_group is not None:
-            checked("broadcast of the batch", lambda: dist.broadcast(x, src, group=layout.replica_group))
+            checked("broadcast of the batch", lambda: dist.broadcast(x, src, group=layout.replica_group))  # noqa: B023
         yield x
 
 

@@ -20,9 +20,10 @@ import os
 import tempfile
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -52,7 +53,7 @@ def _context():
         # what would otherwise be imported in every rank, seconds each on a small box: the op
         # backends (triton above all) and torch._dynamo (the first torch.optim optimizer imports it)
         ctx.set_forkserver_preload(["torch", "torch.distributed", "torch._dynamo", "fastsae.distributed",
-                                    "fastsae.cpp_ops", "fastsae.triton_ops"])
+                                    "fastsae.ops.cpp", "fastsae.ops.triton"])
         return ctx
     return mp.get_context("spawn")
 

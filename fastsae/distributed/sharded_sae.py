@@ -28,10 +28,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .. import ops, reference
 from ..config import SAEConfig
 from ..errors import InputError
 from ..init import tied_init_
+from ..ops import reference
 from ..sae import BaseSAE, BatchTopKSAE, TrainOutput, build_sae, check_latent_ids
 from ..sparse import RowSparseGrads, Selection, SparseActs
 from .collectives import all_gather, all_gather_padded, all_reduce_, enter_group, group_rank, sum_over_group
@@ -59,7 +59,7 @@ class LocalView:
     """A shard's latents seen as an SAE of width d_sae_local, for the single-process helpers
     that index latents from 0 (RowSparseAdam, init_from_data_)."""
 
-    def __init__(self, sae: "ShardedSAE"):
+    def __init__(self, sae: ShardedSAE):
         self.sae = sae
         self.d_sae, self.d_in = sae.d_sae_local, sae.d_in
         self.device, self.dtype = sae.device, sae.dtype
@@ -105,7 +105,7 @@ class ShardedSAE(nn.Module):
 
     @classmethod
     @torch.no_grad()
-    def from_full(cls, sae: BaseSAE, layout: ParallelLayout | None = None) -> "ShardedSAE":
+    def from_full(cls, sae: BaseSAE, layout: ParallelLayout | None = None) -> ShardedSAE:
         """This rank's slice of a whole (single-process) SAE; every rank passes the same SAE."""
         shard = cls(sae.cfg, layout, init=False)
         lo, hi, arch = shard.shard_start, shard.shard_end, sae.cfg.architecture

@@ -1,0 +1,162 @@
+"""Synthetic activations built from known ground-truth features (Sharkey, Braun & Millidge 2022).
+
+    x = Σ_g c_g · f_g      over the features g active in that sample
+
+- f_g: G unit-norm feature vectors in R^d, drawn at random (with G > d they are in superposition);
+- feature g is active with probability p_g ∝ decay**g, rescaled so that Σ_g p_g = m, the mean
+  number of active features per sample;
+- which features fire together is correlated through a Gaussian copula: z ~ N(0, Σ) over a random
+  correlation matrix Σ and feature g is active iff z_g < Φ⁻¹(p_g), which keeps every marginal
+  probability exactly p_g while correlating the activity of features;
+- c_g ~ U[0, 1) on the active features, 0 elsewhere.
+
+Batches are drawn fresh on the generator's device, so the stream never ends and never repeats;
+the same seed gives the same features and the same stream.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+
+from ..config import dtype_from_str
+from ..errors import InputError
+
+
+@dataclass
+class ToyData:
+    """A reproducible stream of toy activations with their ground truth.
+
+    Parameters (all keyword, all with the defaults of the report):
+        d: activation dimension (256).
+        n_features: G, the number of ground-truth features (512).
+        mean_active: m, the expected number of active features per sample (5). Probabilities are
+            clamped at 1 after rescaling, so m must be below G.
+        decay: feature g's probability is proportional to decay**g (0.99); 1.0 makes every feature
+            equally likely.
+        correlation: strength s in [0, 1) of the correlation between features' activity: the
+            copula's correlation matrix is Σ = s·R + (1 - s)·I with R a random correlation matrix
+            (0.5); 0 gives independent features.
+        correlation_rank: rank r of the random part R = a aᵀ, where the rows of a ~ N(0, 1)^{G×r}
+            are normalised to unit length (default 16): a small rank gives a few strong groups of
+            co-occurring features.
+        seed: fixes the features, the covariance and the stream.
+        device: where the ground truth lives and batches are generated ("cpu", "cuda", ...).
+        dtype: dtype of the features and of the samples (a torch dtype or its name).
+
+    Ground truth (tensors on `device`):
+        features [G, d], unit-norm rows; probabilities [G] (float32); covariance [G, G], the
+        copula's correlation matrix Σ (float32).
+    """
+
+    d: int = 256
+    n_features: int = 512
+    mean_active: float = 5.0
+    decay: float = 0.99
+    correlation: float = 0.5
+    correlation_rank: int = 16
+    seed: int = 0
+    device: str = "cpu"
+    dtype: torch.dtype = field(default=torch.float32)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.dtype, str):  # config() writes dtypes as names; accept them back
+            self.dtype = dtype_from_str(self.dtype)
+        self._validate()
+        self.device = str(self.device)
+        g = torch.Generator().manual_seed(self.seed)
+        feats = torch.randn(self.n_features, self.d, generator=g, dtype=torch.float64)
+        self.features = (feats / feats.norm(dim=1, keepdim=True)).to(self.device, self.dtype)
+
+        p = self.decay ** torch.arange(self.n_features, dtype=torch.float64)
+        p = _rescale_to_mean(p, self.mean_active)
+        self.probabilities = p.float().to(self.device)
+
+        a = torch.randn(self.n_features, self.correlation_rank, generator=g, dtype=torch.float64)
+        a = a / a.norm(dim=1, keepdim=True)  # R = a aᵀ then has a unit diagonal
+        eye = torch.eye(self.n_features, dtype=torch.float64)
+        cov = self.correlation * (a @ a.t()) + (1.0 - self.correlation) * eye
+        self.covariance = cov.float().to(self.device)
+        # z = √s·(ε_r aᵀ) + √(1−s)·ε has covariance s·a aᵀ + (1−s)·I = Σ exactly, at O(G·r) per
+        # sample instead of the O(G²) of a Cholesky factor; feature g fires where z_g < Φ⁻¹(p_g).
+        self._factor_t = (self.correlation ** 0.5 * a.t()).float().to(self.device)
+        self._noise_scale = (1.0 - self.correlation) ** 0.5
+        self._thresholds = torch.special.ndtri(p.clamp(max=1.0)).float().to(self.device)
+        self._independent = self.correlation == 0.0
+        self.reset()
+
+    def _validate(self) -> None:
+        def positive_int(name):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise InputError(f"ToyData {name} must be a positive integer, got {v!r}")
+
+        for name in ("d", "n_features", "correlation_rank"):
+            positive_int(name)
+        if not 0 < self.mean_active < self.n_features:
+            raise InputError(
+                f"ToyData mean_active={self.mean_active} must be in (0, n_features={self.n_features}): "
+                "it is the expected number of active features per sample"
+            )
+        if not 0 < self.decay <= 1:
+            raise InputError(f"ToyData decay={self.decay} must be in (0, 1] (1 = uniform probabilities)")
+        if not 0 <= self.correlation < 1:
+            raise InputError(
+                f"ToyData correlation={self.correlation} must be in [0, 1) (0 = independent features)"
+            )
+        if not (isinstance(self.dtype, torch.dtype) and self.dtype.is_floating_point):
+            raise InputError(f"ToyData dtype must be a floating torch dtype, got {self.dtype!r}")
+
+    def reset(self) -> None:
+        """Restart the stream from the beginning (same seed, same batches)."""
+        self._gen = torch.Generator(device=self.device).manual_seed(self.seed + 1)
+
+    def sample_codes(self, batch: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        """The ground-truth coefficients of a fresh batch, [batch, G] (zero where inactive).
+
+        generator: draw from this generator (on `device`) instead of the stream, e.g. for a
+        fixed evaluation set that does not advance the training stream.
+        """
+        gen = self._gen if generator is None else generator
+        if not isinstance(batch, int) or isinstance(batch, bool) or batch < 1:
+            raise InputError(f"batch must be a positive integer, got {batch!r}")
+        shape = (batch, self.n_features)
+        z = torch.randn(shape, generator=gen, device=self.device)
+        if not self._independent:
+            shared = torch.randn(batch, self.correlation_rank, generator=gen, device=self.device)
+            z = self._noise_scale * z + shared @ self._factor_t
+        active = z < self._thresholds
+        return torch.rand(shape, generator=gen, device=self.device) * active
+
+    def sample(self, batch: int, return_codes: bool = False, generator: torch.Generator | None = None):
+        """A fresh batch x [batch, d]; with return_codes=True, (x, codes [batch, G])."""
+        codes = self.sample_codes(batch, generator)
+        x = codes.to(self.dtype) @ self.features
+        return (x, codes) if return_codes else x
+
+    def config(self) -> dict[str, Any]:
+        """Every generator parameter, JSON-serialisable (what a results file should record)."""
+        cfg = asdict(self)
+        cfg["dtype"] = str(self.dtype).removeprefix("torch.")
+        return cfg
+
+    def ground_truth(self) -> dict[str, torch.Tensor]:
+        """The ground truth: features [G, d], probabilities [G], covariance [G, G]."""
+        return {"features": self.features, "probabilities": self.probabilities, "covariance": self.covariance}
+
+    def __iter__(self):
+        raise TypeError("ToyData streams by size: call data.sample(batch)")
+
+
+def _rescale_to_mean(p: torch.Tensor, mean_active: float) -> torch.Tensor:
+    """Scale p so that Σ min(c·p, 1) = mean_active: the clamp at 1 is compensated, not ignored."""
+    lo, hi = 0.0, mean_active / float(p.min())
+    for _ in range(200):  # bisection on c; Σ min(c·p, 1) is monotone in c
+        c = 0.5 * (lo + hi)
+        if float((c * p).clamp(max=1.0).sum()) < mean_active:
+            lo = c
+        else:
+            hi = c
+    return (0.5 * (lo + hi) * p).clamp(max=1.0)
