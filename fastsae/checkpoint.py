@@ -1,5 +1,8 @@
 """fastsae's native checkpoint: cfg.json + sae_weights.safetensors (SAELens's file names).
 
+This module reads and writes the files (config and tensors); fastsae.sae builds modules from
+them, so the dependency runs one way.
+
 Each file is written atomically (temp file, fsync, rename), weights first: an interrupted
 save leaves the previous checkpoint loadable. The config is also embedded in the
 safetensors metadata ("fastsae_cfg"), so the weights file alone says what it holds.
@@ -24,6 +27,7 @@ WEIGHTS_NAME = "sae_weights.safetensors"
 
 
 def save_sae(sae, path: str | os.PathLike) -> Path:
+    """Write `sae.cfg` and `sae.state_dict()` into directory `path`."""
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise CheckpointError(f"cannot save into {path}: it is a file, and a checkpoint is a directory")
@@ -53,10 +57,9 @@ def read_config(path: str | os.PathLike) -> SAEConfig:
         raise CheckpointError(f"{cfg_path} does not describe a valid SAE: {e}") from e
 
 
-def load_sae(path: str | os.PathLike, device=None, dtype=None):
-    """Load a checkpoint written by save_pretrained into the right SAE class."""
-    from .sae import build_sae
-
+def read_checkpoint(path: str | os.PathLike) -> tuple[SAEConfig, dict[str, torch.Tensor]]:
+    """(config, tensors on CPU) of a checkpoint written by save_pretrained; the modules that
+    hold them are built by fastsae.sae.load_sae."""
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"no checkpoint at {path}: the directory does not exist")
@@ -68,35 +71,4 @@ def load_sae(path: str | os.PathLike, device=None, dtype=None):
         state = load_file(str(weights_path))
     except (SafetensorError, OSError, ValueError) as e:
         raise CheckpointError(f"{weights_path} is not a readable safetensors file ({e}); it is corrupt") from e
-
-    changes = {}
-    if device is not None:
-        changes["device"] = str(device)
-    if dtype is not None:
-        changes["dtype"] = dtype
-    if changes:
-        cfg = cfg.replace(**changes)
-    with torch.device("meta"):  # no point initialising weights that are about to be replaced
-        sae = build_sae(cfg.replace(device="meta"))
-    expected = {k: tuple(v.shape) for k, v in sae.state_dict().items()}
-    missing = sorted(set(expected) - set(state))
-    if missing:
-        raise CheckpointError(
-            f"{weights_path} lacks tensors {missing} for a {cfg.architecture} SAE; it holds "
-            f"{sorted(state)} (expected {sorted(expected)})"
-        )
-    unexpected = sorted(set(state) - set(expected))
-    if unexpected:
-        raise CheckpointError(
-            f"{weights_path} has tensors {unexpected} that a {cfg.architecture} SAE does not use "
-            f"(expected {sorted(expected)}): is {CFG_NAME}'s architecture right?"
-        )
-    for name, shape in expected.items():
-        if tuple(state[name].shape) != shape:
-            raise CheckpointError(
-                f"{weights_path}: {name} has shape {tuple(state[name].shape)} but {CFG_NAME} "
-                f"(d_in={cfg.d_in}, d_sae={cfg.d_sae}) implies {shape}; the two files disagree"
-            )
-    sae.load_state_dict(state, strict=True, assign=True)
-    sae.cfg = cfg
-    return sae.to(device=cfg.device, dtype=cfg.torch_dtype)
+    return cfg, state

@@ -8,14 +8,16 @@ W_dec [d_sae, d_in], b_dec [d_in] (+ threshold for JumpReLU). Math lives in the 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, ClassVar, Union
 
 import torch
 from torch import nn
 
 from . import ops
+from .checkpoint import CFG_NAME, WEIGHTS_NAME, read_checkpoint, save_sae
 from .config import SAEConfig
-from .errors import InputError
+from .errors import CheckpointError, InputError
 from .init import tied_init_
 from .ops import reference
 from .sparse import Selection, SparseActs
@@ -276,14 +278,10 @@ class BaseSAE(nn.Module):
     # ---------------------------------------------------------------- save / load
     def save_pretrained(self, path) -> None:
         """Write cfg.json + sae_weights.safetensors into directory `path`, atomically."""
-        from .checkpoint import save_sae
-
         save_sae(self, path)
 
     @classmethod
     def from_pretrained(cls, path, device=None, dtype=None) -> BaseSAE:
-        from .checkpoint import load_sae
-
         sae = load_sae(path, device=device, dtype=dtype)
         if not isinstance(sae, cls):
             raise InputError(
@@ -411,7 +409,45 @@ def build_sae(cfg: SAEConfig) -> BaseSAE:
     return sae_class(cfg.architecture)(cfg)
 
 
+def load_sae(path, device=None, dtype=None) -> BaseSAE:
+    """Load a checkpoint written by save_pretrained into the right SAE class."""
+    cfg, state = read_checkpoint(path)
+    weights_path = Path(path) / WEIGHTS_NAME
+
+    changes = {}
+    if device is not None:
+        changes["device"] = str(device)
+    if dtype is not None:
+        changes["dtype"] = dtype
+    if changes:
+        cfg = cfg.replace(**changes)
+    with torch.device("meta"):  # no point initialising weights that are about to be replaced
+        sae = build_sae(cfg.replace(device="meta"))
+    expected = {k: tuple(v.shape) for k, v in sae.state_dict().items()}
+    missing = sorted(set(expected) - set(state))
+    if missing:
+        raise CheckpointError(
+            f"{weights_path} lacks tensors {missing} for a {cfg.architecture} SAE; it holds "
+            f"{sorted(state)} (expected {sorted(expected)})"
+        )
+    unexpected = sorted(set(state) - set(expected))
+    if unexpected:
+        raise CheckpointError(
+            f"{weights_path} has tensors {unexpected} that a {cfg.architecture} SAE does not use "
+            f"(expected {sorted(expected)}): is {CFG_NAME}'s architecture right?"
+        )
+    for name, shape in expected.items():
+        if tuple(state[name].shape) != shape:
+            raise CheckpointError(
+                f"{weights_path}: {name} has shape {tuple(state[name].shape)} but {CFG_NAME} "
+                f"(d_in={cfg.d_in}, d_sae={cfg.d_sae}) implies {shape}; the two files disagree"
+            )
+    sae.load_state_dict(state, strict=True, assign=True)
+    sae.cfg = cfg
+    return sae.to(device=cfg.device, dtype=cfg.torch_dtype)
+
+
 __all__ = [
     "BaseSAE", "StandardSAE", "TopKSAE", "BatchTopKSAE", "JumpReLUSAE", "TrainOutput",
-    "SAE_CLASSES", "sae_class", "build_sae",
+    "SAE_CLASSES", "sae_class", "build_sae", "load_sae",
 ]

@@ -35,7 +35,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .atomic import atomic_write, atomic_write_text, fsync_dir
-from .checkpoint import load_sae, save_sae
+from .checkpoint import save_sae
 from .config import SAEConfig
 from .constraints import normalize_rows_
 from .data import ActivationSource, as_source
@@ -57,7 +57,7 @@ from .errors import CheckpointError, ConfigError, InputError
 from .init import init_b_dec_, init_from_data_
 from .losses import total_variance
 from .optim import DenseAdam, RowSparseAdam, merge_row_sparse
-from .sae import BaseSAE, build_sae
+from .sae import BaseSAE, build_sae, load_sae
 from .schedules import DECAY_SHAPES, lr_factor, sparsity_factor
 from .sparse import RowSparseGrads, SparseActs
 from .tracking import Tracker, plot_curves, read_log

@@ -11,7 +11,8 @@ import json
 import os
 from pathlib import Path
 
-from ...checkpoint import CFG_NAME, WEIGHTS_NAME, load_sae, save_sae
+from ...checkpoint import CFG_NAME, WEIGHTS_NAME, save_sae
+from ...sae import load_sae
 from .files import safetensors_metadata
 
 NAME = "fastsae"
