@@ -238,7 +238,7 @@ class FastSAE(Adapter):
             grad_out = ((2.0 / x.shape[0]) * (sae.decode(acts).float() - x.float())).to(sae.dtype)
         backward = ops.get("topk_sae_backward", sae.backend)
         return lambda: backward(x, acts.values, acts.indices, grad_out, sae.W_enc, sae.W_dec,
-                                sae._input_b_dec(), row_sparse=True)
+                                sae.b_dec if sae.cfg.apply_b_dec_to_input else None, row_sparse=True)
 
     def ops(self, x):
         out = super().ops(x)

@@ -8,21 +8,12 @@
     sae.save_pretrained("ckpt"); sae = fastsae.load("ckpt")
 """
 
-from .config import SAEConfig
+from .architectures import BatchTopKSAE, JumpReLUSAE, StandardSAE, TopKSAE
+from .config import SAEConfig, TrainConfig
 from .errors import CheckpointError, ConfigError, FastSAEError, InputError
-from .sae import (
-    SAE_CLASSES,
-    BaseSAE,
-    BatchTopKSAE,
-    JumpReLUSAE,
-    StandardSAE,
-    TopKSAE,
-    TrainOutput,
-    build_sae,
-    sae_class,
-)
+from .sae import SAE_CLASSES, BaseSAE, TrainOutput, build_sae, sae_class, sparse_architectures
 from .sparse import SparseActs
-from .trainer import TrainConfig, Trainer, train
+from .trainer import Trainer, train
 
 __version__ = "0.1.0"
 
@@ -50,7 +41,7 @@ def load(path, format=None, device=None, dtype=None, **options) -> BaseSAE:
 
 __all__ = [
     "SAEConfig", "BaseSAE", "StandardSAE", "TopKSAE", "BatchTopKSAE", "JumpReLUSAE",
-    "TrainOutput", "SparseActs", "SAE_CLASSES", "sae_class", "build_sae", "load",
+    "TrainOutput", "SparseActs", "SAE_CLASSES", "sae_class", "sparse_architectures", "build_sae", "load",
     "FastSAEError", "InputError", "ConfigError", "CheckpointError", "__version__",
 ]
 __all__ += ["TrainConfig", "Trainer", "train"]

@@ -1,4 +1,5 @@
-"""One config dataclass for every SAE architecture (field names follow SAELens)."""
+"""The configs: SAEConfig (one dataclass for every SAE architecture, field names following
+SAELens) and TrainConfig (everything about a training run except the data)."""
 
 from __future__ import annotations
 
@@ -9,9 +10,8 @@ from typing import Any
 import torch
 
 from .errors import ConfigError
+from .schedules import DECAY_SHAPES
 
-ARCHITECTURES = ("standard", "topk", "batchtopk", "jumprelu")
-_K_ARCHITECTURES = ("topk", "batchtopk")
 NORMALIZATIONS = ("none", "layer_norm", "constant_norm_rescale")
 
 
@@ -74,27 +74,16 @@ class SAEConfig:
         self.validate()
 
     def validate(self) -> None:
-        if self.architecture not in ARCHITECTURES:
-            raise ConfigError(
-                f"unknown architecture {self.architecture!r}: use one of {', '.join(ARCHITECTURES)}"
-            )
         for name in ("d_in", "d_sae"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ConfigError(f"{name} must be a positive integer, got {v!r}")
-        if self.architecture in _K_ARCHITECTURES:
-            if self.k is None:
-                raise ConfigError(
-                    f"architecture {self.architecture!r} needs k (active latents per row): "
-                    f"pass k=<1..{self.d_sae}>"
-                )
-            if not isinstance(self.k, int) or isinstance(self.k, bool):
-                raise ConfigError(f"k must be an integer, got {self.k!r}")
-            if not 1 <= self.k <= self.d_sae:
-                raise ConfigError(
-                    f"k={self.k} is out of range: it must satisfy 1 <= k <= d_sae={self.d_sae} "
-                    "(k is how many latents fire per row)"
-                )
+        from .sae import architectures  # the registry (its modules import this one)
+
+        known = architectures()
+        if self.architecture not in known:
+            raise ConfigError(f"unknown architecture {self.architecture!r}: use one of {', '.join(known)}")
+        known[self.architecture].validate_config(self)
         dtype_from_str(self.dtype)
         if self.normalize_activations not in NORMALIZATIONS:
             raise ConfigError(
@@ -104,13 +93,6 @@ class SAEConfig:
         if self.backend not in ("auto", "reference", "cpp", "triton"):
             raise ConfigError(
                 f"backend {self.backend!r} is unknown: use 'auto', 'reference', 'cpp' or 'triton'"
-            )
-        if self.jumprelu_bandwidth <= 0:
-            raise ConfigError(f"jumprelu_bandwidth must be > 0, got {self.jumprelu_bandwidth}")
-        if not 0.0 <= self.batchtopk_threshold_momentum < 1.0:
-            raise ConfigError(
-                "batchtopk_threshold_momentum must be in [0, 1), got "
-                f"{self.batchtopk_threshold_momentum}"
             )
 
     @property
@@ -131,4 +113,143 @@ class SAEConfig:
         return cls(**kwargs)
 
     def replace(self, **changes: Any) -> SAEConfig:
+        return dataclasses.replace(self, **changes)
+
+
+@dataclass
+class TrainConfig:
+    """Everything about a training run except the data. `sae` is the SAEConfig (or a dict).
+
+    optimizer: "adam" (dense, torch's fused kernel) or "row_sparse_adam" (sparse architectures; see
+        fastsae.optim for how it differs from dense Adam).
+    sparse_backward: None = on for the sparse architectures (required by row_sparse_adam).
+    row_sparse_catch_up: row_sparse_adam's mode (True: silent latents get dense Adam's
+        momentum steps in closed form when they fire again; False: lazy Adam).
+    lr schedule: linear warmup over warmup_steps, then flat, then from decay_start (fraction
+        of steps) a linear/cosine decay to final_lr_fraction·lr.
+    sparsity_warmup_steps: the L1/L0 penalty ramps linearly from 0 over these steps.
+    l1_decoder_norm: ReLU SAEs' L1 is Σ_j |f_j|·‖W_dec[j]‖ (True) or Σ_j |f_j| (False). The
+        penalty is a sum over latents, never divided by d_sae, so a coefficient means the same
+        at every width. Weighting by the decoder norm makes it invariant to trading scale
+        between f_j and W_dec[j] (otherwise the SAE can shrink f and grow W_dec to dodge
+        it); the unweighted form needs unit_norm_decoder=True for the same reason.
+    auxk_coefficient, k_aux: AuxK for the sparse architectures (0 disables; k_aux None = d_in // 2).
+    dead_tokens: a latent is dead after this many tokens without firing.
+    unit_norm_decoder: None = on for the sparse architectures and unweighted L1 (keep decoder rows unit-norm, with the
+        gradient's parallel component removed).
+    init: "tied" (random unit decoder rows, W_enc = W_decᵀ) or "data" (a data_init_fraction
+        of decoder rows from activation samples, then tied). b_dec_init: "geometric_median",
+        "mean" or "zeros", from init_sample_rows rows of the data.
+    nonfinite: "raise" (stop with an error naming the batch) or "skip" (drop the batch and
+        count it in the log's skipped_batches) for a batch holding NaN/inf.
+    checkpoint_every: steps between checkpoints (0: only at the end); keep_checkpoints: how
+        many to keep.
+    """
+
+    sae: SAEConfig | dict
+    steps: int = 1000
+    batch_size: int = 4096
+    lr: float = 2e-4
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    optimizer: str = "adam"
+    sparse_backward: bool | None = None
+    row_sparse_catch_up: bool = True
+    warmup_steps: int = 0
+    decay: str = "linear"
+    decay_start: float = 0.8
+    final_lr_fraction: float = 0.0
+    sparsity_warmup_steps: int = 0
+    l1_decoder_norm: bool = True
+    auxk_coefficient: float = 1 / 32
+    k_aux: int | None = None
+    dead_tokens: int = 10_000_000
+    dense_threshold: float = 0.1
+    unit_norm_decoder: bool | None = None
+    init: str = "tied"
+    data_init_fraction: float = 1.0
+    b_dec_init: str = "geometric_median"
+    init_sample_rows: int = 4096
+    nonfinite: str = "raise"
+    log_every: int = 100
+    checkpoint_every: int = 1000
+    keep_checkpoints: int = 3
+    out_dir: str = "runs/sae"
+    seed: int = 0
+    progress: bool = True
+    console: bool = True
+    plot: bool = True
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.sae, dict):
+            self.sae = SAEConfig.from_dict(self.sae)
+        self.betas = tuple(self.betas)
+        self.validate()
+
+    def validate(self) -> None:
+        from .sae import sparse_architectures
+
+        arch = self.sae.architecture
+        checks = [
+            (self.steps >= 1, f"steps must be >= 1, got {self.steps}"),
+            (self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}"),
+            (self.lr > 0, f"lr must be > 0, got {self.lr}"),
+            (self.optimizer in ("adam", "row_sparse_adam"),
+             f"optimizer {self.optimizer!r} is unknown: use 'adam' or 'row_sparse_adam'"),
+            (self.decay in DECAY_SHAPES, f"decay {self.decay!r} is unknown: use one of {', '.join(DECAY_SHAPES)}"),
+            (self.init in ("tied", "data"), f"init {self.init!r} is unknown: use 'tied' or 'data'"),
+            (self.b_dec_init in ("geometric_median", "mean", "zeros"),
+             f"b_dec_init {self.b_dec_init!r} is unknown: use 'geometric_median', 'mean' or 'zeros'"),
+            (self.nonfinite in ("raise", "skip"), f"nonfinite {self.nonfinite!r} is unknown: use 'raise' or 'skip'"),
+            (self.keep_checkpoints >= 1, f"keep_checkpoints must be >= 1, got {self.keep_checkpoints}"),
+        ]
+        for ok, msg in checks:
+            if not ok:
+                raise ConfigError(msg)
+        sparse = self.sae_class.takes_sparse_path
+        if self.optimizer == "row_sparse_adam":
+            if not sparse:
+                raise ConfigError(
+                    f"row_sparse_adam needs row-sparse gradients, which only the sparse architectures "
+                    f"({', '.join(sparse_architectures())}) have; "
+                    f"architecture {arch!r} trains with optimizer='adam'"
+                )
+            if self.sparse_backward is False:
+                raise ConfigError("row_sparse_adam needs sparse_backward=True (or None)")
+        if self.sparse_backward and not sparse:
+            raise ConfigError(f"sparse_backward is for the sparse architectures ({', '.join(sparse_architectures())}), "
+                              f"not {arch!r}")
+
+    @property
+    def sae_class(self):
+        from .sae import sae_class  # the registry (its modules import this one)
+
+        return sae_class(self.sae.architecture)
+
+    @property
+    def use_sparse_backward(self) -> bool:
+        return self.sae_class.takes_sparse_path and self.sparse_backward is not False
+
+    @property
+    def use_unit_norm_decoder(self) -> bool:
+        if self.unit_norm_decoder is None:
+            return self.sae_class.takes_sparse_path or not self.l1_decoder_norm
+        return self.unit_norm_decoder
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["sae"] = self.sae.to_dict()
+        d["betas"] = list(self.betas)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> TrainConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ConfigError(f"unknown training option(s) {unknown}: known ones are {sorted(known)}")
+        return cls(**d)
+
+    def replace(self, **changes) -> TrainConfig:
         return dataclasses.replace(self, **changes)

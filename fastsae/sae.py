@@ -1,12 +1,35 @@
-"""The SAE modules: StandardSAE (ReLU + L1), TopKSAE, BatchTopKSAE, JumpReLUSAE.
+"""BaseSAE: what every SAE architecture shares, on one process or as one shard of many.
 
 Parameter names and layouts follow SAELens: W_enc [d_in, d_sae], b_enc [d_sae],
-W_dec [d_sae, d_in], b_dec [d_in] (+ threshold for JumpReLU). Math lives in the ops
-(fastsae.ops picks a backend per device); this file is policy: shapes, checks, losses.
+W_dec [d_sae, d_in], b_dec [d_in] (+ an architecture's own tensors, e.g. JumpReLU's
+threshold). Math lives in the ops (fastsae.ops picks a backend per device); this file is
+policy: shapes, checks, losses.
+
+An SAE module holds the latents [shard_start, shard_end) of a dictionary of width d_sae.
+On one process (the default LocalContext) that is all of them; under
+fastsae.distributed each rank's module holds one slice, and the module's `context` merges
+what the slices compute (top-k candidates, partial reconstructions). Each architecture
+(fastsae/architectures/) is written once against this: its activation, its penalty and its
+statistics run on whatever slice the module holds, so the whole SAE and each shard of a
+sharded one are the same code.
+
+The public protocol the Trainer drives (and nothing else):
+    takes_sparse_path              class constant: encode selects a SparseActs, and the
+                                   explicit sparse backward applies (the TopK family)
+    prepare(x) -> (x2, restore)    checked, flattened, normalised input [N, d_in]
+    select(x2, train)              sparse architectures: a Selection
+    decode_selection(sel)          the reconstruction of a Selection
+    sparse_backward(x2, sel, g)    row-sparse gradients of the latents that fired, db_dec
+    auxk_loss(x2, residual, dead, k_aux, scale)
+    training_forward(x)            autograd path: loss and its terms
+    local_view()                   this module's latents numbered from 0 (optimizer, init)
+    l1_decoder_norm                attribute: ReLU SAEs' L1 weighting
+    save_pretrained(path)
 """
 
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Union
@@ -17,10 +40,11 @@ from torch import nn
 from . import ops
 from .checkpoint import CFG_NAME, WEIGHTS_NAME, read_checkpoint, save_sae
 from .config import SAEConfig
-from .errors import CheckpointError, InputError
+from .errors import CheckpointError, ConfigError, InputError
 from .init import tied_init_
-from .ops import reference
-from .sparse import Selection, SparseActs
+from .losses import top_dead_latents, total_variance
+from .parallel import LOCAL, ParallelContext
+from .sparse import RowSparseGrads, Selection, SparseActs
 
 Acts = Union[torch.Tensor, SparseActs]
 
@@ -43,8 +67,11 @@ def check_latent_ids(indices: torch.Tensor, d_sae: int) -> None:
 class TrainOutput:
     """What a training forward returns: the loss to backpropagate and its terms.
 
-    mse: squared error summed over d_in, averaged over rows (SAELens convention).
-    fvu: fraction of variance unexplained (squared error / variance of x about its batch mean).
+    mse: squared error summed over d_in, averaged over rows (SAELens convention; 0 for an
+        empty batch).
+    fvu: fraction of variance unexplained (squared error / variance of x about its batch mean);
+        NaN when the batch has no variance (fewer than two rows, or all rows equal), where it is
+        undefined. It is a metric, not part of the loss.
     sparsity: the architecture's penalty term, already multiplied by its coefficient
         (L1 for standard, L0 for jumprelu, 0 for topk/batchtopk).
     l0: mean active latents per row (not differentiable).
@@ -62,12 +89,49 @@ class TrainOutput:
         return {k: float(getattr(self, k).detach()) for k in ("loss", "mse", "fvu", "sparsity", "l0")}
 
 
+def reconstruction_terms(x_hat: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(err, mse, fvu) of a reconstruction x_hat of x [N, d] (TrainOutput's definitions)."""
+    err = (x_hat - x).float()
+    sq = err.pow(2)
+    mse = sq.sum() / max(x.shape[0], 1)
+    var = (x.float() - x.float().mean(0)).pow(2).sum() if x.shape[0] else sq.new_zeros(())
+    fvu = sq.sum() / var if float(var) > 0 else sq.new_full((), float("nan"))
+    return err, mse, fvu
+
+
+class LocalView:
+    """A module's own latents numbered from 0, as a module of width d_sae_local: what the
+    latent-indexed helpers (RowSparseAdam, init_from_data_) see."""
+
+    def __init__(self, sae: BaseSAE):
+        self.sae = sae
+        self.d_sae, self.d_in = sae.d_sae_local, sae.d_in
+        self.device, self.dtype = sae.device, sae.dtype
+        self.W_enc, self.b_enc, self.W_dec, self.b_dec = sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec
+
+    def named_parameters(self):
+        return self.sae.named_parameters()
+
+
 class BaseSAE(nn.Module):
-    """Shared parameters, input checks, encode/decode/forward and save/load."""
+    """Shared parameters, input checks, encode/decode/forward, the trainer's protocol and save/load.
+
+    An architecture subclass sets `architecture`, `takes_sparse_path`, `needs_k`, and either
+    `select` (sparse) or `activate` (dense); optionally `latent_dims` for its own
+    latent-indexed tensors, `_init_architecture_state`, `_fused_forward` and
+    `validate_config`. See fastsae/architectures/.
+    """
 
     architecture: ClassVar[str] = ""
+    takes_sparse_path: ClassVar[bool] = False
+    needs_k: ClassVar[bool] = False
+    # state-dict entries indexed by latent, and the dimension that runs over latents (split
+    # over the shards of a sharded SAE; every other entry is replicated)
+    latent_dims: ClassVar[dict[str, int]] = {"W_enc": 1, "b_enc": 0, "W_dec": 0}
+    l1_decoder_norm: bool = True  # ReLU SAEs' L1 weighting (TrainConfig.l1_decoder_norm sets it)
 
-    def __init__(self, cfg: SAEConfig | None = None, **kwargs: Any):
+    def __init__(self, cfg: SAEConfig | None = None, *, context: ParallelContext | None = None,
+                 seed: int | None = None, init: bool = True, **kwargs: Any):
         super().__init__()
         if cfg is None:
             kwargs.setdefault("architecture", self.architecture)
@@ -80,18 +144,53 @@ class BaseSAE(nn.Module):
                 f"{cfg.architecture!r}: build it with fastsae.sae_class({cfg.architecture!r})(cfg)"
             )
         self.cfg = cfg
-        d, n = cfg.d_in, cfg.d_sae
+        self.context = context if context is not None else LOCAL
+        self.shard_start, self.shard_end = self.context.shard_range(cfg.d_sae)
+        d, n = cfg.d_in, self.d_sae_local
         f = dict(dtype=cfg.torch_dtype, device=cfg.device)
         self.W_enc = nn.Parameter(torch.empty(d, n, **f))
         self.b_enc = nn.Parameter(torch.zeros(n, **f))
         self.W_dec = nn.Parameter(torch.empty(n, d, **f))
         self.b_dec = nn.Parameter(torch.zeros(d, **f))
-        self.reset_parameters()
+        self._init_architecture_state()
+        if init:
+            self.reset_parameters(seed)
+
+    def _init_architecture_state(self) -> None:
+        """Create the architecture's own parameters and buffers (local slice where latent-indexed)."""
+
+    @classmethod
+    def validate_config(cls, cfg: SAEConfig) -> None:
+        """Raise ConfigError for settings this architecture cannot use."""
+        if not cls.needs_k:
+            return
+        if cfg.k is None:
+            raise ConfigError(
+                f"architecture {cfg.architecture!r} needs k (active latents per row): pass k=<1..{cfg.d_sae}>"
+            )
+        if not isinstance(cfg.k, int) or isinstance(cfg.k, bool):
+            raise ConfigError(f"k must be an integer, got {cfg.k!r}")
+        if not 1 <= cfg.k <= cfg.d_sae:
+            raise ConfigError(
+                f"k={cfg.k} is out of range: it must satisfy 1 <= k <= d_sae={cfg.d_sae} "
+                "(k is how many latents fire per row)"
+            )
 
     @torch.no_grad()
-    def reset_parameters(self) -> None:
-        """Unit-norm random decoder rows and a tied encoder (W_enc = W_decᵀ), zero biases."""
-        tied_init_(self, torch.randn(self.cfg.d_sae, self.cfg.d_in, dtype=torch.float32, device=self.W_dec.device))
+    def reset_parameters(self, seed: int | None = None) -> None:
+        """Unit-norm random decoder rows and a tied encoder (W_enc = W_decᵀ), zero biases.
+        A whole SAE draws from the global RNG unless given a seed; a shard draws its own slice
+        from a generator keyed on (seed, shard), so replicas of a shard start identical and no
+        rank generates the whole dictionary."""
+        shape = (self.d_sae_local, self.d_in)
+        dev = self.W_dec.device
+        if seed is None and self.context.shards == 1:
+            directions = torch.randn(shape, dtype=torch.float32, device=dev)
+        else:
+            gen = torch.Generator(device=dev)
+            gen.manual_seed((0 if seed is None else seed) * 1_000_003 + self.context.shard)
+            directions = torch.randn(shape, generator=gen, dtype=torch.float32, device=dev)
+        tied_init_(self, directions)
 
     # ---------------------------------------------------------------- properties
     @property
@@ -100,7 +199,17 @@ class BaseSAE(nn.Module):
 
     @property
     def d_sae(self) -> int:
+        """The whole dictionary's width (latent ids run over [0, d_sae))."""
         return self.cfg.d_sae
+
+    @property
+    def d_sae_local(self) -> int:
+        """How many latents this module holds (d_sae unless it is one shard of many)."""
+        return self.shard_end - self.shard_start
+
+    @property
+    def sharded(self) -> bool:
+        return self.context.shards > 1
 
     @property
     def device(self) -> torch.device:
@@ -115,15 +224,29 @@ class BaseSAE(nn.Module):
         """The backend the ops run on for this module's device (see fastsae.ops)."""
         return ops.resolve_backend(self.cfg.backend, self.device)
 
-    def _op(self, name: str):
+    def op(self, name: str):
+        """The implementation of op `name` this module uses (fastsae.ops)."""
         return ops.get(name, self.backend)
 
-    def _input_b_dec(self):
-        return self.b_dec if self.cfg.apply_b_dec_to_input else None
+    def local_view(self) -> LocalView:
+        return LocalView(self)
 
-    def _normalize_input(self, x: torch.Tensor):
-        """cfg.normalize_activations applied to x [N, d_in] before encoding, and the map that takes
-        a reconstruction back to x's scale (identity for "none"). Mirrors SAELens and OpenAI."""
+    def extra_repr(self) -> str:
+        k = f", k={self.cfg.k}" if self.cfg.k is not None else ""
+        where = (f", latents [{self.shard_start}, {self.shard_end}) of shard {self.context.shard}/"
+                 f"{self.context.shards}" if self.sharded else "")
+        return f"d_in={self.d_in}, d_sae={self.d_sae}{k}{where}, dtype={self.dtype}, device={self.device}"
+
+    # ---------------------------------------------------------------- input
+    def prepare(self, x: torch.Tensor):
+        """x [..., d_in] checked and flattened to [N, d_in] in the SAE's dtype, then normalised
+        (cfg.normalize_activations); returns (x2, restore), restore mapping a reconstruction
+        back to x's scale (the identity for "none")."""
+        return self.normalize_input(self._check_input(x))
+
+    def normalize_input(self, x: torch.Tensor):
+        """cfg.normalize_activations applied to x [N, d_in] before encoding, and the map that
+        takes a reconstruction back to x's scale. Mirrors SAELens and OpenAI."""
         mode = self.cfg.normalize_activations
         if mode == "layer_norm":  # OpenAI's LN: unbiased std, eps added to std, not undone
             mu = x.mean(-1, keepdim=True)
@@ -134,15 +257,12 @@ class BaseSAE(nn.Module):
             return x * coeff, lambda y: y / coeff
         return x, lambda y: y
 
-    # ---------------------------------------------------------------- checks
     def _check_input(self, x: torch.Tensor) -> torch.Tensor:
-        """Validate x [..., d_in]; return it flattened to [N, d_in] in the SAE's dtype."""
         if not isinstance(x, torch.Tensor):
             raise InputError(f"x must be a torch.Tensor, got {type(x).__name__}")
-        if not (x.is_floating_point()):
+        if not x.is_floating_point():
             raise InputError(
-                f"x has dtype {x.dtype}, but SAEs take floating-point activations: "
-                f"pass x.to({self.dtype}) instead"
+                f"x has dtype {x.dtype}, but SAEs take floating-point activations: pass x.to({self.dtype}) instead"
             )
         if x.dim() == 0 or x.shape[-1] != self.d_in:
             got = "a scalar" if x.dim() == 0 else f"last dimension {x.shape[-1]} (shape {tuple(x.shape)})"
@@ -163,122 +283,194 @@ class BaseSAE(nn.Module):
             )
         return x.reshape(-1, self.d_in).to(self.dtype)
 
+    def encoder_input(self, x2: torch.Tensor) -> torch.Tensor:
+        """x - b_dec (when applied to the input), entering the shards: each shard encodes its
+        own latents from it, and its gradient is summed over them."""
+        x_in = x2 - self.b_dec if self.cfg.apply_b_dec_to_input else x2
+        return self.context.enter_shards(x_in)
+
+    def pre_activations(self, x2: torch.Tensor) -> torch.Tensor:
+        """(x - b_dec) @ W_enc + b_enc of this module's latents [N, d_sae_local] (dense: for
+        facades and tests, not the training path)."""
+        return ops.reference.pre_activations(self.encoder_input(x2), self.W_enc, self.b_enc)
+
+    # ---------------------------------------------------------------- per architecture
+    def select(self, x2: torch.Tensor, train: bool = False) -> Selection:
+        """Sparse architectures: the selection of prepared input x2 [N, d_in] (train=True also
+        updates the architecture's statistics, e.g. BatchTopK's threshold)."""
+        raise InputError(f"select() is for the sparse architectures, this one is {self.cfg.architecture!r}")
+
+    def activate(self, x_in: torch.Tensor, train: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Dense architectures: this module's activations [N, d_sae_local] of encoder input x_in,
+        and (train=True) its part of the sparsity penalty times its coefficient."""
+        raise NotImplementedError
+
+    def _fused_forward(self, x2: torch.Tensor) -> torch.Tensor | None:
+        """x_hat in one fused pass (no autograd, whole SAE only) where the architecture has one."""
+        return None
+
     # ---------------------------------------------------------------- API
     def encode(self, x: torch.Tensor, dense: bool = False) -> Acts:
-        """Latent activations of x [..., d_in]: a SparseActs for the TopK family (dense=True
-        gives a [..., d_sae] tensor), a dense tensor for ReLU/JumpReLU."""
+        """Latent activations of x [..., d_in]: a SparseActs for the sparse architectures
+        (dense=True gives a [..., d_sae] tensor), a dense tensor for the others."""
         lead = x.shape[:-1] if isinstance(x, torch.Tensor) and x.dim() else ()
-        acts = self._encode_2d(self._normalize_input(self._check_input(x))[0])
+        acts = self.encode_prepared(self.prepare(x)[0])
         if isinstance(acts, SparseActs):
             acts = acts.reshape_rows(tuple(lead))
             return acts.to_dense() if dense else acts
         return acts.reshape(*lead, self.d_sae)
 
-    def decode(self, acts: Acts) -> torch.Tensor:
-        """Reconstruction [..., d_in] from a SparseActs or a dense [..., d_sae] tensor."""
-        return self._decode(acts, check_ids=True)
+    def encode_prepared(self, x2: torch.Tensor) -> Acts:
+        """encode() of input already prepared (prepare(x)[0]): [N, ...] activations."""
+        if self.takes_sparse_path:
+            return self.select(x2).acts
+        local, _ = self.activate(self.encoder_input(x2), train=False)
+        return self.context.gather_dense(local, self.d_sae)
 
-    def _decode(self, acts: Acts, check_ids: bool) -> torch.Tensor:
-        """decode; check_ids=False for acts this module's own encode just made."""
+    def decode(self, acts: Acts) -> torch.Tensor:
+        """Reconstruction [..., d_in] from a SparseActs over global ids or a dense [..., d_sae] tensor."""
         if isinstance(acts, SparseActs):
             if acts.d_sae != self.d_sae:
                 raise InputError(f"acts have d_sae={acts.d_sae} but this SAE has d_sae={self.d_sae}")
             lead = acts.values.shape[:-1]
             flat = acts.flatten_rows()
-            if check_ids:
-                check_latent_ids(flat.indices, self.d_sae)
-            out = self._op("sparse_decode")(flat.values.to(self.dtype), flat.indices, self.W_dec, self.b_dec)
-            return out.reshape(*lead, self.d_in)
+            check_latent_ids(flat.indices, self.d_sae)
+            values, local = flat.values.to(self.dtype), flat.indices - self.shard_start
+            if self.sharded:  # other shards' latents: value 0 at local id 0
+                own = (local >= 0) & (local < self.d_sae_local)
+                values, local = values.masked_fill(~own, 0), torch.where(own, local, torch.zeros_like(local))
+            partial = self.op("sparse_decode")(values, local, self.W_dec, None)
+            return self.finish_decode(partial).reshape(*lead, self.d_in)
         if not isinstance(acts, torch.Tensor) or acts.dim() == 0 or acts.shape[-1] != self.d_sae:
             shape = tuple(acts.shape) if isinstance(acts, torch.Tensor) else type(acts).__name__
-            raise InputError(
-                f"decode takes a SparseActs or a dense tensor [..., d_sae={self.d_sae}], got {shape}"
-            )
+            raise InputError(f"decode takes a SparseActs or a dense tensor [..., d_sae={self.d_sae}], got {shape}")
         lead = acts.shape[:-1]
-        out = self._op("dense_decode")(acts.reshape(-1, self.d_sae).to(self.dtype), self.W_dec, self.b_dec)
-        return out.reshape(*lead, self.d_in)
+        mine = acts.reshape(-1, self.d_sae)[:, self.shard_start:self.shard_end].to(self.dtype)
+        return self.finish_decode(self.op("dense_decode")(mine, self.W_dec, None)).reshape(*lead, self.d_in)
+
+    def finish_decode(self, partial: torch.Tensor) -> torch.Tensor:
+        """Σ over the shards of their partial reconstructions, + b_dec."""
+        return self.context.sum_shards(partial) + self.b_dec
+
+    def decode_selection(self, sel: Selection) -> torch.Tensor:
+        """The reconstruction [N, d_in] of a Selection (its local values and ids)."""
+        return self.finish_decode(self.op("sparse_decode")(sel.values.to(self.dtype), sel.indices, self.W_dec, None))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """The reconstruction x_hat of x, same shape as x."""
-        x2, restore = self._normalize_input(self._check_input(x))
-        x_hat = None if self._needs_grad(x2) else self._fused_forward(x2)
+        x2, restore = self.prepare(x)
+        x_hat = None if (self._needs_grad(x2) or self.sharded) else self._fused_forward(x2)
         if x_hat is None:
-            x_hat = self._decode(self._encode_2d(x2), check_ids=False)
+            x_hat = self._reconstruct(x2, train=False)[0]
         return restore(x_hat).reshape(x.shape)
 
     def _needs_grad(self, x: torch.Tensor) -> bool:
         return torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters()))
 
-    def _fused_forward(self, x: torch.Tensor) -> torch.Tensor | None:
-        """x_hat in one fused pass where the architecture has one (no autograd), else None."""
-        return None
+    def _reconstruct(self, x2: torch.Tensor, train: bool):
+        """(x_hat, acts over global ids, penalty) of prepared input x2."""
+        if self.takes_sparse_path:
+            sel = self.select(x2, train=train)
+            return self.decode_selection(sel), sel.acts, torch.zeros((), device=self.device)
+        local, penalty = self.activate(self.encoder_input(x2), train=train)
+        x_hat = self.finish_decode(self.op("dense_decode")(local, self.W_dec, None))
+        if penalty is None:
+            penalty = torch.zeros((), device=self.device)
+        else:
+            penalty = self.context.sum_shards(penalty, "the sparsity penalty")
+        return x_hat, self.context.fired_acts(local, self.shard_start, self.d_sae), penalty
 
     def training_forward(self, x: torch.Tensor) -> TrainOutput:
-        """Encode, decode and score a batch; backpropagate `.loss`."""
+        """Encode, decode and score a batch; backpropagate `.loss` (on every rank when sharded:
+        each gets the same loss). Losses are in the normalised space, as OpenAI's."""
         lead = x.shape[:-1] if isinstance(x, torch.Tensor) and x.dim() else ()
-        x2 = self._normalize_input(self._check_input(x))[0]  # losses in normalised space, as OpenAI
-        acts, sparsity = self._train_encode(x2)
-        x_hat = self._decode(acts, check_ids=False)
-        err = (x_hat - x2).float()
-        mse = err.pow(2).sum(-1).mean()
-        var = (x2.float() - x2.float().mean(0)).pow(2).sum()
-        fvu = err.pow(2).sum() / var.clamp_min(torch.finfo(torch.float32).tiny)
-        l0 = (acts.l0() if isinstance(acts, SparseActs) else (acts != 0).sum(-1)).float().mean()
-        out_acts = acts.reshape_rows(tuple(lead)) if isinstance(acts, SparseActs) else acts.reshape(*lead, self.d_sae)
-        return TrainOutput(
-            loss=mse + sparsity, mse=mse, fvu=fvu, sparsity=sparsity, l0=l0,
-            x_hat=x_hat.reshape(*lead, self.d_in), acts=out_acts,
-        )
+        x2 = self.prepare(x)[0]
+        x_hat, acts, sparsity = self._reconstruct(x2, train=True)
+        _, mse, fvu = reconstruction_terms(x_hat, x2)
+        l0 = (acts.l0() if isinstance(acts, SparseActs) else (acts != 0).sum(-1)).float()
+        l0 = l0.mean() if l0.numel() else l0.new_zeros(())
+        out_acts = acts.reshape_rows(tuple(lead)) if isinstance(acts, SparseActs) else acts.reshape(*lead, -1)
+        return TrainOutput(loss=mse + sparsity, mse=mse, fvu=fvu, sparsity=sparsity, l0=l0,
+                           x_hat=x_hat.reshape(*lead, self.d_in), acts=out_acts)
 
-    # ---------------------------------------------------------------- per architecture
-    def _encode_2d(self, x: torch.Tensor, train: bool = False) -> Acts:
-        raise NotImplementedError
-
-    def _train_encode(self, x: torch.Tensor) -> tuple[Acts, torch.Tensor]:
-        """Training-mode encode and the sparsity penalty (times its coefficient)."""
-        return self._encode_2d(x, train=True), torch.zeros((), device=self.device)
-
-    # ---------------------------------------------------------------- the trainer's seam
-    # fastsae.trainer.Trainer drives a single-process SAE and a ShardedSAE through these four
-    # methods (ShardedSAE has the same ones, with collectives inside), so one training loop
-    # serves both.
-    def select(self, x2: torch.Tensor, train: bool = False) -> Selection:
-        """TopK-family encode of normalised 2-D input x2 [N, d_in]."""
-        acts = self._encode_2d(x2, train=train)
-        if not isinstance(acts, SparseActs):
-            raise InputError(f"select() is for topk/batchtopk SAEs, this one is {self.cfg.architecture!r}")
-        return Selection(acts.values, acts.indices, acts)
-
-    def _decode_selection(self, sel: Selection) -> torch.Tensor:
-        return self._op("sparse_decode")(sel.values.to(self.dtype), sel.indices, self.W_dec, self.b_dec)
-
+    # ---------------------------------------------------------------- the explicit sparse step
     @torch.no_grad()
     def sparse_backward(self, x2: torch.Tensor, sel: Selection, grad_out: torch.Tensor):
-        """The TopK-family backward outside autograd (ops "topk_sae_backward"): (RowSparseGrads
-        of the latents that fired, db_dec) for grad_out = dL/dx_hat [N, d_in]."""
-        g = self._op("topk_sae_backward")(x2, sel.values.to(self.dtype), sel.indices, grad_out.to(self.dtype),
-                                          self.W_enc, self.W_dec, self._input_b_dec(), row_sparse=True)
-        return g["rows"], g["db_dec"]
+        """The sparse architectures' backward outside autograd (ops "topk_sae_backward"):
+        (RowSparseGrads over this module's own latent ids that were kept with a nonzero value,
+        db_dec) for grad_out = ∂L/∂x_hat [N, d_in], the same on every shard. db_dec's encoder
+        part is summed over the shards, so it is the whole SAE's db_dec everywhere."""
+        g = self.op("topk_sae_backward")(x2, sel.values.to(self.dtype), sel.indices, grad_out.to(self.dtype),
+                                         self.W_enc, self.W_dec, self.b_dec if self.cfg.apply_b_dec_to_input
+                                         else None, row_sparse=True)
+        rows: RowSparseGrads = g["rows"]
+        # a latent selected with value 0 (fewer positive pre-activations than slots), and the
+        # slots another shard won (value 0 at local id 0), have zero gradients: drop them
+        kept = torch.zeros(self.d_sae_local, dtype=torch.bool, device=self.device)
+        kept[sel.indices[sel.values != 0]] = True
+        keep = kept[rows.latents]
+        if not bool(keep.all()):
+            rows = RowSparseGrads(rows.latents[keep], rows.W_enc[:, keep], rows.b_enc[keep], rows.W_dec[keep],
+                                  self.d_sae_local)
+        if not self.sharded:
+            return rows, g["db_dec"]
+        decoder_part = grad_out.sum(0).to(g["db_dec"].dtype)
+        encoder_part = self.context.sum_shards_((decoder_part - g["db_dec"]).contiguous())
+        return rows, decoder_part - encoder_part
 
-    def auxk_loss(self, x_in: torch.Tensor, residual: torch.Tensor, dead: torch.Tensor, k_aux: int,
+    def auxk_loss(self, x2: torch.Tensor, residual: torch.Tensor, dead: torch.Tensor, k_aux: int,
                   scale: float = 1.0):
-        """AuxK (fastsae.losses.auxk_loss) from each row's k_aux largest pre-activations among
-        the `dead` latent ids. The gradient goes to leaf copies of the touched latents only:
-        returns (loss, latent ids u, (W_enc[:, u], b_enc[u], W_dec[u]) leaves)."""
-        from .losses import auxk_loss, top_dead_latents
-
-        x_in = x_in.detach()
-        idx = top_dead_latents(x_in, self.W_enc.detach(), self.b_enc.detach(), dead, k_aux,
-                               topk_encode=self._op("topk_encode"))
+        """AuxK (Gao et al. 2024): each row's k_aux largest pre-activations among the `dead`
+        global latent ids reconstruct the (detached) residual; the loss is normalised by the
+        residual's variance and scaled by `scale`. The gradient goes to leaf copies of the few
+        local latents that were candidates, so nothing of the dictionary's size is allocated:
+        returns (loss, local latent ids u, (W_enc[:, u], b_enc[u], W_dec[u]) leaves); after
+        loss.backward() their .grad are AuxK's gradients of latents u. Every shard must call it
+        with the same `dead`."""
+        x_in = self.encoder_input(x2).detach()
+        mine = dead[(dead >= self.shard_start) & (dead < self.shard_end)] - self.shard_start
+        k_here = min(k_aux, mine.numel())
+        if k_here:
+            idx = top_dead_latents(x_in, self.W_enc.detach(), self.b_enc.detach(), mine, k_here,
+                                   topk_encode=self.op("topk_encode"))
+        else:
+            idx = mine.new_zeros((x_in.shape[0], 0))
         u, local = torch.unique(idx, return_inverse=True)
-        leaves = (self.W_enc.detach()[:, u].requires_grad_(), self.b_enc.detach()[u].requires_grad_(),
-                  self.W_dec.detach()[u].requires_grad_())
-        return auxk_loss(x_in, residual, local, *leaves, scale), u, leaves
+        We = self.W_enc.detach()[:, u].clone().requires_grad_()
+        be = self.b_enc.detach()[u].clone().requires_grad_()
+        Wd = self.W_dec.detach()[u].clone().requires_grad_()
+        pre = torch.einsum("bd,dbk->bk", x_in.to(We.dtype), We[:, local]) + be[local]
+        width = min(k_aux, max(int(((dead >= s) & (dead < e)).sum()) for s, e in
+                               (self.context.shard_range(self.d_sae, i) for i in range(self.context.shards))))
+        # candidates are numbered by their slot in u, so the merge's local ids are slots
+        sel = self.context.merge_topk(pre, local, min(k_aux, dead.numel()), self.shard_start, width, self.d_sae,
+                                      what="AuxK")
+        acts = sel.values.relu()
+        partial = torch.einsum("bk,bkd->bd", acts, Wd[sel.indices]) if u.numel() else acts.new_zeros(x_in.shape)
+        recon = self.context.sum_shards(partial.to(self.dtype), "the AuxK reconstruction")
+        residual = residual.detach().float()
+        loss = scale * (recon.float() - residual).pow(2).sum() / total_variance(residual)
+        return loss, u, (We, be, Wd)
+
+    # ---------------------------------------------------------------- whole / shards
+    def to_full(self) -> BaseSAE:
+        """The whole SAE (itself unless it is a shard; every shard of the replica must call it)."""
+        if not self.sharded:
+            return self
+        from .distributed.sharded_sae import gather_full
+
+        return gather_full(self)
 
     # ---------------------------------------------------------------- save / load
     def save_pretrained(self, path) -> None:
-        """Write cfg.json + sae_weights.safetensors into directory `path`, atomically."""
-        save_sae(self, path)
+        """Write cfg.json + sae_weights.safetensors into directory `path`, atomically (a shard
+        writes a sharded checkpoint with the others: every rank calls it)."""
+        if self.sharded:
+            from .distributed.checkpoint import save_sharded
+
+            save_sharded(self, path)
+        else:
+            save_sae(self, path)
 
     @classmethod
     def from_pretrained(cls, path, device=None, dtype=None) -> BaseSAE:
@@ -290,130 +482,52 @@ class BaseSAE(nn.Module):
             )
         return sae
 
-    def extra_repr(self) -> str:
-        k = f", k={self.cfg.k}" if self.cfg.k is not None else ""
-        return f"d_in={self.d_in}, d_sae={self.d_sae}{k}, dtype={self.dtype}, device={self.device}"
+
+# ---------------------------------------------------------------------- the architecture registry
+SAE_CLASSES: dict[str, type[BaseSAE]] = {}
 
 
-class StandardSAE(BaseSAE):
-    """ReLU SAE trained with an L1 penalty weighted by decoder row norms (Anthropic, 2024)."""
-
-    architecture = "standard"
-    l1_decoder_norm = True  # TrainConfig.l1_decoder_norm sets it per run
-
-    def _encode_2d(self, x, train=False):
-        return self._op("relu_encode")(x, self.W_enc, self.b_enc, self._input_b_dec())
-
-    def _fused_forward(self, x):
-        return self._op("relu_forward")(x, self.W_enc, self.b_enc, self._input_b_dec(), self.W_dec, self.b_dec)
-
-    def _train_encode(self, x):
-        acts = self._encode_2d(x, train=True)
-        # Σ_j |f_j|·‖W_dec[j]‖ per row (or Σ_j |f_j| with l1_decoder_norm off), mean over rows;
-        # not divided by d_sae, so the coefficient means the same at every width.
-        weighted = acts.abs() * self.W_dec.norm(dim=1) if self.l1_decoder_norm else acts.abs()
-        l1 = weighted.sum(-1).mean()
-        return acts, self.cfg.l1_coefficient * l1.float()
+def register(cls: type[BaseSAE]) -> type[BaseSAE]:
+    """Class decorator: make architecture `cls.architecture` buildable from a config."""
+    SAE_CLASSES[cls.architecture] = cls
+    return cls
 
 
-class TopKSAE(BaseSAE):
-    """Keeps the k largest pre-activations of every row (Gao et al. 2024)."""
-
-    architecture = "topk"
-
-    def _encode_2d(self, x, train=False):
-        values, indices = self._op("topk_encode")(x, self.W_enc, self.b_enc, self._input_b_dec(), self.cfg.k)
-        return SparseActs(values, indices, self.d_sae)
-
-
-class BatchTopKSAE(BaseSAE):
-    """Keeps the N·k largest activations of a batch of N rows in training (Bussmann et al.
-    2024); at inference it is a JumpReLU with the learned scalar `threshold` (an EMA of the
-    smallest kept activation in training). Until a threshold has been learned (threshold < 0),
-    inference falls back to batch top-k selection."""
-
-    architecture = "batchtopk"
-
-    def __init__(self, cfg: SAEConfig | None = None, **kwargs: Any):
-        super().__init__(cfg, **kwargs)
-        self.register_buffer("threshold", torch.tensor(-1.0, dtype=torch.float32, device=self.device))
-
-    def _encode_2d(self, x, train=False):
-        args = (x, self.W_enc, self.b_enc, self._input_b_dec())
-        if train or self.training or float(self.threshold) < 0:
-            acts = self._op("batchtopk_encode")(*args, self.cfg.k)
-            if train:
-                self._update_threshold(acts)
-            return acts
-        return self._op("threshold_encode")(*args, self.threshold.to(self.dtype))
-
-    @torch.no_grad()
-    def _update_threshold(self, acts: SparseActs) -> None:
-        kept = acts.values[acts.values > 0]
-        if kept.numel() == 0:
-            return
-        smallest = kept.min().float()
-        m = self.cfg.batchtopk_threshold_momentum
-        if float(self.threshold) < 0:
-            self.threshold.copy_(smallest)
-        else:
-            self.threshold.mul_(m).add_((1 - m) * smallest)
-
-
-class JumpReLUSAE(BaseSAE):
-    """pre·1[pre > θ_j] with a learned per-latent threshold θ (Rajamanoharan et al. 2024),
-    trained through a straight-through estimator with an L0 penalty."""
-
-    architecture = "jumprelu"
-
-    def __init__(self, cfg: SAEConfig | None = None, **kwargs: Any):
-        super().__init__(cfg, **kwargs)
-        self.threshold = nn.Parameter(
-            torch.full((self.d_sae,), self.cfg.jumprelu_init_threshold, dtype=self.dtype, device=self.device)
-        )
-
-    def _encode_2d(self, x, train=False):
-        return self._op("jumprelu_encode")(
-            x, self.W_enc, self.b_enc, self._input_b_dec(), self.threshold, self.cfg.jumprelu_bandwidth
-        )
-
-    def _fused_forward(self, x):
-        return self._op("jumprelu_forward")(
-            x, self.W_enc, self.b_enc, self._input_b_dec(), self.threshold, self.W_dec, self.b_dec
-        )
-
-    def _train_encode(self, x):
-        # One GEMM feeds both the activation and the L0 penalty's straight-through estimator.
-        pre = reference.pre_activations(x, self.W_enc, self.b_enc, self._input_b_dec())
-        eps = self.cfg.jumprelu_bandwidth
-        acts = reference.JumpReLU.apply(pre, self.threshold, eps)
-        l0 = reference.Step.apply(pre, self.threshold, eps).sum(-1).mean()
-        return acts, self.cfg.l0_coefficient * l0.float()
-
-
-SAE_CLASSES: dict[str, type[BaseSAE]] = {
-    cls.architecture: cls for cls in (StandardSAE, TopKSAE, BatchTopKSAE, JumpReLUSAE)
-}
+def architectures() -> dict[str, type[BaseSAE]]:
+    """architecture name -> class, every registered one (importing fastsae.architectures)."""
+    importlib.import_module("fastsae.architectures")
+    return SAE_CLASSES
 
 
 def sae_class(architecture: str) -> type[BaseSAE]:
+    known = architectures()
     try:
-        return SAE_CLASSES[architecture]
+        return known[architecture]
     except KeyError:
-        raise InputError(
-            f"unknown architecture {architecture!r}: use one of {', '.join(SAE_CLASSES)}"
-        ) from None
+        raise InputError(f"unknown architecture {architecture!r}: use one of {', '.join(known)}") from None
 
 
-def build_sae(cfg: SAEConfig) -> BaseSAE:
-    return sae_class(cfg.architecture)(cfg)
+def sparse_architectures() -> tuple[str, ...]:
+    """The architectures that take the sparse path (encode selects; explicit sparse backward)."""
+    return tuple(name for name, cls in architectures().items() if cls.takes_sparse_path)
+
+
+def build_sae(cfg: SAEConfig, context: ParallelContext | None = None, seed: int | None = None,
+              init: bool = True) -> BaseSAE:
+    """The SAE `cfg` describes; with a distributed `context`, this rank's slice of it."""
+    return sae_class(cfg.architecture)(cfg, context=context, seed=seed, init=init)
+
+
+def latent_slice(name: str, t: torch.Tensor, start: int, end: int, architecture: str) -> torch.Tensor:
+    """Latents [start, end) of a whole SAE's state-dict entry (replicated entries whole)."""
+    dim = sae_class(architecture).latent_dims.get(name)
+    return t if dim is None else t.narrow(dim, start, end - start)
 
 
 def load_sae(path, device=None, dtype=None) -> BaseSAE:
     """Load a checkpoint written by save_pretrained into the right SAE class."""
     cfg, state = read_checkpoint(path)
     weights_path = Path(path) / WEIGHTS_NAME
-
     changes = {}
     if device is not None:
         changes["device"] = str(device)
@@ -422,7 +536,7 @@ def load_sae(path, device=None, dtype=None) -> BaseSAE:
     if changes:
         cfg = cfg.replace(**changes)
     with torch.device("meta"):  # no point initialising weights that are about to be replaced
-        sae = build_sae(cfg.replace(device="meta"))
+        sae = build_sae(cfg.replace(device="meta"), init=False)
     expected = {k: tuple(v.shape) for k, v in sae.state_dict().items()}
     missing = sorted(set(expected) - set(state))
     if missing:
@@ -448,6 +562,6 @@ def load_sae(path, device=None, dtype=None) -> BaseSAE:
 
 
 __all__ = [
-    "BaseSAE", "StandardSAE", "TopKSAE", "BatchTopKSAE", "JumpReLUSAE", "TrainOutput",
-    "SAE_CLASSES", "sae_class", "build_sae", "load_sae",
+    "BaseSAE", "TrainOutput", "LocalView", "SAE_CLASSES", "register", "architectures", "sae_class",
+    "sparse_architectures", "build_sae", "latent_slice", "load_sae", "check_latent_ids", "reconstruction_terms",
 ]

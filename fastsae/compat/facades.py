@@ -163,10 +163,10 @@ class SAE(nn.Module):
         """Dense feature activations [..., d_sae], as SAELens returns them."""
         x = self._flatten_heads(x)
         lead = x.shape[:-1]
-        x2, restore = self.sae._normalize_input(self.sae._check_input(x))
+        x2, restore = self.sae.prepare(x)
         if self.sae.cfg.normalize_activations != "none":
             self._restore = restore
-        acts = self.sae._encode_2d(x2)
+        acts = self.sae.encode_prepared(x2)
         dense = acts.to_dense() if isinstance(acts, SparseActs) else acts
         return dense.reshape(*lead, self.sae.d_sae)
 
@@ -308,8 +308,7 @@ class SparseCoder(nn.Module):
         return SimpleNamespace(weight=self.sae.W_enc.t(), bias=self.sae.b_enc)
 
     def _pre_acts(self, x: Tensor) -> Tensor:
-        x2 = self.sae._check_input(x)
-        pre = reference.pre_activations(x2, self.sae.W_enc, self.sae.b_enc, self.sae._input_b_dec())
+        pre = self.sae.pre_activations(self.sae.prepare(x)[0])
         return pre.relu().reshape(*x.shape[:-1], self.num_latents)
 
     def encode(self, x: Tensor) -> EncoderOutput:

@@ -33,10 +33,9 @@ from ..atomic import atomic_write, atomic_write_text
 from ..checkpoint import save_sae
 from ..config import SAEConfig
 from ..errors import CheckpointError, ConfigError
+from ..parallel import ParallelContext, shard_range
 from ..sae import BaseSAE, build_sae
 from .collectives import checked
-from .groups import ParallelLayout, shard_range, single_process_layout
-from .sharded_sae import ShardedSAE
 
 MANIFEST_NAME = "manifest.json"
 FORMAT = "fastsae-sharded"
@@ -60,10 +59,10 @@ def _agreed_save_id() -> str:
     return box[0]
 
 
-def save_sharded(sae: ShardedSAE, path: str | os.PathLike) -> Path:
+def save_sharded(sae: BaseSAE, path: str | os.PathLike) -> Path:
     """Write `sae` (every rank calls this) into directory `path`; returns the path."""
     path = Path(path)
-    layout = sae.layout
+    layout = sae.context
     if path.exists() and not path.is_dir():
         raise CheckpointError(f"cannot save into {path}: it is a file, and a sharded checkpoint is a directory")
     save_id = _agreed_save_id()
@@ -146,9 +145,10 @@ def read_manifest(path: str | os.PathLike) -> dict:
     return manifest
 
 
-def _read_range(path: Path, manifest: dict, start: int, end: int, latent: set[str]) -> dict[str, torch.Tensor]:
+def _read_range(path: Path, manifest: dict, start: int, end: int, latent: dict[str, int]) -> dict[str, torch.Tensor]:
     """The state dict for latents [start, end): latent tensors assembled from the shard files
-    that overlap the range, replicated tensors from the first file."""
+    that overlap the range, replicated tensors from the first file. latent: name -> the
+    dimension that runs over latents."""
     parts: dict[str, list[torch.Tensor]] = {}
     replicated: dict[str, torch.Tensor] = {}
     for i, s in enumerate(manifest["shards"]):
@@ -167,12 +167,12 @@ def _read_range(path: Path, manifest: dict, start: int, end: int, latent: set[st
                         continue
                     sl = f.get_slice(name)
                     a, b = lo - s["start"], hi - s["start"]
-                    parts.setdefault(name, []).append(sl[:, a:b] if name == "W_enc" else sl[a:b])
+                    parts.setdefault(name, []).append(sl[:, a:b] if latent[name] == 1 else sl[a:b])
         except (SafetensorError, OSError, ValueError) as e:
             raise CheckpointError(f"{fpath} is not a readable safetensors file ({e}); it is corrupt") from e
     state = dict(replicated)
     for name, chunks in parts.items():
-        state[name] = torch.cat(chunks, 1 if name == "W_enc" else 0)
+        state[name] = torch.cat(chunks, latent[name])
     return state
 
 
@@ -194,17 +194,16 @@ def _override(cfg: SAEConfig, device, dtype) -> SAEConfig:
     return cfg if dtype is None else cfg.replace(dtype=dtype)
 
 
-def load_sharded(path: str | os.PathLike, layout: ParallelLayout | None = None, device=None,
-                 dtype=None) -> ShardedSAE:
+def load_sharded(path: str | os.PathLike, layout: ParallelContext | None = None, device=None,
+                 dtype=None) -> BaseSAE:
     """This rank's shard, for `layout` (any number of shards), of a sharded checkpoint."""
     path = Path(path)
     manifest = read_manifest(path)
     cfg = manifest["cfg"]
     cfg = _override(cfg, device, dtype)
     with torch.device("meta"):
-        sae = ShardedSAE(cfg.replace(device="meta"), layout or single_process_layout(), init=False)
-    latent = {k for k in sae.state_dict() if sae._is_latent(k)}
-    state = _read_range(path, manifest, sae.shard_start, sae.shard_end, latent)
+        sae = build_sae(cfg.replace(device="meta"), layout, init=False)
+    state = _read_range(path, manifest, sae.shard_start, sae.shard_end, sae.latent_dims)
     _check_state(state, {k: tuple(v.shape) for k, v in sae.state_dict().items()}, path)
     sae.load_state_dict(state, strict=True, assign=True)
     sae.cfg = cfg
@@ -219,9 +218,8 @@ def load_full(path: str | os.PathLike, device=None, dtype=None) -> BaseSAE:
     cfg = manifest["cfg"]
     cfg = _override(cfg, device, dtype)
     with torch.device("meta"):
-        sae = build_sae(cfg.replace(device="meta"))
-    latent = {"W_enc", "b_enc", "W_dec"} | ({"threshold"} if cfg.architecture == "jumprelu" else set())
-    state = _read_range(path, manifest, 0, cfg.d_sae, latent)
+        sae = build_sae(cfg.replace(device="meta"), init=False)
+    state = _read_range(path, manifest, 0, cfg.d_sae, sae.latent_dims)
     _check_state(state, {k: tuple(v.shape) for k, v in sae.state_dict().items()}, path)
     sae.load_state_dict(state, strict=True, assign=True)
     sae.cfg = cfg

@@ -17,10 +17,11 @@ import torch
 from tqdm.auto import tqdm
 
 from .. import metrics
+from ..architectures import StandardSAE, TopKSAE
 from ..constraints import normalize_rows_
 from ..errors import InputError
 from ..init import init_from_data_
-from ..sae import BaseSAE, StandardSAE, TopKSAE
+from ..sae import BaseSAE
 from .data import ToyData
 
 INITS = ("random", "data")

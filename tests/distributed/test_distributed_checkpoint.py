@@ -19,8 +19,8 @@ from fastsae.distributed import (
     read_manifest,
     save_sharded,
 )
-from fastsae.distributed.sharded_sae import latent_slice
 from fastsae.errors import CheckpointError
+from fastsae.sae import latent_slice
 
 ARCHS = ("topk", "jumprelu", "batchtopk")
 
@@ -113,7 +113,7 @@ def test_two_rank_checkpoint_loads_on_four_ranks(saved):
 def test_single_process_save_and_reshard(tmp_path):
     """Without torch.distributed: a 1-shard save reads back as any shard of 3."""
     want = full_sae("topk")
-    ShardedSAE.from_full(want).save_pretrained(tmp_path / "one")  # = save_sharded
+    save_sharded(want, tmp_path / "one")  # a whole SAE written as one shard
     for shard in range(3):
         part = load_sharded(tmp_path / "one", ParallelLayout(replicas=1, shards=3, rank=shard))
         start, end = part.shard_start, part.shard_end

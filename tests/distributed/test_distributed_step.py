@@ -20,8 +20,8 @@ from fastsae.distributed import (
     reduce_gradients,
     reduce_row_sparse,
 )
-from fastsae.distributed.sharded_sae import latent_slice
 from fastsae.ops import reference
+from fastsae.sae import latent_slice
 from fastsae.sparse import SparseActs
 
 ARCHS = ("topk", "batchtopk", "standard", "jumprelu")
@@ -47,7 +47,7 @@ def make_case(arch: str, dtype: str = "float64", d_sae: int = 22, k: int = 4, se
 def _train(model, batches, rows=slice(None)):
     """STEPS Adam steps; the first step's loss, gradients and the final state."""
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    layout = getattr(model, "layout", None)
+    layout = model.context
     first = None
     for x in batches:
         opt.zero_grad()
@@ -155,7 +155,7 @@ def row_sparse_worker():
     rows = slice(layout.replica * 4, layout.replica * 4 + 4)
     x = batches[0][rows]
     sel = model.select(x, train=True)
-    x_hat = model._decode_selection(sel).detach()
+    x_hat = model.decode_selection(sel).detach()
     grad_out = 2.0 / 4 * (x_hat - x)  # d(this replica's mean loss over its 4 rows)/d x_hat
     grads, db_dec = model.sparse_backward(x, sel, grad_out)
     grads, db_dec = reduce_row_sparse(grads, db_dec, layout)

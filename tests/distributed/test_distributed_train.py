@@ -17,8 +17,8 @@ import torch
 import fastsae
 from fastsae.data import TensorSource
 from fastsae.distributed import ShardedSAE, build_layout, launch
-from fastsae.distributed.sharded_sae import latent_slice
 from fastsae.errors import ConfigError
+from fastsae.sae import latent_slice
 from fastsae.trainer import TrainConfig, Trainer
 
 TOL = 1e-6
