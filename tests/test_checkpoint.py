@@ -8,13 +8,14 @@ import torch
 import fastsae
 from fastsae import CheckpointError
 from fastsae import checkpoint as ckpt
+from fastsae.sae import sae_class
 
 ARCHS = ["standard", "topk", "batchtopk", "jumprelu"]
 
 
 def make(arch, **kw):
     torch.manual_seed(1)
-    k = 3 if arch in ("topk", "batchtopk") else None
+    k = 3 if sae_class(arch).needs_k else None
     sae = fastsae.sae_class(arch)(d_in=6, d_sae=10, k=k, **kw)
     with torch.no_grad():
         for p in sae.parameters():

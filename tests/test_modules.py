@@ -5,6 +5,7 @@ import torch
 
 import fastsae
 from fastsae import SAEConfig, SparseActs, ops
+from fastsae.sae import sae_class
 
 D, N, K = 12, 40, 4
 ARCHS = ["standard", "topk", "batchtopk", "jumprelu"]
@@ -13,7 +14,7 @@ CPU_BACKENDS = ops.available_backends("cpu")
 
 def make(arch, seed=0, dtype="float64", backend="reference", **kw):
     torch.manual_seed(seed)
-    k = K if arch in ("topk", "batchtopk") else None
+    k = K if sae_class(arch).needs_k else None
     sae = fastsae.sae_class(arch)(d_in=D, d_sae=N, k=k, dtype=dtype, backend=backend, **kw)
     with torch.no_grad():  # non-trivial biases so every term of the formula matters
         sae.b_enc.normal_(0, 0.1)
@@ -66,7 +67,7 @@ def test_leading_dims_and_dense_option(arch):
     sae = make(arch)
     x = torch.randn(2, 3, D, dtype=torch.float64)
     acts = sae.encode(x)
-    if arch in ("topk", "batchtopk"):
+    if sae_class(arch).needs_k:
         assert isinstance(acts, SparseActs)
         assert acts.shape == (2, 3, N)
         dense = sae.encode(x, dense=True)

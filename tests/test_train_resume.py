@@ -7,6 +7,7 @@ import torch
 
 import fastsae
 from fastsae.errors import CheckpointError
+from fastsae.sae import sae_class
 from fastsae.toy.data import ToyData
 from fastsae.tracking import read_log
 from fastsae.trainer import TrainConfig, Trainer, latest_checkpoint, list_checkpoints
@@ -20,7 +21,7 @@ def _data(n=2048, d=16, seed=0):
 
 def _cfg(tmp, arch="topk", **kw):
     sae = dict(d_in=16, d_sae=64, architecture=arch)
-    if arch in ("topk", "batchtopk"):
+    if sae_class(arch).needs_k:
         sae["k"] = 4
     base = dict(sae=sae, steps=20, batch_size=32, lr=3e-3, warmup_steps=3, decay_start=0.5,
                 sparsity_warmup_steps=4, log_every=1, checkpoint_every=5, dead_tokens=64,
@@ -46,7 +47,7 @@ def test_resume_equals_uninterrupted_run(tmp_path, arch, opt):
     a, b = _losses(tmp_path / "full"), _losses(tmp_path / "cut")
     assert [r[0] for r in b] == list(range(1, 21))
     assert a == b  # exact equality on CPU, loss by loss
-    if arch in ("topk", "batchtopk"):
+    if sae_class(arch).needs_k:
         assert any(r[3] > 0 for r in a), "AuxK never ran, so its state was not exercised"
     sa, sb = fastsae.load(full.final_dir).state_dict(), fastsae.load(cut.final_dir).state_dict()
     for k in sa:

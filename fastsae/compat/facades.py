@@ -201,7 +201,7 @@ class SAE(nn.Module):
     def fold_W_dec_norm(self) -> None:
         """Unit-norm decoder rows, the norms moved into the encoder (and JumpReLU thresholds)."""
         arch = self.sae.cfg.architecture
-        if arch in ("topk", "batchtopk"):
+        if self.sae.takes_sparse_path:
             raise NotImplementedError(
                 f"folding W_dec norms changes which latents a {arch} SAE selects, so it is not safe "
                 "(SAELens refuses it too unless the SAE was trained with rescale_acts_by_decoder_norm)"

@@ -7,6 +7,7 @@ import torch
 import fastsae
 from fastsae.compat import convert, facades
 from fastsae.compat.formats import saelens as saelens_format
+from fastsae.sae import sae_class
 from helpers import require
 
 sae_lens = require("sae_lens", "compat")
@@ -160,7 +161,7 @@ def test_pre_6_config_and_finetuning_scaling_factor(tmp_path):
 @pytest.mark.parametrize("arch", ["standard", "topk", "jumprelu", "batchtopk", "layer_norm"])
 def test_saelens_reads_what_fastsae_saves(tmp_path, arch):
     torch.manual_seed(0)
-    kw = {"k": K} if arch in ("topk", "batchtopk") else {}
+    kw = {"k": K} if sae_class(arch).needs_k else {}
     if arch == "layer_norm":
         ours = fastsae.StandardSAE(d_in=D, d_sae=N, normalize_activations="layer_norm")
     else:

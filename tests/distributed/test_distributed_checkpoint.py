@@ -20,14 +20,14 @@ from fastsae.distributed import (
     save_sharded,
 )
 from fastsae.errors import CheckpointError
-from fastsae.sae import latent_slice
+from fastsae.sae import latent_slice, sae_class
 
 ARCHS = ("topk", "jumprelu", "batchtopk")
 
 
 def full_sae(arch: str, seed: int = 0) -> fastsae.BaseSAE:
     torch.manual_seed(seed)
-    kw = {"k": 3} if arch in ("topk", "batchtopk") else {}
+    kw = {"k": 3} if sae_class(arch).needs_k else {}
     sae = fastsae.build_sae(fastsae.SAEConfig(d_in=6, d_sae=21, architecture=arch, **kw))
     with torch.no_grad():
         sae.b_enc.normal_(0, 0.1)

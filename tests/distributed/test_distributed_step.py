@@ -21,7 +21,7 @@ from fastsae.distributed import (
     reduce_row_sparse,
 )
 from fastsae.ops import reference
-from fastsae.sae import latent_slice
+from fastsae.sae import latent_slice, sae_class
 from fastsae.sparse import SparseActs
 
 ARCHS = ("topk", "batchtopk", "standard", "jumprelu")
@@ -34,7 +34,7 @@ def make_case(arch: str, dtype: str = "float64", d_sae: int = 22, k: int = 4, se
     torch.manual_seed(seed)
     kw = dict(d_in=8, d_sae=d_sae, architecture=arch, dtype=dtype, l1_coefficient=0.1, l0_coefficient=0.1,
               jumprelu_init_threshold=0.05, jumprelu_bandwidth=0.1)
-    if arch in ("topk", "batchtopk"):
+    if sae_class(arch).needs_k:
         kw["k"] = k
     sae = fastsae.build_sae(fastsae.SAEConfig(**kw))
     with torch.no_grad():

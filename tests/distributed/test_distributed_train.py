@@ -18,7 +18,7 @@ import fastsae
 from fastsae.data import TensorSource
 from fastsae.distributed import ShardedSAE, build_layout, launch
 from fastsae.errors import ConfigError
-from fastsae.sae import latent_slice
+from fastsae.sae import latent_slice, sae_class
 from fastsae.trainer import TrainConfig, Trainer
 
 TOL = 1e-6
@@ -30,7 +30,7 @@ DP_CASES = [("topk", "row_sparse_adam", 2, 4, 0.0), ("standard", "adam", 2, 4, 0
 
 
 def train_config(arch, opt, aux, out, batch_size=16, steps=6):
-    kw = {"k": 3} if arch in ("topk", "batchtopk") else {}
+    kw = {"k": 3} if sae_class(arch).needs_k else {}
     sae = fastsae.SAEConfig(d_in=6, d_sae=20, architecture=arch, dtype="float64", **kw)
     return TrainConfig(sae=sae, steps=steps, batch_size=batch_size, lr=1e-2, optimizer=opt, b_dec_init="zeros",
                        auxk_coefficient=aux, dead_tokens=16, k_aux=4, log_every=2, checkpoint_every=3,

@@ -6,6 +6,7 @@ import torch
 
 import fastsae
 from fastsae.ops import reference
+from fastsae.sae import sae_class
 from fastsae.sparse import SparseActs
 from helpers import KINDS, check_autograd_backward_ops, require, sparse_case
 
@@ -214,7 +215,7 @@ def test_torch_compile_traces_encode_decode_and_backward():
                                                ("standard", True), ("jumprelu", True)])
 def test_gradcheck_whole_sae_through_cpp_backend(arch, apply_b_dec):
     torch.manual_seed(0)
-    k = 3 if arch in ("topk", "batchtopk") else None
+    k = 3 if sae_class(arch).needs_k else None
     sae = fastsae.sae_class(arch)(d_in=5, d_sae=12, k=k, dtype="float64", backend="cpp",
                                   apply_b_dec_to_input=apply_b_dec)
     with torch.no_grad():

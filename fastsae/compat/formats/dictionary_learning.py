@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from ...errors import CheckpointError
+from ...sae import sae_class
 from .build import build_from_tensors, require_keys
 from .files import read_json, read_torch_state
 
@@ -97,7 +98,7 @@ def from_state(dict_class: str, state: dict[str, Any], source: str, device=None,
     return build_from_tensors(
         source=source, architecture=arch, d_in=int(d_in), d_sae=int(d_sae),
         W_enc=W_enc, b_enc=b_enc, W_dec=W_dec, b_dec=b_dec, threshold=threshold,
-        k=int(state["k"]) if arch in ("topk", "batchtopk") else None,
+        k=int(state["k"]) if sae_class(arch).needs_k else None,
         apply_b_dec_to_input=apply_b_dec_to_input,
         metadata={"source_format": NAME, "dict_class": dict_class, **(metadata or {})},
         device=device, dtype=dtype if dtype is not None else W_enc.dtype,

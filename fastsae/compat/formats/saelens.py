@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from ...errors import CheckpointError
+from ...sae import sae_class
 from .build import build_from_tensors, jsonable, require_keys
 from .files import read_json, read_safetensors, write_checkpoint
 
@@ -88,7 +89,7 @@ def from_state(cfg: dict[str, Any], state: dict[str, torch.Tensor], source: str,
     scaling = state.get("finetuning_scaling_factor", state.get("scaling_factor"))
     if scaling is not None:
         W_dec = W_dec * scaling.to(compute).reshape(-1, 1)
-    if arch in ("topk", "batchtopk") and cfg.get("rescale_acts_by_decoder_norm"):
+    if sae_class(arch).takes_sparse_path and cfg.get("rescale_acts_by_decoder_norm"):
         norms = W_dec.norm(dim=-1)
         W_enc, b_enc, W_dec = W_enc * norms, b_enc * norms, W_dec / norms.unsqueeze(1)
     if arch == "batchtopk":
@@ -117,7 +118,7 @@ def from_state(cfg: dict[str, Any], state: dict[str, torch.Tensor], source: str,
     return build_from_tensors(
         source=source, architecture=arch, d_in=cfg["d_in"], d_sae=cfg["d_sae"],
         W_enc=W_enc, b_enc=b_enc, W_dec=W_dec, b_dec=b_dec, threshold=threshold,
-        k=int(k) if k is not None and arch in ("topk", "batchtopk") else None,
+        k=int(k) if k is not None and sae_class(arch).needs_k else None,
         apply_b_dec_to_input=cfg.get("apply_b_dec_to_input", True), normalize_activations=norm,
         metadata=meta, device=device,
         dtype=dtype if dtype is not None else cfg.get("dtype") or state["W_enc"].dtype,

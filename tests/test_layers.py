@@ -1,0 +1,47 @@
+"""The shape of the code, checked: a single-process run needs nothing of fastsae.distributed, and
+the Trainer reaches the SAE only through its public protocol."""
+
+import ast
+import subprocess
+import sys
+
+from helpers import REPO
+
+import fastsae
+
+
+def test_import_and_single_process_training_load_no_distributed_module(tmp_path):
+    code = f"""
+import sys, torch, fastsae
+cfg = fastsae.TrainConfig(sae=dict(d_in=8, d_sae=32, architecture="topk", k=4), steps=3, batch_size=16,
+                          out_dir={str(tmp_path)!r}, progress=False, console=False, plot=False, b_dec_init="zeros")
+fastsae.Trainer(cfg, torch.randn(64, 8)).fit()
+fastsae.load({str(tmp_path / "final")!r})
+loaded = sorted(m for m in sys.modules if m.startswith("fastsae.distributed"))
+print("LOADED", loaded)
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "LOADED []" in out.stdout, out.stdout
+
+
+def test_trainer_calls_no_private_sae_method():
+    tree = ast.parse((REPO / "fastsae" / "trainer.py").read_text())
+    private = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Attribute) and node.attr.startswith("_") and not node.attr.startswith("__"):
+            base = node.value
+            # sae._x or self.sae._x
+            if (isinstance(base, ast.Name) and base.id == "sae") or (
+                    isinstance(base, ast.Attribute) and base.attr == "sae"):
+                private.append(f"line {node.lineno}: .{node.attr}")
+    assert not private, private
+
+
+def test_the_sparse_path_is_one_registry_property():
+    sparse = fastsae.sparse_architectures()
+    assert set(sparse) == {name for name, cls in fastsae.SAE_CLASSES.items() if cls.takes_sparse_path}
+    assert {"topk", "batchtopk"} <= set(sparse) and "standard" not in sparse
+    # every architecture is registered once, under its own name
+    for name, cls in fastsae.SAE_CLASSES.items():
+        assert cls.architecture == name
