@@ -1,13 +1,16 @@
 """python -m bench: fastsae against the SAE libraries users would pick instead.
 
-    python -m bench --quick        # CPU, about a minute on an idle machine
-    python -m bench --full         # CUDA GPU: table at d_sae=2^17, sweep 2^14 .. widest that fits
+    python -m bench --quick               # CPU, about a minute on an idle machine
+    python -m bench --full                # CUDA GPU: table at d_sae=2^17, sweep 2^14 .. widest that fits
+    python -m bench --preset cpu-step     # CPU: one training step at d=256, d_sae=16384, k=32, B=2048
     python -m bench --quick --impl fastsae-cpp --impl sparsify --max-log2 15
 
-Times encode, decode, backward and a full training step of every implementation (fastsae on
-each backend the device has, a plain dense PyTorch TopK SAE, SAELens TopKTrainingSAE,
-sparsify SparseCoder) against the encoder GEMM alone, with peak memory, each implementation
-and width in a fresh process; then sweeps d_sae and plots step time and peak memory.
+Times encode, decode, backward and a full training step of every implementation (fastsae's
+Trainer step on each backend the device has, fastsae's module in a plain autograd loop, a
+plain dense PyTorch TopK SAE, SAELens TopKTrainingSAE, sparsify SparseCoder; each peer's step
+is defined once, in bench/peers.py) against the encoder GEMM alone, with peak memory, each
+implementation and width in a fresh process; then sweeps d_sae and plots step time and peak
+memory.
 Writes bench/results/<device>-<date>.{json,md} and two PNGs, and prints the markdown.
 """
 
@@ -35,6 +38,9 @@ PRESETS = {
     # at d_in=768 is 96 GiB of fp32 weights alone).
     "full": dict(device="cuda", d_in=768, k=32, batch=4096, min_log2=14, max_log2=24, table_log2=17,
                  warmup=5, repeats=20, sweep_repeats=10, timeout=600, peak_mm_n=8192),
+    # CPU: one shape, no sweep: the training step users run, against the GEMM and the peers
+    "cpu-step": dict(device="cpu", d_in=256, k=32, batch=2048, min_log2=14, max_log2=14, table_log2=14,
+                     warmup=1, repeats=5, sweep_repeats=1, timeout=900, peak_mm_n=1024),
 }
 
 
@@ -44,8 +50,10 @@ def _slug(text: str) -> str:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     preset = p.add_mutually_exclusive_group()
-    preset.add_argument("--quick", action="store_true", help="CPU preset, about a minute (the default without a GPU)")
-    preset.add_argument("--full", action="store_true", help="GPU preset (the default with one)")
+    preset.add_argument("--preset", choices=sorted(PRESETS), help="a named preset (see the module's docstring)")
+    preset.add_argument("--quick", action="store_true", help="= --preset quick: CPU, about a minute (the default "
+                        "without a GPU)")
+    preset.add_argument("--full", action="store_true", help="= --preset full: GPU (the default with one)")
     p.add_argument("--device", help="cpu or cuda[:N] (default: the preset's)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--d-in", type=int, help="input width (default: the preset's)")
@@ -79,7 +87,8 @@ def _select(requested: list[str]) -> list[str]:
         return names
     chosen = {peers.FLOOR}
     for want in (w for r in requested for w in r.split(",") if w.strip()):
-        hits = [n for n in names if _slug(n).startswith(_slug(want))]
+        exact = [n for n in names if _slug(n) == _slug(want)]  # fastsae-cpp is not fastsae-cpp-module-loop
+        hits = exact or [n for n in names if _slug(n).startswith(_slug(want))]
         if not hits:
             raise SystemExit(f"--impl {want!r} matches none of: {', '.join(_slug(n) for n in names)}")
         chosen.update(hits)
@@ -88,7 +97,7 @@ def _select(requested: list[str]) -> list[str]:
 
 def make_plan(args) -> tuple[sweep.Plan, list[str]]:
     has_cuda = torch.cuda.is_available()
-    name = "full" if args.full or (not args.quick and has_cuda) else "quick"
+    name = args.preset or ("full" if args.full or (not args.quick and has_cuda) else "quick")
     cfg = dict(PRESETS[name])
     for key in ("device", "d_in", "k", "batch", "min_log2", "max_log2", "table_log2", "warmup", "repeats",
                 "sweep_repeats", "timeout"):
@@ -103,7 +112,7 @@ def make_plan(args) -> tuple[sweep.Plan, list[str]]:
     ws = sweep.widths(cfg["min_log2"], cfg["max_log2"])
     impls = _select(args.impl)
     unavailable = {n: why for n in impls if (why := peers.adapter_class(n).unavailable(device))}
-    notes = [f"preset --{name}" + (" (with overrides)" if any(
+    notes = [f"preset {name}" + (" (with overrides)" if any(
         getattr(args, k) is not None for k in ("d_in", "k", "batch", "min_log2", "max_log2", "table_log2")) else "")]
     if device.type == "cpu":
         notes.append(f"CPU: the sweep stops at d_sae=2^{cfg['max_log2']} (raise --max-log2 to go wider; "

@@ -260,6 +260,51 @@ def _fastsae_backend(backend: str) -> type[FastSAE]:
     return type(f"FastSAE_{backend}", (FastSAE,), {"name": f"fastsae[{backend}]", "backend": backend})
 
 
+class FastSAEAutograd(Adapter):
+    """fastsae.TopKSAE used as a drop-in module in a plain user loop: training_forward, autograd
+    backward through the backend's ops, torch.optim.Adam (fused). No trainer: what a user of the
+    module alone runs."""
+
+    distribution = "fastsae"
+    backend: ClassVar[str] = ""
+    notes = "fastsae.TopKSAE in a plain loop: training_forward().loss.backward(), torch Adam (fused)"
+    unavailable = FastSAE.unavailable
+
+    def __init__(self, shape, device, dtype, weights):
+        super().__init__(shape, device, dtype, weights)
+        from fastsae import SAEConfig, TopKSAE
+        from fastsae.config import dtype_to_str
+
+        cfg = SAEConfig(d_in=shape.d_in, d_sae=shape.d_sae, architecture="topk", k=shape.k,
+                        dtype=dtype_to_str(dtype), device=str(device), backend=self.backend)
+        self.sae = TopKSAE(cfg)
+        with torch.no_grad():
+            for name, w in weights.items():
+                getattr(self.sae, name).copy_(w)
+        self.opt = torch.optim.Adam(self.sae.parameters(), lr=LR, fused=device.type in ("cpu", "cuda"))
+
+    def encode(self, x):
+        return self.sae.encode(x)
+
+    def decode(self, acts):
+        return self.sae.decode(acts)
+
+    def _loss(self, x):
+        return self.sae.training_forward(x).loss
+
+    def _params(self):
+        return list(self.sae.parameters())
+
+    def _optimizer_step(self):
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+
+
+def _fastsae_autograd(backend: str) -> type[FastSAEAutograd]:
+    return type(f"FastSAEAutograd_{backend}", (FastSAEAutograd,),
+                {"name": f"fastsae[{backend}] module loop", "backend": backend})
+
+
 # ------------------------------------------------------------------ plain dense PyTorch
 class DenseTorch(Adapter):
     """The obvious PyTorch TopK SAE: dense [B, d_sae] activations, autograd, torch.optim.Adam."""
@@ -394,7 +439,7 @@ FLOOR = GemmFloor.name
 IMPLEMENTATIONS: dict[str, type[Adapter]] = {
     cls.name: cls
     for cls in (GemmFloor, *(_fastsae_backend(b) for b in ("triton", "cpp", "reference")),
-                DenseTorch, SAELens, Sparsify)
+                *(_fastsae_autograd(b) for b in ("triton", "cpp")), DenseTorch, SAELens, Sparsify)
 }
 
 

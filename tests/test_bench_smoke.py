@@ -158,14 +158,30 @@ def test_distributed_step_bench_writes_its_table(tmp_path):
     assert len(rows) == 1 and rows[0].count(" ms") == 3, out.read_text()
 
 
-def test_cpu_step_bench_runs_every_contender(capsys):
-    """bench/cpu_step.py on a tiny shape: every contender timed (a failing peer would be a row
-    with an error instead of numbers), the breakdown rows included."""
-    from bench import cpu_step
+def test_cpu_step_preset_is_one_shape_with_every_training_path():
+    """--preset cpu-step: the table at d=256, d_sae=16384, k=32, B=2048 and no sweep, with the
+    Trainer step, the module's autograd loop and the peers (each peer's step is bench/peers.py's)."""
+    import argparse
 
-    cpu_step.main(["--d-in", "16", "--d-sae", "256", "--k", "4", "--batch", "64", "--warmup", "1", "--repeats", "1",
-                   "--skip-memory", "--no-save"])
-    out = capsys.readouterr().out
-    rows = [line for line in out.splitlines() if line.startswith("| ") and "median ms" not in line]
-    assert len(rows) == 10, out  # the GEMM, 5 contenders, 4 breakdown rows
-    assert "backward (autograd, C++ ops)" in out and "error" not in out.lower(), out
+    from bench.__main__ import add_arguments, make_plan
+
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    plan, notes = make_plan(p.parse_args(["--preset", "cpu-step"]))
+    assert (plan.d_in, plan.k, plan.batch, plan.widths, plan.table_width) == (256, 32, 2048, [16384], 16384)
+    assert plan.device == "cpu" and notes[0] == "preset cpu-step"
+    assert {"torch.mm (floor)", "fastsae[cpp]", "fastsae[cpp] module loop", "torch dense", "SAELens",
+            "sparsify"} <= set(plan.impls)
+
+
+def test_module_loop_adapter_takes_a_real_step():
+    """The drop-in autograd loop adapter trains: its weights move, and it reconstructs like the others."""
+    shape = peers.Shape(d_in=8, d_sae=32, k=4, batch=16)
+    a = peers.build("fastsae[cpp] module loop", shape, "cpu", torch.float32)
+    x = peers.make_batch(shape, "cpu", torch.float32)
+    before = a.sae.W_enc.detach().clone()
+    a.step(x)
+    assert not torch.equal(before, a.sae.W_enc.detach())
+    b = peers.build("fastsae[reference]", shape, "cpu", torch.float32)
+    torch.testing.assert_close(peers.build("fastsae[cpp] module loop", shape, "cpu", torch.float32).reconstruct(x),
+                               b.reconstruct(x), rtol=1e-5, atol=1e-5)

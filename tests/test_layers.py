@@ -5,9 +5,8 @@ import ast
 import subprocess
 import sys
 
-from helpers import REPO
-
 import fastsae
+from helpers import REPO
 
 
 def test_import_and_single_process_training_load_no_distributed_module(tmp_path):
