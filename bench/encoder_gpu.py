@@ -1,4 +1,4 @@
-"""Fused TopK encoder vs torch: time, TFLOP/s and peak memory (issue #3's benchmark).
+"""Fused TopK encoder vs torch: time, TFLOP/s and peak memory.
 
 For every (d_in, d_sae, batch, k) it times
   (a) mm       torch.mm(x, W_enc) of the same shape alone (the roofline the fused kernel chases),

@@ -29,7 +29,7 @@ that fired, O(touched · d_in) instead of O(d_sae · d_in). Parameters not index
     global step 1000 takes the same first step (≈ lr·sign(g)) as dense Adam at step 1 (with
     the global count it would take a (1-β1)/√(1-β2) ≈ 3.2× larger one). Silent latents do not
     coast on their momentum, which measurably weakens AuxK's revival of dead latents (see
-    tests/test_optim.py and the issue-5 report).
+    tests/test_optim.py and README's row-sparse Adam comparison).
 """
 
 from __future__ import annotations

@@ -165,7 +165,7 @@ def test_dense_adam_unit_norm_rows():
 def test_row_sparse_adam_matches_dense_quality_on_toy_data(tmp_path):
     """Same data, seed and schedule; stated tolerance for the default (catch-up) mode:
     |ΔFVU| <= 0.01 and |ΔMMCS| <= 0.01 on held-out toy data (measured: < 0.001 on both; the
-    longer comparison, lazy mode included, is in the issue-5 report)."""
+    longer comparison, lazy mode included, is in README's row-sparse Adam section)."""
     toy = ToyData(d=32, n_features=64, mean_active=3.0, seed=0)
     x = toy.sample(9600)
     held = toy.sample(4096)

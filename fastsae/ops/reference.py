@@ -2,7 +2,7 @@
 
 Forward ops are written for clarity, not speed (they materialise [N, d_sae]); autograd
 gives their gradients. `topk_sae_backward` spells out the sparse gradient formulas of
-DESIGN.md explicitly, as the oracle for the native backward ops.
+docs/design.md explicitly, as the oracle for the native backward ops.
 
 All ops take 2-D x [N, d_in]; the modules flatten leading dimensions first.
 """
@@ -122,7 +122,7 @@ def jumprelu_forward(x, W_enc, b_enc, b_dec, threshold, W_dec, b_dec_out):
 
 
 def topk_sae_backward(x, values, indices, grad_out, W_enc, W_dec, b_dec=None, row_sparse=False):
-    """Gradients of a TopK-family step, written out sparsely (DESIGN.md formulas).
+    """Gradients of a TopK-family step, written out sparsely (the formulas of docs/design.md).
 
     values/indices are the post-ReLU encode result, grad_out = ∂L/∂x_hat [N, d].
     b_dec: the bias subtracted from x before encoding, or None if not applied.

@@ -2,7 +2,7 @@
 
 Each kernel entry point is a torch custom op (torch.ops.fastsae_triton.*) with a fake kernel,
 so torch.compile traces through it, and an autograd formula, so training works. The backward
-formulas are the sparse ones of DESIGN.md (as in reference.topk_sae_backward) written in
+formulas are the sparse ones of docs/design.md (as in reference.topk_sae_backward) written in
 torch, until the C++/CUDA backward replaces them.
 
 Devices: CUDA; under TRITON_INTERPRET=1 also CPU, so tests drive the modules through the
