@@ -161,11 +161,10 @@ def test_pre_6_config_and_finetuning_scaling_factor(tmp_path):
 @pytest.mark.parametrize("arch", ["standard", "topk", "jumprelu", "batchtopk", "layer_norm"])
 def test_saelens_reads_what_fastsae_saves(tmp_path, arch):
     torch.manual_seed(0)
-    kw = {"k": K} if sae_class(arch).needs_k else {}
     if arch == "layer_norm":
         ours = fastsae.StandardSAE(d_in=D, d_sae=N, normalize_activations="layer_norm")
     else:
-        ours = fastsae.sae_class(arch)(d_in=D, d_sae=N, **kw)
+        ours = fastsae.sae_class(arch)(d_in=D, d_sae=N, **({"k": K} if sae_class(arch).needs_k else {}))
     randomize_(ours, 11)
     if arch == "batchtopk":
         ours.threshold.fill_(0.35)
