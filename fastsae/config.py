@@ -126,7 +126,8 @@ class TrainConfig:
     row_sparse_catch_up: row_sparse_adam's mode (True: silent latents get dense Adam's
         momentum steps in closed form when they fire again; False: lazy Adam).
     lr schedule: linear warmup over warmup_steps, then flat, then from decay_start (fraction
-        of steps) a linear/cosine decay to final_lr_fraction·lr.
+        of steps) a linear/cosine decay to final_lr_fraction·lr. lr_anchor (set on resume when
+        steps is extended after the decay began): the (step, factor) the decay continues from.
     sparsity_warmup_steps: the L1/L0 penalty ramps linearly from 0 over these steps.
     l1_decoder_norm: ReLU SAEs' L1 is Σ_j |f_j|·‖W_dec[j]‖ (True) or Σ_j |f_j| (False). The
         penalty is a sum over latents, never divided by d_sae, so a coefficient means the same
@@ -144,6 +145,11 @@ class TrainConfig:
         count it in the log's skipped_batches) for a batch holding NaN/inf.
     checkpoint_every: steps between checkpoints (0: only at the end); keep_checkpoints: how
         many to keep.
+    overwrite: a fresh run may replace a run already in out_dir (otherwise that is refused:
+        resume it or pick another out_dir).
+
+    On resume the saved config holds; only RESUMABLE fields may change (steps, the lr schedule's
+    end, nonfinite, the log and checkpoint cadence, display), and the change is recorded.
     """
 
     sae: SAEConfig | dict
@@ -159,6 +165,7 @@ class TrainConfig:
     decay: str = "linear"
     decay_start: float = 0.8
     final_lr_fraction: float = 0.0
+    lr_anchor: tuple[int, float] | None = None
     sparsity_warmup_steps: int = 0
     l1_decoder_norm: bool = True
     auxk_coefficient: float = 1 / 32
@@ -179,12 +186,15 @@ class TrainConfig:
     progress: bool = True
     console: bool = True
     plot: bool = True
+    overwrite: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if isinstance(self.sae, dict):
             self.sae = SAEConfig.from_dict(self.sae)
         self.betas = tuple(self.betas)
+        if self.lr_anchor is not None:
+            self.lr_anchor = (int(self.lr_anchor[0]), float(self.lr_anchor[1]))
         self.validate()
 
     def validate(self) -> None:
@@ -241,6 +251,7 @@ class TrainConfig:
         d = dataclasses.asdict(self)
         d["sae"] = self.sae.to_dict()
         d["betas"] = list(self.betas)
+        d["lr_anchor"] = list(self.lr_anchor) if self.lr_anchor is not None else None
         return d
 
     @classmethod
@@ -253,3 +264,8 @@ class TrainConfig:
 
     def replace(self, **changes) -> TrainConfig:
         return dataclasses.replace(self, **changes)
+
+
+# what a resumed run may change (everything else would make it a different run)
+RESUMABLE = frozenset({"steps", "final_lr_fraction", "nonfinite", "log_every", "checkpoint_every",
+                       "keep_checkpoints", "progress", "console", "plot", "out_dir"})

@@ -11,21 +11,27 @@
 
 A checkpoint is built in checkpoints/.tmp-step_N, then renamed once every rank has written its
 part and LATEST is rewritten: a write that fails or is killed leaves the previous checkpoint
-and LATEST as they were.
+and LATEST as they were (and the leftovers are removed by the next save).
+
+One process (rank 0) at a time holds <out_dir>/.lock while it trains: a second process
+pointed at the same folder is refused instead of interleaving the log and clobbering final/.
+A fresh run does not start in a folder that already holds a run unless told to overwrite it.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import shutil
+import warnings
 from pathlib import Path
 
 import torch
 
 from .atomic import atomic_write, atomic_write_text, fsync_dir
 from .checkpoint import save_sae
-from .errors import CheckpointError, FastSAEError
+from .errors import CheckpointError, ConfigError, FastSAEError
 from .parallel import ParallelContext
 from .sae import BaseSAE, load_sae
 from .tracking import read_log
@@ -35,6 +41,7 @@ LOG_NAME = "log.jsonl"
 STATE_NAME = "trainer_state.pt"
 STATE_PATTERN = "trainer_state.rank{rank}.pt"
 LATEST_NAME = "LATEST"
+LOCK_NAME = ".lock"
 CONSOLIDATE_MAX_BYTES = 1 << 30  # a sharded SAE up to this size is also written as one final/
 
 
@@ -88,14 +95,67 @@ class RunDir:
         self.log_path = self.path / LOG_NAME
         self.config_path = self.path / CONFIG_NAME
         self.checkpoints = self.path / "checkpoints"
+        self._lock = None
 
-    # ------------------------------------------------------------ the run's config and log
-    def start(self, config: dict) -> None:
-        """A fresh run (rank 0): create the folder, drop an old log, write the config."""
-        if not self.context.is_main:
+    # ------------------------------------------------------------ one process at a time
+    def lock(self) -> None:
+        """Hold <out_dir>/.lock (rank 0) until unlock() or the process ends."""
+        if not self.context.is_main or self._lock is not None:
             return
         self.path.mkdir(parents=True, exist_ok=True)
-        self.log_path.unlink(missing_ok=True)
+        f = open(self.path / LOCK_NAME, "a+", encoding="utf-8")  # noqa: SIM115 (held open on purpose)
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "another process"
+            f.close()
+            raise ConfigError(f"{self.path} is in use by {holder}, which is training into it: wait for it to "
+                              "finish, or pick another out_dir") from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"process {os.getpid()}\n")
+        f.flush()
+        self._lock = f
+
+    def unlock(self) -> None:
+        if self._lock is not None:
+            fcntl.flock(self._lock, fcntl.LOCK_UN)
+            self._lock.close()
+            self._lock = None
+
+    # ------------------------------------------------------------ the run's config and log
+    def existing_run(self) -> list[str]:
+        """What of an earlier run the folder holds (empty: nothing)."""
+        found = [n for n in (CONFIG_NAME, LOG_NAME, "final", "final_sharded") if (self.path / n).exists()]
+        ckpts = list_checkpoints(self.path)
+        if ckpts:
+            found.append(f"{len(ckpts)} checkpoint(s)")
+        return found
+
+    def start(self, config: dict, overwrite: bool = False) -> None:
+        """A fresh run (rank 0): refuse a folder holding another run unless `overwrite`, in which
+        case that run's files are removed; then write the config."""
+        if not self.context.is_main:
+            return
+        found = self.existing_run()
+        if found and not overwrite:
+            raise ConfigError(f"{self.path} already holds a run ({', '.join(found)}): resume it (--resume / "
+                              "Trainer.resume), pick another out_dir, or set overwrite=True (--overwrite) to "
+                              "replace it")
+        self.path.mkdir(parents=True, exist_ok=True)
+        for name in ("final", "final_sharded", "checkpoints"):
+            shutil.rmtree(self.path / name, ignore_errors=True)
+        for name in (LOG_NAME, "curves.png"):
+            (self.path / name).unlink(missing_ok=True)
+        atomic_write_text(self.config_path, json.dumps(config, indent=2) + "\n")
+
+    def record_resume(self, config: dict, step: int, changed: dict) -> None:
+        """Rewrite the config with what a resume changed, and append the change to its history."""
+        if not self.context.is_main:
+            return
+        previous = self.read_config().get("resumes", [])
+        config = {**config, "resumes": previous + ([{"step": step, "changed": changed}] if changed else [])}
         atomic_write_text(self.config_path, json.dumps(config, indent=2) + "\n")
 
     def read_config(self) -> dict:
@@ -155,7 +215,17 @@ class RunDir:
             for old in list_checkpoints(self.path)[:-keep]:
                 if old != final:
                     shutil.rmtree(old, ignore_errors=True)
+            self._remove_leftovers(keep_newest=final)
         return final
+
+    def _remove_leftovers(self, keep_newest: Path) -> None:
+        """Temporary and incomplete checkpoint folders a killed save or prune left behind (the lock
+        guarantees no other process is writing here)."""
+        for p in self.checkpoints.iterdir():
+            stale = p.name.startswith((".tmp-", ".old-")) or (
+                p.is_dir() and p.name.startswith("step_") and p != keep_newest and not is_complete(p))
+            if stale:
+                shutil.rmtree(p, ignore_errors=True)
 
     def read_state(self, ckpt: Path) -> dict:
         """This rank's trainer state in `ckpt` (another layout's, if this one's is missing, so
@@ -170,6 +240,36 @@ class RunDir:
             return torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:
             raise CheckpointError(f"{path} is unreadable ({e}); resume from an earlier checkpoint") from e
+
+    def newest_readable(self, requested: Path | None = None) -> tuple[Path, dict, BaseSAE]:
+        """(checkpoint, this rank's trainer state, SAE) of `requested`, or of the newest
+        checkpoint that reads back whole: a corrupt newest one is passed over with a warning."""
+        if requested is not None:
+            ckpt = Path(requested)
+            if not ckpt.is_dir() or not is_complete(ckpt):
+                raise CheckpointError(f"{ckpt} is not a complete checkpoint of this run: pick one of "
+                                      f"{[p.name for p in list_checkpoints(self.path)] or 'none'}")
+            return ckpt, self.read_state(ckpt), self.load_sae(ckpt)
+        newest = latest_checkpoint(self.path)
+        # every rank must resume from the same checkpoint: only a single process passes over a bad one
+        candidates = list_checkpoints(self.path) if self.context.world_size == 1 else [newest] if newest else []
+        if newest is not None and newest in candidates:  # LATEST first, then the others newest first
+            candidates.remove(newest)
+            candidates.append(newest)
+        if not candidates:
+            raise CheckpointError(f"no complete checkpoint to resume from in {self.checkpoints}")
+        errors = []
+        for ckpt in reversed(candidates):
+            try:
+                found = ckpt, self.read_state(ckpt), self.load_sae(ckpt)
+            except CheckpointError as e:
+                errors.append(f"{ckpt.name}: {e}")
+                continue
+            if errors:
+                warnings.warn(f"resuming from {ckpt.name}, the newest checkpoint that reads back: "
+                              + "; ".join(errors), stacklevel=3)
+            return found
+        raise CheckpointError(f"no checkpoint in {self.checkpoints} reads back: " + "; ".join(errors))
 
     def load_sae(self, ckpt: Path) -> BaseSAE:
         """The SAE in `ckpt`, as this rank's slice when the run is sharded."""

@@ -13,21 +13,31 @@ DECAY_SHAPES = ("constant", "linear", "cosine")
 
 
 def lr_factor(step: int, total_steps: int, warmup_steps: int = 0, decay_start: float = 0.8,
-              decay: str = "linear", final_fraction: float = 0.0) -> float:
+              decay: str = "linear", final_fraction: float = 0.0,
+              anchor: tuple[int, float] | None = None) -> float:
     """Multiplier of the base LR at `step` (0-based): linear warmup over `warmup_steps`, flat,
-    then from `decay_start` (a fraction of total_steps) a `decay` to `final_fraction`."""
+    then from `decay_start` (a fraction of total_steps) a `decay` to `final_fraction`.
+
+    anchor = (step0, factor0): the decay was already under way at step0 (a run extended on
+    resume): from step0 on it goes from factor0 to final_fraction over [step0, total_steps]
+    instead of starting again from the top."""
     if decay not in DECAY_SHAPES:
         raise ConfigError(f"lr decay {decay!r} is unknown: use one of {', '.join(DECAY_SHAPES)}")
-    if warmup_steps > 0 and step < warmup_steps:
-        return (step + 1) / warmup_steps
+    if anchor is not None and step >= anchor[0]:
+        start, top = int(anchor[0]), float(anchor[1])
+    else:
+        if warmup_steps > 0 and step < warmup_steps:
+            return (step + 1) / warmup_steps
+        if decay == "constant":
+            return 1.0
+        start, top = max(int(decay_start * total_steps), warmup_steps), 1.0
+        if step < start or total_steps <= start:
+            return 1.0
     if decay == "constant":
-        return 1.0
-    start = max(int(decay_start * total_steps), warmup_steps)
-    if step < start or total_steps <= start:
-        return 1.0
+        return top
     t = min(1.0, (step - start) / max(1, total_steps - start))
     shape = 1.0 - t if decay == "linear" else 0.5 * (1.0 + math.cos(math.pi * t))
-    return final_fraction + (1.0 - final_fraction) * shape
+    return final_fraction + (top - final_fraction) * shape
 
 
 def sparsity_factor(step: int, warmup_steps: int = 0) -> float:

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import torch
 
+from .errors import CheckpointError
+
 SCALARS = ("loss", "mse", "fvu", "l0", "sparsity", "auxk")
 
 
@@ -123,10 +125,27 @@ class Tracker:
 
 
 def read_log(path: str | Path) -> list[dict]:
+    """The records of a log.jsonl. A torn last line (a write cut short by a full disk or a kill:
+    no newline at its end, or not JSON) is dropped; a bad line elsewhere is an error naming it."""
     path = Path(path)
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    text = path.read_text(encoding="utf-8", errors="replace")
+    lines = text.split("\n")
+    records = []
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        last = i == len(lines) - 1  # text after the final newline: never finished
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            if last or all(not rest.strip() for rest in lines[i + 1:]):
+                break
+            raise CheckpointError(f"{path} line {i + 1} is not JSON: the log is corrupt (delete that line to "
+                                  "resume)") from None
+        records.append(rec)
+    return records
 
 
 def plot_curves(log_path: str | Path, out_path: str | Path) -> Path | None:

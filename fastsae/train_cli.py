@@ -12,16 +12,17 @@ batch is replicas x batch size). Only rank 0 logs and shows progress.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 from pathlib import Path
 
 import tomllib
 
-from .config import SAEConfig
+from .config import RESUMABLE, SAEConfig, TrainConfig
 from .data import ShardSource, read_manifest
-from .distributed.groups import init_distributed
 from .errors import ConfigError
-from .trainer import TrainConfig, Trainer
+from .run_dir import RunDir
+from .trainer import Trainer
 
 # flag -> (TrainConfig or SAEConfig field, type); None type means a boolean switch
 SAE_FLAGS = {"d_in": int, "d_sae": int, "architecture": str, "k": int, "dtype": str, "device": str,
@@ -33,18 +34,32 @@ TRAIN_FLAGS = {"steps": int, "batch_size": int, "lr": float, "optimizer": str, "
 DATA_KEYS = ("path", "buffer_rows", "chunk_rows", "shuffle")
 HELP = {
     "d_in": "activation size (default: read from the shards)", "d_sae": "number of latents",
-    "architecture": "topk (default), batchtopk, standard (ReLU + L1) or jumprelu",
-    "k": "active latents per row (topk/batchtopk)", "dtype": "float32 (default) or bfloat16 weights",
-    "optimizer": "adam (default) or row_sparse_adam (TopK family: updates only the latents that fired)",
-    "lr": "peak learning rate (default 2e-4)", "decay": "linear (default), cosine or constant",
-    "decay_start": "fraction of the steps after which the lr decays (default 0.8)",
-    "dead_tokens": "tokens without firing after which a latent counts as dead (default 1e7)",
-    "init": "tied (default) or data (decoder atoms from activation samples)",
-    "b_dec_init": "geometric_median (default), mean or zeros",
-    "nonfinite": "raise (default) or skip batches holding NaN/inf (counted in the log)",
-    "checkpoint_every": "steps between checkpoints (0: only at the end)",
-    "out_dir": "where the run goes (default runs/sae)",
+    "architecture": "topk, batchtopk, standard (ReLU + L1), jumprelu, or another registered one",
+    "k": "active latents per row (topk/batchtopk)", "dtype": "weights' dtype: float32 or bfloat16",
+    "device": "cpu or cuda[:N]", "l1_coefficient": "weight of the L1 penalty (standard)",
+    "l0_coefficient": "weight of the L0 penalty (jumprelu)", "backend": "auto, cpp, triton or reference",
+    "steps": "optimizer steps", "batch_size": "rows per batch (per replica)",
+    "optimizer": "adam or row_sparse_adam (sparse architectures: updates only the latents that fired)",
+    "lr": "peak learning rate", "warmup_steps": "linear lr warmup steps", "decay": "linear, cosine or constant",
+    "decay_start": "fraction of the steps after which the lr decays",
+    "sparsity_warmup_steps": "steps over which the L1/L0 penalty ramps up from 0",
+    "auxk_coefficient": "weight of the AuxK loss (0: off)", "k_aux": "dead latents AuxK uses per row "
+    "(default d_in/2)", "dead_tokens": "tokens without firing after which a latent counts as dead",
+    "init": "tied or data (decoder atoms from activation samples)",
+    "b_dec_init": "geometric_median, mean or zeros",
+    "nonfinite": "raise, or skip batches holding NaN/inf (counted in the log)",
+    "log_every": "steps between log lines", "checkpoint_every": "steps between checkpoints (0: only at the end)",
+    "keep_checkpoints": "how many checkpoints to keep", "out_dir": "where the run goes", "seed": "random seed",
 }
+
+
+def _default(name: str):
+    """The dataclass default of a TrainConfig or SAEConfig field (None when it has none)."""
+    for cls in (TrainConfig, SAEConfig):
+        for f in dataclasses.fields(cls):
+            if f.name == name and f.default is not dataclasses.MISSING:
+                return f.default
+    return None
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -56,10 +71,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--chunk-rows", type=int, help="rows read contiguously from a shard (default 4096)")
     p.add_argument("--expansion", type=int, help="d_sae = expansion * d_in (instead of --d-sae)")
     for name, typ in {**SAE_FLAGS, **TRAIN_FLAGS}.items():
-        p.add_argument("--" + name.replace("_", "-"), type=typ, dest=name, default=None, help=HELP.get(name))
+        default = _default(name)
+        shown = "" if default is None or "default" in HELP[name] else f" (default: {default})"
+        p.add_argument("--" + name.replace("_", "-"), type=typ, dest=name, default=None, help=HELP[name] + shown)
     p.add_argument("--set", action="append", default=[], metavar="FIELD=JSON",
                    help="any other TrainConfig field, value as JSON (e.g. --set final_lr_fraction=0.1)")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out-dir from its latest checkpoint")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in --out-dir from its latest checkpoint that reads back; its saved "
+                        "settings hold, and only " + ", ".join(sorted(RESUMABLE - {"out_dir"})) + " may change")
+    p.add_argument("--checkpoint", help="with --resume: resume from this checkpoint folder instead")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start a fresh run even though --out-dir holds one (its files are replaced)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     g = p.add_argument_group("under torchrun")
     g.add_argument("--shards", type=int, help="latent shards per replica (default: every rank one shard)")
@@ -86,6 +108,10 @@ def build(args: argparse.Namespace) -> tuple[dict, dict]:
     sae = dict(raw.pop("sae", {}))
     data = dict(raw.pop("data", {}))
     train = raw
+    known = {f.name for f in dataclasses.fields(SAEConfig)}
+    unknown = sorted(set(sae) - known)
+    if unknown:
+        raise ConfigError(f"unknown [sae] field(s) {unknown} in {args.config}: known ones are {sorted(known)}")
     for name in SAE_FLAGS:
         if getattr(args, name) is not None:
             sae[name] = getattr(args, name)
@@ -110,6 +136,8 @@ def build(args: argparse.Namespace) -> tuple[dict, dict]:
         raise ConfigError("no activations: pass --data DIR (shards from `fastsae harvest`) or set data.path")
     if args.no_progress:
         train["progress"] = False
+    if args.overwrite:
+        train["overwrite"] = True
     return {"sae": sae, **train}, data
 
 
@@ -133,15 +161,46 @@ def prepare(args: argparse.Namespace) -> tuple[dict, ShardSource]:
     return train, source
 
 
+def prepare_resume(args: argparse.Namespace) -> tuple[str, dict, ShardSource]:
+    """(out_dir, TrainConfig overrides, source) for --resume: the run's saved config is the
+    default; the data comes from the flags (or the config file), read with the saved batch size
+    and seed. Flags that would change the SAE are refused here, the training ones by
+    Trainer.resume."""
+    train, data = build(args)
+    if args.overwrite:
+        raise ConfigError("--resume continues the run in --out-dir and --overwrite replaces it: pick one")
+    out_dir = train.get("out_dir", _default("out_dir"))
+    saved = RunDir(out_dir, _no_layout()).read_config()
+    sae_saved = saved.get("sae", {})
+    changed = {k: v for k, v in train.pop("sae").items() if sae_saved.get(k) != v}
+    if changed:
+        raise ConfigError(f"{out_dir} trained an SAE with " + ", ".join(f"{k}={sae_saved.get(k)!r}" for k in changed)
+                          + ": a resumed run keeps its SAE; drop " + ", ".join("--" + k.replace("_", "-")
+                                                                              for k in changed))
+    opts = {k: data[k] for k in ("buffer_rows", "chunk_rows", "shuffle") if k in data}
+    source = ShardSource(data["path"], batch_size=int(saved.get("batch_size", _default("batch_size"))),
+                         seed=int(saved.get("seed", 0)), **opts)
+    return out_dir, train, source
+
+
+def _no_layout():
+    from .parallel import LOCAL
+
+    return LOCAL
+
+
 def run(args: argparse.Namespace) -> int:
-    # a plain `python` run (no torchrun variables) gets the single-process layout, no process group
+    from .distributed.groups import init_distributed  # a plain run gets the local context: no process group
+
     layout = init_distributed(args.shards, args.replicas, args.dist_backend, args.dist_timeout)
-    train, source = prepare(args)
     if args.resume:
-        out_dir = train.get("out_dir", "runs/sae")
-        overrides = {k: v for k, v in train.items() if k in ("steps", "progress")}
-        trainer = Trainer.resume(out_dir, source, layout=layout, **overrides)
+        out_dir, overrides, source = prepare_resume(args)
+        overrides.pop("out_dir", None)
+        trainer = Trainer.resume(out_dir, source, checkpoint=args.checkpoint, layout=layout, **overrides)
     else:
+        if args.checkpoint:
+            raise ConfigError("--checkpoint picks where a resumed run continues from: add --resume")
+        train, source = prepare(args)
         cfg = TrainConfig.from_dict({**train, "sae": SAEConfig.from_dict(train["sae"])})
         trainer = Trainer(cfg, source, layout=layout)
     res = trainer.fit()

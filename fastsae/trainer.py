@@ -25,14 +25,14 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .config import TrainConfig
+from .config import RESUMABLE, TrainConfig
 from .constraints import normalize_rows_
 from .data import ActivationSource, as_source
-from .errors import CheckpointError, ConfigError, InputError
+from .errors import ConfigError, InputError
 from .init import init_b_dec_, init_from_data_
 from .optim import DenseAdam, RowSparseAdam, merge_row_sparse
 from .parallel import LOCAL, ParallelContext
-from .run_dir import CONSOLIDATE_MAX_BYTES, RunDir, is_complete, latest_checkpoint, list_checkpoints
+from .run_dir import CONSOLIDATE_MAX_BYTES, RunDir, latest_checkpoint, list_checkpoints
 from .sae import BaseSAE, build_sae, reconstruction_terms
 from .schedules import lr_factor, sparsity_factor
 from .sparse import RowSparseGrads, SparseActs
@@ -248,7 +248,7 @@ class Trainer:
             return None
         x = x.to(device=self.sae.device, dtype=self.sae.dtype)
         lr = cfg.lr * lr_factor(self.step, cfg.steps, cfg.warmup_steps, cfg.decay_start, cfg.decay,
-                                cfg.final_lr_fraction)
+                                cfg.final_lr_fraction, cfg.lr_anchor)
         sf = sparsity_factor(self.step, cfg.sparsity_warmup_steps)
         self.opt.set_lr(lr)
         result = self._sparse_step(x, sf) if cfg.use_sparse_backward else self._autograd_step(x, sf)
@@ -274,13 +274,25 @@ class Trainer:
     def fit(self, max_steps: int | None = None) -> TrainResult:
         """Train until cfg.steps (or stop after max_steps total steps, leaving a checkpoint to
         resume from). Prints where the results went."""
-        cfg, main = self.cfg, self.is_main
+        cfg = self.cfg
         stop = cfg.steps if max_steps is None else min(max_steps, cfg.steps)
-        if not self._resumed:
-            saved = cfg.to_dict()
-            if self.layout.world_size > 1:
-                saved["layout"] = self.layout.as_dict()
-            self.run.start(saved)
+        self.run.lock()
+        try:
+            if not self._resumed:
+                self.run.start(self._saved_config(), overwrite=cfg.overwrite)
+                self._resumed = True  # a second fit() continues this run
+            return self._fit(stop, max_steps)
+        finally:
+            self.run.unlock()
+
+    def _saved_config(self) -> dict:
+        saved = self.cfg.to_dict()
+        if self.layout.world_size > 1:
+            saved["layout"] = self.layout.as_dict()
+        return saved
+
+    def _fit(self, stop: int, max_steps: int | None) -> TrainResult:
+        cfg, main = self.cfg, self.is_main
         batches = self.layout.batches(self.source, self.sae.device, self.sae.dtype)
         saved_at = -1
         bar = tqdm(total=cfg.steps, initial=self.step, desc="training", unit="step",
@@ -354,31 +366,72 @@ class Trainer:
     @classmethod
     def resume(cls, out_dir: str | Path, data, checkpoint: str | Path | None = None,
                layout: ParallelContext | None = None, **overrides) -> Trainer:
-        """Continue the run in out_dir from its latest checkpoint (or `checkpoint`). `data`
-        must be the same activations; overrides change TrainConfig fields (e.g. steps=...).
-        A distributed run resumes with the replicas x shards layout it was saved with (the
-        optimizer state is per shard); its weights alone load into any layout."""
+        """Continue the run in out_dir from its latest checkpoint that reads back (or
+        `checkpoint`). The saved config holds; `overrides` may change only the fields in
+        fastsae.config.RESUMABLE (e.g. steps=...; changing others is refused), and the change is
+        recorded in train_config.json. Extending steps after the lr decay began continues the
+        decay from where it was. `data` must be the same activations. A distributed run resumes
+        with the replicas x shards layout it was saved with (the optimizer state is per shard);
+        its weights alone load into any layout."""
         layout = layout if layout is not None else LOCAL
         run = RunDir(out_dir, layout)
+        run.lock()
+        try:
+            return cls._resume(run, data, checkpoint, layout, overrides)
+        except BaseException:
+            run.unlock()
+            raise
+
+    @classmethod
+    def _resume(cls, run: RunDir, data, checkpoint, layout: ParallelContext, overrides: dict) -> Trainer:
         raw = run.read_config()
         raw.pop("layout", None)
-        cfg = TrainConfig.from_dict(raw).replace(out_dir=str(out_dir), **overrides)
-        ckpt = Path(checkpoint) if checkpoint is not None else latest_checkpoint(out_dir)
-        if ckpt is None or not is_complete(ckpt):
-            raise CheckpointError(f"no complete checkpoint to resume from in {run.checkpoints}")
-        state = run.read_state(ckpt)
-        saved = state.get("layout", {"replicas": 1, "shards": 1})
-        if saved != layout.as_dict():
+        raw.pop("resumes", None)
+        saved = TrainConfig.from_dict(raw)
+        overrides = {**overrides, "out_dir": str(run.path)}
+        refused = {k: v for k, v in overrides.items() if k not in RESUMABLE and _differs(getattr(saved, k, None), v)}
+        if refused:
+            was = ", ".join(f"{k}={getattr(saved, k, None)!r}" for k in sorted(refused))
             raise ConfigError(
-                f"{ckpt} was saved by {saved['replicas']} replica(s) x {saved['shards']} shard(s), this job is "
+                f"{run.path} was trained with {was}; a resumed run keeps them (it may change only "
+                f"{', '.join(sorted(RESUMABLE))}): drop those options, or start a new run in another out_dir")
+        changed = {k: v for k, v in overrides.items() if k in RESUMABLE and k != "out_dir"
+                   and _differs(getattr(saved, k), v)}
+        ckpt, state, sae = run.newest_readable(checkpoint)
+        prev = state.get("layout", {"replicas": 1, "shards": 1})
+        if prev != layout.as_dict():
+            raise ConfigError(
+                f"{ckpt} was saved by {prev['replicas']} replica(s) x {prev['shards']} shard(s), this job is "
                 f"{layout.replicas} x {layout.shards}: resume with the same layout (the optimizer state is per "
                 "shard); the weights alone load into any layout with fastsae.load / load_sharded")
-        trainer = cls(cfg, data, sae=run.load_sae(ckpt), layout=layout)
+        cfg = saved.replace(**{k: v for k, v in overrides.items() if k in RESUMABLE})
+        step = int(state["step"])
+        if cfg.steps < step:
+            raise ConfigError(f"{ckpt} is at step {step}, past steps={cfg.steps}: ask for at least {step} steps")
+        if cfg.steps != saved.steps:  # keep the lr decay where it was, if it had begun
+            f = lr_factor(step, saved.steps, saved.warmup_steps, saved.decay_start, saved.decay,
+                          saved.final_lr_fraction, saved.lr_anchor)
+            began = saved.lr_anchor is not None or step >= max(int(saved.decay_start * saved.steps),
+                                                                saved.warmup_steps)
+            if began and saved.decay != "constant":
+                cfg = cfg.replace(lr_anchor=(step, f))
+                changed["lr_anchor"] = [step, f]
+        trainer = cls(cfg, data, sae=sae, layout=layout)
+        trainer.run = run  # holds the lock
         trainer._resumed = True
         trainer.load_state_dict(state)
         trainer.last_checkpoint = ckpt
         trainer.tracker.history = run.trim_log(trainer.step)
+        run.record_resume(trainer._saved_config(), trainer.step, changed)
         return trainer
+
+
+def _differs(a, b) -> bool:
+    if isinstance(a, tuple):
+        a = list(a)
+    if isinstance(b, tuple):
+        b = list(b)
+    return a != b
 
 
 def train(cfg: TrainConfig, data) -> TrainResult:
