@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .checkpoint import sha256_tensors
 from .errors import InputError
 
 SHARD_SUFFIXES = (".npy", ".safetensors")
@@ -160,13 +161,8 @@ class IterableSource(ActivationSource):
 
 
 def _digest(tensors: Iterable[torch.Tensor]) -> str:
-    """A short content hash of small tensors (their bytes, shapes and dtypes)."""
-    h = hashlib.sha256()
-    for t in tensors:
-        t = t.detach().contiguous().cpu()
-        h.update(f"{tuple(t.shape)}{t.dtype}".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()[:16]
+    """A short content hash of small tensors."""
+    return sha256_tensors((str(i), t) for i, t in enumerate(tensors))[:16]
 
 
 def _refuse_dtype(path: Path, dtype: str) -> None:
