@@ -1,4 +1,4 @@
-// The sparse ops of a TopK-family SAE, registered under torch.ops.fastsae (formulas of DESIGN.md):
+// The sparse ops of a TopK-family SAE, registered under torch.ops.fastsae:
 //   sparse_decode:          x_hat[b] = sum_s values[b,s] * W_dec[idx[b,s]] + b_dec
 //   sparse_decode_backward: dvalues[b,s] = <e_b, W_dec[idx[b,s]]>,
 //                           dW_dec[j] = sum_{idx[b,s]=j} values[b,s] * e_b

@@ -158,7 +158,10 @@ def _config_fields_differing(a: SAEConfig, b: SAEConfig) -> list[str]:
 
 def _usable_device(cfg: SAEConfig, path: Path) -> SAEConfig:
     """cfg on the CPU when its device type is not on this machine (a GPU checkpoint on a laptop)."""
-    device = torch.device(cfg.device)
+    try:
+        device = torch.device(cfg.device)
+    except RuntimeError as e:
+        raise CheckpointError(f"{path}: device {cfg.device!r} in its config is not a device name ({e})") from e
     available = device.type == "cpu" or (
         device.type == "cuda" and torch.cuda.is_available()
         or device.type == "mps" and torch.backends.mps.is_available()

@@ -292,3 +292,10 @@ def test_the_saved_config_follows_the_module_dtype(tmp_path, dtype):
     loaded = fastsae.load(tmp_path)
     assert loaded.W_enc.dtype == dtype and loaded.cfg.torch_dtype == dtype
     torch.testing.assert_close(loaded.W_dec, sae.W_dec)
+
+
+def test_a_config_with_a_bad_device_name_is_a_checkpoint_error(tmp_path):
+    sae = _sae(k=3)
+    ckpt.write_checkpoint(tmp_path, sae.cfg.replace(device="gpu0"), sae.state_dict())
+    with pytest.raises(CheckpointError, match="device 'gpu0' in its config is not a device name"):
+        fastsae.load(tmp_path)
