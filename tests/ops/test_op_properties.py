@@ -155,6 +155,12 @@ def compare_grads(got, want, dtype, what):
         torch.testing.assert_close(a, b, **tol(dtype), msg=lambda m, i=i: f"{what}: gradient {i}: {m}")
 
 
+def compare_encode_grads(op, backend, args, last, n, dtype):
+    """An encode's gradients w.r.t. x and the weights on `backend` against the reference's."""
+    compare_grads(grads_of(lambda *a: ops.get(op, backend)(*a, last), args, n),
+                  grads_of(lambda *a: getattr(R, op)(*a, last), args, n), dtype, f"{op}[{backend}]")
+
+
 # ------------------------------------------------------------------ cases
 def cases(op):
     """(backend, shape, dtype) params: every CPU backend of op. The reference is run too, for the
@@ -191,9 +197,7 @@ def test_topk_encode(backend, shape, dtype):
         return
     assert torch.equal(indices.sort(-1).values, ri.sort(-1).values)
     torch.testing.assert_close(dense((values, indices), n), dense((rv, ri), n), **tol(dtype))
-    compare_grads(grads_of(lambda *a: ops.get("topk_encode", backend)(*a, k), (x, W_enc, b_enc, b_dec), n),
-                  grads_of(lambda *a: R.topk_encode(*a, k), (x, W_enc, b_enc, b_dec), n), dtype,
-                  f"topk_encode[{backend}]")
+    compare_encode_grads("topk_encode", backend, (x, W_enc, b_enc, b_dec), k, n, dtype)
 
 
 @pytest.mark.parametrize("backend,shape,dtype", cases("batchtopk_encode"))
@@ -209,9 +213,7 @@ def test_batchtopk_encode(backend, shape, dtype):
         torch.testing.assert_close(a[a.numel() - m:], b[b.numel() - m:], **tol(dtype))
         return
     torch.testing.assert_close(got.to_dense(), ref.to_dense(), **tol(dtype))
-    compare_grads(grads_of(lambda *a: ops.get("batchtopk_encode", backend)(*a, k), (x, W_enc, b_enc, b_dec), n),
-                  grads_of(lambda *a: R.batchtopk_encode(*a, k), (x, W_enc, b_enc, b_dec), n), dtype,
-                  f"batchtopk_encode[{backend}]")
+    compare_encode_grads("batchtopk_encode", backend, (x, W_enc, b_enc, b_dec), k, n, dtype)
 
 
 @pytest.mark.parametrize("backend,shape,dtype", cases("threshold_encode"))
@@ -223,9 +225,7 @@ def test_threshold_encode(backend, shape, dtype):
     ref = R.threshold_encode(x, W_enc, b_enc, b_dec, th)
     torch.testing.assert_close(got.to_dense(), ref.to_dense(), **tol(dtype))
     if dtype != torch.bfloat16:
-        compare_grads(grads_of(lambda *a: ops.get("threshold_encode", backend)(*a, th), (x, W_enc, b_enc, b_dec), n),
-                      grads_of(lambda *a: R.threshold_encode(*a, th), (x, W_enc, b_enc, b_dec), n), dtype,
-                      f"threshold_encode[{backend}]")
+        compare_encode_grads("threshold_encode", backend, (x, W_enc, b_enc, b_dec), th, n, dtype)
 
 
 @pytest.mark.parametrize("with_b_dec", [True, False], ids=["b_dec", "no_b_dec"])
