@@ -29,8 +29,13 @@ at::Tensor sparse_decode(const at::Tensor& values, const at::Tensor& indices, co
   // Accumulate in the op-math dtype (fp32 for half types), round once at the end.
   const auto acc = at::toOpMathType(W_dec.scalar_type());
   auto vals = values.contiguous().to(acc);
-  auto out = b_dec.has_value() ? b_dec->to(acc).expand({B, d}).contiguous()
-                               : at::zeros({B, d}, vals.options());
+  // A fresh buffer, always: b_dec->expand({1, d}).contiguous() would be b_dec itself, and the
+  // decode accumulates into `out`.
+  auto out = at::empty({B, d}, vals.options());
+  if (b_dec.has_value())
+    out.copy_(b_dec->expand({B, d}));
+  else
+    out.zero_();
   kernels_for(W_dec).decode(vals, indices.contiguous(), W_dec.contiguous(), out);
   return out.to(W_dec.scalar_type());
 }

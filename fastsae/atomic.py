@@ -1,6 +1,7 @@
 """Atomic file writes: write a temp file in the same directory, fsync, rename over.
 
-A crash at any point leaves either the old file or the new one, never a torn file.
+A crash at any point leaves either the old file or the new one, never a torn file. The file
+gets the mode a plain open() would give it (0666 less the umask), not mkstemp's private 0600.
 """
 
 from __future__ import annotations
@@ -8,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
+import threading
 from collections.abc import Callable
 from pathlib import Path
 
@@ -21,6 +23,16 @@ def fsync_dir(directory: Path) -> None:
             os.close(fd)
 
 
+_umask_lock = threading.Lock()
+
+
+def _new_file_mode() -> int:
+    with _umask_lock:  # the umask can only be read by setting it
+        mask = os.umask(0o022)
+        os.umask(mask)
+    return 0o666 & ~mask
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
     """Call `write(tmp_path)` to produce the content, then move it onto `path` atomically."""
     path = Path(path)
@@ -29,6 +41,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, _new_file_mode())  # after: a writer may replace the file (safetensors does)
         with open(tmp, "rb+") as f:
             f.flush()
             os.fsync(f.fileno())

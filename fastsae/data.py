@@ -8,21 +8,28 @@
 Every source has state_dict()/load_state_dict(): the trainer saves the position with each
 checkpoint, and a resumed run sees exactly the batches the uninterrupted run would have.
 Shuffling is a pure function of (seed, epoch, buffer number), so resuming needs only a few
-integers, never the buffer's contents.
+integers, never the buffer's contents. fingerprint() describes the data cheaply (no full
+read), so a resumed run can tell that its data changed (fingerprint_changes).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import warnings
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from .checkpoint import sha256_tensors
 from .errors import InputError
 
 SHARD_SUFFIXES = (".npy", ".safetensors")
+MANIFEST_NAME = "manifest.json"
+# safetensors dtype names a shard may hold (activations are floating point)
+_SAFETENSORS_FLOATS = {"F16": "float16", "BF16": "bfloat16", "F32": "float32", "F64": "float64"}
 
 
 def _generator(*keys: int) -> torch.Generator:
@@ -60,6 +67,11 @@ class ActivationSource:
 
     def load_state_dict(self, state: dict) -> None:
         raise NotImplementedError
+
+    def fingerprint(self) -> dict:
+        """A small JSON-able description of the data (never a full read): compare two with
+        fingerprint_changes to tell whether a resumed run reads the data it started on."""
+        return {"kind": type(self).__name__, "d_in": self.d_in}
 
     def sample(self, n_rows: int) -> torch.Tensor:
         """Up to n_rows rows for initialisation, without moving the training position."""
@@ -108,6 +120,12 @@ class TensorSource(ActivationSource):
     def state_dict(self):
         return {"epoch": self.epoch, "position": self.position, "seed": self.seed}
 
+    def fingerprint(self):
+        n = self.data.shape[0]
+        rows = torch.linspace(0, n - 1, min(n, 64)).round().long().to(self.data.device)
+        return {"kind": "tensor", "shape": list(self.data.shape), "dtype": str(self.data.dtype),
+                "sample": _digest([self.data[rows]])}
+
     def load_state_dict(self, state):
         self.epoch, self.position, self.seed = state["epoch"], state["position"], state["seed"]
 
@@ -134,8 +152,24 @@ class IterableSource(ActivationSource):
     def state_dict(self):
         return {"consumed": self.consumed}
 
+    def fingerprint(self):
+        # The batches cannot be looked at without consuming them: only the width is known.
+        return {"kind": "iterable", "d_in": self.d_in}
+
     def load_state_dict(self, state):
         self.consumed = state["consumed"]
+
+
+def _digest(tensors: Iterable[torch.Tensor]) -> str:
+    """A short content hash of small tensors."""
+    return sha256_tensors((str(i), t) for i, t in enumerate(tensors))[:16]
+
+
+def _refuse_dtype(path: Path, dtype: str) -> None:
+    raise InputError(
+        f"{path} holds {dtype} values; activation shards must be floating point (float16, bfloat16, "
+        "float32 or float64): integer, bool or complex arrays are not activations"
+    )
 
 
 class _Shard:
@@ -143,18 +177,43 @@ class _Shard:
 
     def __init__(self, path: Path):
         self.path = path
+        if not path.is_file():
+            raise InputError(f"shard {path} does not exist" if not path.exists() else
+                             f"shard {path} is not a file")
+        self.bytes = path.stat().st_size
+        if self.bytes == 0:
+            raise InputError(f"{path} is empty (0 bytes): the shard was not written completely; harvest it again")
         if path.suffix == ".npy":
-            self.array = np.load(path, mmap_mode="r")
+            try:
+                self.array = np.load(path, mmap_mode="r")
+            except (ValueError, OSError, EOFError) as e:
+                raise InputError(f"{path} is not a readable .npy array ({e}): the file is truncated or "
+                                 "corrupt; harvest it again") from e
+            dt = self.array.dtype
+            if dt.kind != "f":
+                _refuse_dtype(path, str(dt))
+            if not dt.isnative:
+                raise InputError(f"{path} is stored in the other byte order ({dt.str}, big-endian here); rewrite "
+                                 "it in this machine's order: np.save(path, arr.astype(arr.dtype.newbyteorder('=')))")
+            self.dtype = str(dt)
             shape = self.array.shape
         elif path.suffix == ".safetensors":
-            from safetensors import safe_open
+            from safetensors import SafetensorError, safe_open
 
-            self.file = safe_open(str(path), framework="pt")
-            keys = list(self.file.keys())
+            try:
+                self.file = safe_open(str(path), framework="pt")
+                keys = list(self.file.keys())
+            except (SafetensorError, OSError, ValueError) as e:
+                raise InputError(f"{path} is not a readable safetensors file ({e}): the file is truncated or "
+                                 "corrupt; harvest it again") from e
             key = "activations" if "activations" in keys else (keys[0] if len(keys) == 1 else None)
             if key is None:
                 raise InputError(f"{path} holds tensors {keys}: name the activations 'activations'")
             self.slice = self.file.get_slice(key)
+            st_dtype = self.slice.get_dtype()
+            if st_dtype not in _SAFETENSORS_FLOATS:
+                _refuse_dtype(path, st_dtype)
+            self.dtype = _SAFETENSORS_FLOATS[st_dtype]
             shape = tuple(self.slice.get_shape())
         else:
             raise InputError(f"{path}: shard files must end in {' or '.join(SHARD_SUFFIXES)}")
@@ -167,12 +226,55 @@ class _Shard:
             return torch.from_numpy(np.array(self.array[start:stop]))
         return self.slice[start:stop]
 
+    def fingerprint(self) -> dict:
+        ends = [self.read(0, 1), self.read(self.rows - 1, self.rows)] if self.rows else []
+        return {"file": self.path.name, "bytes": self.bytes, "shape": [self.rows, self.d], "dtype": self.dtype,
+                "sample": _digest(ends)}
+
+
+def read_manifest(directory: str | Path) -> dict:
+    """The manifest.json that `fastsae harvest` writes beside its shards ({} if none)."""
+    p = Path(directory) / MANIFEST_NAME
+    if not p.is_file():
+        return {}
+    try:
+        manifest = json.loads(p.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise InputError(f"{p} is not valid JSON ({e}): the manifest is corrupt; harvest again, or delete it "
+                         "to read every shard file of the directory") from e
+    if not isinstance(manifest, dict):
+        raise InputError(f"{p} must hold a JSON object, got {type(manifest).__name__}: the manifest is corrupt")
+    shards = manifest.get("shards", [])  # a manifest without "shards" describes the data, not its files
+    if not isinstance(shards, list) or not all(isinstance(s, dict) and isinstance(s.get("file"), str)
+                                               for s in shards):
+        raise InputError(f"{p} does not list its shards (a JSON object with \"shards\": [{{\"file\": ..., "
+                         "\"rows\": ...}}, ...]): the manifest is corrupt")
+    for s in shards:
+        f = Path(s["file"])
+        if f.is_absolute() or ".." in f.parts:
+            raise InputError(f"{p} lists shard {s['file']!r} outside its directory: the manifest is corrupt")
+    return manifest
+
 
 def shard_paths(location: str | Path | Iterable[str | Path]) -> list[Path]:
-    """The shard files of a directory (sorted), or the given list of files."""
+    """The shard files of a directory (those its manifest.json lists, or all of them, sorted),
+    or the given list of files."""
     if isinstance(location, (str, Path)):
         location = Path(location)
+        if not location.exists():
+            raise InputError(f"{location} does not exist: pass a directory of activation shards (from "
+                             "`fastsae harvest`) or a shard file")
         if location.is_dir():
+            manifest = read_manifest(location)
+            if manifest.get("shards"):
+                listed = [location / s["file"] for s in manifest["shards"]]
+                unlisted = sorted({p.name for p in location.iterdir() if p.suffix in SHARD_SUFFIXES}
+                                  - {p.name for p in listed})
+                if unlisted:
+                    warnings.warn(f"{location}: reading the {len(listed)} shard(s) listed in {MANIFEST_NAME}; "
+                                  f"ignoring {len(unlisted)} other shard file(s) ({', '.join(unlisted[:3])}"
+                                  f"{', ...' if len(unlisted) > 3 else ''})", stacklevel=3)
+                return listed
             paths = sorted(p for p in location.iterdir() if p.suffix in SHARD_SUFFIXES)
             if not paths:
                 raise InputError(f"{location} has no {' or '.join(SHARD_SUFFIXES)} shard files")
@@ -192,12 +294,16 @@ class ShardSource(ActivationSource):
 
     def __init__(self, shards, batch_size: int, shuffle: bool = True, buffer_rows: int = 262_144,
                  chunk_rows: int = 4096, seed: int = 0, dtype: torch.dtype = torch.float32):
+        directory = Path(shards) if isinstance(shards, (str, Path)) and Path(shards).is_dir() else None
+        self.manifest = read_manifest(directory) if directory is not None else {}
         self.shards = [_Shard(p) for p in shard_paths(shards)]
         dims = {s.d for s in self.shards}
         if len(dims) > 1:
             sizes = ", ".join(f"{s.path.name}: {s.d}" for s in self.shards)
             raise InputError(f"shards disagree on the activation dimension ({sizes}): keep one hook point per run")
         self.d_in = self.shards[0].d
+        if self.manifest:
+            self._check_against_manifest(directory / MANIFEST_NAME)
         self.chunks = [(i, a, min(a + chunk_rows, s.rows)) for i, s in enumerate(self.shards)
                        for a in range(0, s.rows, chunk_rows)]
         if not self.chunks:
@@ -207,9 +313,26 @@ class ShardSource(ActivationSource):
         self.n_buffers = -(-len(self.chunks) // self.chunks_per_buffer)
         self.epoch, self.buffer, self.offset = 0, 0, 0
 
+    def _check_against_manifest(self, path: Path) -> None:
+        """Each listed shard holds the rows, and the shards the width, that the manifest says."""
+        for shard, entry in zip(self.shards, self.manifest.get("shards", [])):
+            rows = entry.get("rows")
+            if rows is not None and rows != shard.rows:
+                raise InputError(f"{shard.path} holds {shard.rows} rows but {path} says {rows}: the shard is "
+                                 "truncated or was replaced; harvest again")
+        d_in = self.manifest.get("d_in")
+        if d_in is not None and d_in != self.d_in:
+            raise InputError(f"the shards hold activations of dimension {self.d_in} but {path} says d_in={d_in}: "
+                             "the shards were replaced; harvest again")
+
     @property
     def n_rows(self) -> int:
         return sum(s.rows for s in self.shards)
+
+    def fingerprint(self):
+        manifest = json.dumps(self.manifest, sort_keys=True) if self.manifest else None
+        return {"kind": "shards", "manifest": hashlib.sha256(manifest.encode()).hexdigest()[:16] if manifest else None,
+                "shards": [s.fingerprint() for s in self.shards]}
 
     def _load_buffer(self, epoch: int, buffer: int) -> torch.Tensor:
         order = torch.randperm(len(self.chunks), generator=_generator(self.seed, epoch)) if self.shuffle \
@@ -253,10 +376,36 @@ class ShardSource(ActivationSource):
             state["epoch"], state["buffer"], state["offset"], state["seed"])
 
 
-def read_manifest(directory: str | Path) -> dict:
-    """The manifest.json that `fastsae harvest` writes beside its shards ({} if none)."""
-    p = Path(directory) / "manifest.json"
-    return json.loads(p.read_text(encoding="utf-8")) if p.is_file() else {}
+def fingerprint_changes(old: dict, new: dict) -> list[str]:
+    """How data fingerprinted as `new` differs from data fingerprinted as `old` (from
+    ActivationSource.fingerprint), one short phrase per difference; [] when they agree."""
+    if old == new:
+        return []
+    if old.get("kind") != new.get("kind"):
+        return [f"the kind of source changed: {old.get('kind')} -> {new.get('kind')}"]
+    if old.get("kind") != "shards":
+        return [f"{key}: {old.get(key)} -> {new.get(key)}" if key != "sample" else "the sampled rows differ"
+                for key in sorted(set(old) | set(new), key=lambda k: (k == "sample", k))
+                if old.get(key) != new.get(key)]
+    before = {s["file"]: s for s in old.get("shards", [])}
+    after = {s["file"]: s for s in new.get("shards", [])}
+    changes = []
+    if set(before) - set(after):
+        changes.append(f"shards gone: {', '.join(sorted(set(before) - set(after)))}")
+    if set(after) - set(before):
+        changes.append(f"shards added: {', '.join(sorted(set(after) - set(before)))}")
+    for name in sorted(set(before) & set(after)):
+        a, b = before[name], after[name]
+        diff = [f"{k} {a.get(k)} -> {b.get(k)}" for k in ("shape", "dtype", "bytes") if a.get(k) != b.get(k)]
+        if not diff and a.get("sample") != b.get("sample"):
+            diff = ["its rows differ"]
+        if diff:
+            changes.append(f"{name}: {', '.join(diff)}")
+    if old.get("manifest") != new.get("manifest"):
+        changes.append(f"{MANIFEST_NAME} changed")
+    if not changes:  # the same shards in another order
+        changes.append("the shards are listed in another order")
+    return changes
 
 
 def as_source(data, batch_size: int, shuffle: bool = True, seed: int = 0) -> ActivationSource:

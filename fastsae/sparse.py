@@ -49,8 +49,9 @@ class SparseActs:
         return (self.values != 0).sum(-1)
 
     def flatten_rows(self) -> SparseActs:
-        m = self.values.shape[-1]
-        return SparseActs(self.values.reshape(-1, m), self.indices.reshape(-1, m), self.d_sae)
+        # rows counted, not inferred: reshape(-1, 0) is ambiguous for an empty batch
+        rows, m = self.values.shape[:-1].numel(), self.values.shape[-1]
+        return SparseActs(self.values.reshape(rows, m), self.indices.reshape(rows, m), self.d_sae)
 
     def reshape_rows(self, lead: tuple[int, ...]) -> SparseActs:
         m = self.values.shape[-1]
