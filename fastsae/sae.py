@@ -526,7 +526,7 @@ def latent_slice(name: str, t: torch.Tensor, start: int, end: int, architecture:
 
 def load_sae(path, device=None, dtype=None) -> BaseSAE:
     """Load a checkpoint written by save_pretrained into the right SAE class."""
-    cfg, state = read_checkpoint(path)
+    cfg, state = read_checkpoint(path, device=device)
     weights_path = Path(path) / WEIGHTS_NAME
     changes = {}
     if device is not None:

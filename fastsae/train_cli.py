@@ -18,8 +18,9 @@ from pathlib import Path
 
 import tomllib
 
+from .cli import check_device
 from .config import RESUMABLE, SAEConfig, TrainConfig
-from .data import ShardSource, read_manifest
+from .data import ShardSource
 from .errors import ConfigError
 from .run_dir import RunDir
 from .trainer import Trainer
@@ -80,6 +81,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="continue the run in --out-dir from its latest checkpoint that reads back; its saved "
                         "settings hold, and only " + ", ".join(sorted(RESUMABLE - {"out_dir"})) + " may change")
     p.add_argument("--checkpoint", help="with --resume: resume from this checkpoint folder instead")
+    p.add_argument("--allow-new-data", action="store_true",
+                   help="with --resume: continue even though the activations differ from the run's (recorded)")
     p.add_argument("--overwrite", action="store_true",
                    help="start a fresh run even though --out-dir holds one (its files are replaced)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -145,6 +148,8 @@ def prepare(args: argparse.Namespace) -> tuple[dict, ShardSource]:
     """(TrainConfig dict with its "sae" dict completed, the shard source) from the parsed flags:
     d_in comes from the shards, d_sae from --expansion, metadata from the harvest manifest."""
     train, data = build(args)
+    if "device" in train["sae"]:
+        check_device(train["sae"]["device"])
     opts = {k: data[k] for k in ("buffer_rows", "chunk_rows", "shuffle") if k in data}
     source = ShardSource(data["path"], batch_size=int(train.get("batch_size", 4096)),
                          seed=int(train.get("seed", 0)), **opts)
@@ -154,7 +159,7 @@ def prepare(args: argparse.Namespace) -> tuple[dict, ShardSource]:
         sae.setdefault("d_sae", args.expansion * sae["d_in"])
     if "d_sae" not in sae:
         raise ConfigError("say how wide the SAE is: --d-sae N or --expansion E")
-    manifest = read_manifest(data["path"]) if Path(data["path"]).is_dir() else {}
+    manifest = source.manifest
     if manifest:
         sae.setdefault("metadata", {}).update(
             {k: manifest[k] for k in ("model", "hook", "dataset") if k in manifest})
@@ -196,7 +201,8 @@ def run(args: argparse.Namespace) -> int:
     if args.resume:
         out_dir, overrides, source = prepare_resume(args)
         overrides.pop("out_dir", None)
-        trainer = Trainer.resume(out_dir, source, checkpoint=args.checkpoint, layout=layout, **overrides)
+        trainer = Trainer.resume(out_dir, source, checkpoint=args.checkpoint, layout=layout,
+                                 allow_new_data=args.allow_new_data, **overrides)
     else:
         if args.checkpoint:
             raise ConfigError("--checkpoint picks where a resumed run continues from: add --resume")

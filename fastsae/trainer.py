@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from .config import RESUMABLE, TrainConfig
 from .constraints import normalize_rows_
-from .data import ActivationSource, as_source
+from .data import ActivationSource, as_source, fingerprint_changes
 from .errors import ConfigError, InputError
 from .init import init_b_dec_, init_from_data_
 from .optim import DenseAdam, RowSparseAdam, merge_row_sparse
@@ -344,7 +344,7 @@ class Trainer:
         return {
             "format": 1, "step": self.step, "tokens": self.tokens, "layout": self.layout.as_dict(),
             "optimizer": self.opt.state_dict(), "tracker": self.tracker.state_dict(),
-            "source": self.source.state_dict(), "rng": torch.get_rng_state(),
+            "source": self.source.state_dict(), "data": self.source.fingerprint(), "rng": torch.get_rng_state(),
             "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
         }
 
@@ -365,25 +365,27 @@ class Trainer:
 
     @classmethod
     def resume(cls, out_dir: str | Path, data, checkpoint: str | Path | None = None,
-               layout: ParallelContext | None = None, **overrides) -> Trainer:
+               layout: ParallelContext | None = None, allow_new_data: bool = False, **overrides) -> Trainer:
         """Continue the run in out_dir from its latest checkpoint that reads back (or
         `checkpoint`). The saved config holds; `overrides` may change only the fields in
         fastsae.config.RESUMABLE (e.g. steps=...; changing others is refused), and the change is
         recorded in train_config.json. Extending steps after the lr decay began continues the
-        decay from where it was. `data` must be the same activations. A distributed run resumes
+        decay from where it was. `data` must be the same activations (their fingerprint is checked;
+        allow_new_data=True continues on other data anyway, and records it). A distributed run resumes
         with the replicas x shards layout it was saved with (the optimizer state is per shard);
         its weights alone load into any layout."""
         layout = layout if layout is not None else LOCAL
         run = RunDir(out_dir, layout)
         run.lock()
         try:
-            return cls._resume(run, data, checkpoint, layout, overrides)
+            return cls._resume(run, data, checkpoint, layout, allow_new_data, overrides)
         except BaseException:
             run.unlock()
             raise
 
     @classmethod
-    def _resume(cls, run: RunDir, data, checkpoint, layout: ParallelContext, overrides: dict) -> Trainer:
+    def _resume(cls, run: RunDir, data, checkpoint, layout: ParallelContext, allow_new_data: bool,
+                overrides: dict) -> Trainer:
         raw = run.read_config()
         raw.pop("layout", None)
         raw.pop("resumes", None)
@@ -417,7 +419,14 @@ class Trainer:
                 cfg = cfg.replace(lr_anchor=(step, f))
                 changed["lr_anchor"] = [step, f]
         trainer = cls(cfg, data, sae=sae, layout=layout)
-        trainer.run = run  # holds the lock
+        if "data" in state:
+            differences = fingerprint_changes(state["data"], trainer.source.fingerprint())
+            if differences and not allow_new_data:
+                raise ConfigError(f"the data differ from what {ckpt} was trained on ({'; '.join(differences)}): "
+                                  "resume on the same activations, or pass allow_new_data=True (--allow-new-data) "
+                                  "to continue on these")
+            if differences:
+                changed["data"] = differences
         trainer._resumed = True
         trainer.load_state_dict(state)
         trainer.last_checkpoint = ckpt

@@ -184,3 +184,15 @@ def test_empty_and_one_row_batches_are_defined(tmp_path):
                       plot=False, b_dec_init="zeros", log_every=1)
     res = Trainer(cfg, data).fit()
     assert res.steps == 4 and all(np.isfinite(r["loss"]) for r in read_log(res.log_path))
+
+
+def test_resume_on_other_data_is_refused_unless_allowed(tmp_path, x):
+    Trainer(_cfg(tmp_path), x).fit(max_steps=4)
+    other = ToyData(d=16, n_features=32, seed=1).sample(2048)
+    with pytest.raises(ConfigError, match="the data differ from what .* was trained on"):
+        Trainer.resume(tmp_path, other)
+    t = Trainer.resume(tmp_path, other, allow_new_data=True)
+    t.fit()
+    saved = json.loads((tmp_path / "train_config.json").read_text())
+    assert saved["resumes"][-1]["changed"]["data"]  # the change is recorded
+    Trainer.resume(tmp_path, other, steps=14).run.unlock()  # the same data as last time: no complaint
