@@ -13,6 +13,7 @@ SUBCOMMANDS = {
     "toy-sweep": "fastsae.toy.sweep",
     "train": "fastsae.train_cli",
     "harvest": "fastsae.harvest",
+    "eval": "fastsae.evaluate",
 }
 
 
