@@ -131,11 +131,6 @@ def _wide(logits: torch.Tensor) -> torch.Tensor:
     return logits if logits.dtype == torch.float64 else logits.float()
 
 
-def kl_div(logp_ref: torch.Tensor, logp: torch.Tensor) -> torch.Tensor:
-    """KL(P_ref ‖ P) per row from log-probabilities [N, V]: Σ_v p_ref (log p_ref − log p)."""
-    return (logp_ref.exp() * (logp_ref - logp)).sum(-1)
-
-
 def _mlm_mask(valid: torch.Tensor, probability: float, generator: torch.Generator) -> torch.Tensor:
     draw = torch.rand(valid.shape, generator=generator)
     return valid & (draw < probability)
@@ -168,6 +163,7 @@ def evaluate(model: torch.nn.Module, sae: torch.nn.Module, hook: str,
             raise ConfigError("a masked LM is scored on masked tokens: pass its tokenizer (with a mask token)")
     special = special_token_ids(tokenizer) if exclude_special and tokenizer is not None else None
     d_sae = int(sae.d_sae)
+    vocab = model.get_input_embeddings().num_embeddings
     acc = _Accumulator(d_sae)
     gen = torch.Generator().manual_seed(seed)
     model.eval()
@@ -179,6 +175,9 @@ def evaluate(model: torch.nn.Module, sae: torch.nn.Module, hook: str,
             if input_ids.dim() != 2:
                 raise InputError(f"token batches must be [batch, seq], got {tuple(input_ids.shape)}")
             check_context_length(model, input_ids.shape[1])
+            if input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= vocab):
+                raise InputError(f"token ids range over [{int(input_ids.min())}, {int(input_ids.max())}] but the "
+                                 f"model's vocabulary has {vocab} tokens: tokenize with the model's tokenizer")
             am = torch.ones_like(input_ids) if attention_mask is None else attention_mask
             valid = valid_positions(input_ids, am, special)
             sequences += input_ids.shape[0]
@@ -212,28 +211,34 @@ def evaluate(model: torch.nn.Module, sae: torch.nn.Module, hook: str,
 
 
 def _score_batch(model, sae, hook, kind, ids, am, valid, mask_id, mlm_probability, gen, acc: _Accumulator) -> None:
-    """One batch's clean, spliced and ablated passes into `acc`."""
+    """One batch's clean, spliced and ablated passes into `acc`. Each pass takes one log-softmax
+    over the KL positions (the CE positions are a subset of them) and no other [N, vocab] copy."""
     if kind == "causal":
         inputs, kl_pos = ids, valid
-        ce_pos = valid[:, :-1] & am[:, 1:].bool()  # the prediction at t (evaluated) of token t+1 (not padding)
-        targets = ids[:, 1:][ce_pos]
-
-        def ce_logits(logits):
-            return _wide(logits[:, :-1][ce_pos])
+        # the prediction at t (an evaluated position) of token t+1 (not padding)
+        ce_full = torch.zeros_like(valid)
+        ce_full[:, :-1] = valid[:, :-1] & am[:, 1:].bool()
+        ce_rows, targets = ce_full[kl_pos], torch.roll(ids, -1, dims=1)[kl_pos]
     else:
         kl_pos = _mlm_mask(valid.cpu(), mlm_probability, gen).to(ids.device)
-        inputs, ce_pos, targets = ids.masked_fill(kl_pos, mask_id), kl_pos, ids[kl_pos]
+        inputs = ids.masked_fill(kl_pos, mask_id)
+        targets = ids[kl_pos]
+        ce_rows = torch.ones_like(targets, dtype=torch.bool)
+    every = bool(kl_pos.all())
 
-        def ce_logits(logits):
-            return _wide(logits[kl_pos])
+    def log_probs(logits):
+        rows = logits.reshape(-1, logits.shape[-1]) if every else logits[kl_pos]  # no copy when all count
+        return torch.log_softmax(_wide(rows), -1)
+
+    def ce_sum(logp):
+        return -float(logp.gather(1, targets[:, None])[ce_rows].sum())
 
     def run():
         return model(input_ids=inputs, attention_mask=am).logits
 
-    clean = run()
-    logp_clean = torch.log_softmax(_wide(clean[kl_pos]), -1)
-    acc.sums["ce_clean"] += float(F.cross_entropy(ce_logits(clean), targets, reduction="sum"))
-    del clean
+    logp_clean = log_probs(run())
+    p_clean = logp_clean.exp()
+    acc.sums["ce_clean"] += ce_sum(logp_clean)
     with splice(model, {hook: sae}, record=True, mask=valid) as sp:
         logits = run()
     if sp.calls.get(hook) != 1:
@@ -245,10 +250,12 @@ def _score_batch(model, sae, hook, kind, ids, am, valid, mask_id, mlm_probabilit
         if name == "ablate":
             with ablate(model, [hook]):
                 logits = run()
-        acc.sums[f"ce_{name}"] += float(F.cross_entropy(ce_logits(logits), targets, reduction="sum"))
-        acc.sums[f"kl_{name}"] += float(kl_div(logp_clean, torch.log_softmax(_wide(logits[kl_pos]), -1)).sum())
+        logp = log_probs(logits)
         del logits
-    acc.n_ce += int(ce_pos.sum())
+        acc.sums[f"ce_{name}"] += ce_sum(logp)
+        # KL(P_clean ‖ P) summed over positions: Σ p_clean (log p_clean − log p), in place in logp
+        acc.sums[f"kl_{name}"] += float(logp.neg_().add_(logp_clean).mul_(p_clean).sum())
+    acc.n_ce += int(ce_rows.sum())
     acc.n_kl += int(kl_pos.sum())
 
 
@@ -367,20 +374,23 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     src.add_argument("--tokens", action="append",
                      help="token ids: .npy/.safetensors [sequences, seq] (no padding) or [tokens] (cut into "
                           "--context-length pieces), or a directory of them; repeatable")
-    p.add_argument("--text-field", default="text", help="the field of a .jsonl record holding the text")
+    p.add_argument("--text-field", default="text", help="the field of a .jsonl record holding the text (default text)")
     p.add_argument("--out", required=True, help="directory for eval.json, eval.md and feature_density.png")
     p.add_argument("--context-length", type=int, default=None,
                    help="tokens per sequence at most (default 128, or the model's limit if lower)")
     p.add_argument("--batch-size", type=int, default=8, help="sequences per forward pass (default 8)")
-    p.add_argument("--max-tokens", type=int, default=None, help="stop after this many evaluated tokens")
+    p.add_argument("--max-tokens", type=int, default=None,
+                   help="stop after the batch that reaches this many evaluated tokens (default: all)")
     p.add_argument("--keep-special", action="store_true", help="also evaluate special tokens (e.g. BOS)")
     p.add_argument("--recon-only", action="store_true", help="skip the CE/KL passes (one partial forward)")
-    p.add_argument("--mlm-probability", type=float, default=0.15, help="masked LMs: share of tokens masked")
-    p.add_argument("--seed", type=int, default=0, help="masked LMs: seed of the fixed random mask")
-    p.add_argument("--dense-threshold", type=float, default=0.1, help="a latent firing on more tokens is dense")
+    p.add_argument("--mlm-probability", type=float, default=0.15,
+                   help="masked LMs: share of the evaluated tokens masked (default 0.15)")
+    p.add_argument("--seed", type=int, default=0, help="masked LMs: seed of the fixed random mask (default 0)")
+    p.add_argument("--dense-threshold", type=float, default=0.1,
+                   help="a latent firing on a larger share of tokens is dense (default 0.1)")
     p.add_argument("--device", default="cpu", help="device of the model and the SAE (default cpu)")
     p.add_argument("--dtype", default=None, help="the model's dtype (default: as saved)")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def run(args: argparse.Namespace) -> int:

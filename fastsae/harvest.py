@@ -64,6 +64,8 @@ class ShardWriter:
     def __init__(self, out_dir: str | Path, shard_rows: int, dtype: torch.dtype, fmt: str):
         if fmt not in ("npy", "safetensors"):
             raise ConfigError(f"shard format {fmt!r} is unknown: use 'npy' or 'safetensors'")
+        if not isinstance(shard_rows, int) or shard_rows < 1:
+            raise ConfigError(f"shard_rows={shard_rows!r} must be a positive number of rows")
         if fmt == "npy" and dtype == torch.bfloat16:
             raise ConfigError("numpy has no bfloat16: use --format safetensors for bf16 shards (or --dtype float16)")
         self.out_dir = Path(out_dir)
@@ -227,6 +229,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from .model import load_model
 
+    missing = [t for t in args.text if not Path(t).is_file()]
+    if missing:  # before anything, --overwrite included, is done
+        raise InputError(f"text file {missing[0]} does not exist")
     model, tokenizer = load_model(args.model, head="none", device=args.device)
     manifest = harvest(model, tokenizer, read_texts(args.text, args.text_field), args.hook, args.out,
                        context_length=args.context_length, batch_size=args.batch_size,

@@ -21,6 +21,7 @@ import contextlib
 import difflib
 import os
 import socket
+import threading
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,13 +50,22 @@ def _transformers():
 
 
 def _hub_reachable(timeout: float = 3.0) -> bool:
-    """One TCP connection to the Hub (or HF_ENDPOINT), no retries: can a download even start?"""
+    """One TCP connection to the Hub (or HF_ENDPOINT), no retries: can a download even start?
+    Run in a daemon thread so that a name lookup that hangs (no resolver) is bounded too."""
     url = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
-    try:
-        with socket.create_connection((url.hostname, url.port or 443), timeout=timeout):
-            return True
-    except OSError:
-        return False
+    result: list[bool] = []
+
+    def probe():
+        try:
+            with socket.create_connection((url.hostname, url.port or 443), timeout=timeout):
+                result.append(True)
+        except OSError:
+            result.append(False)
+
+    thread = threading.Thread(target=probe, daemon=True)
+    thread.start()
+    thread.join(timeout)
+    return bool(result and result[0])
 
 
 def _offline_env() -> bool:
@@ -165,8 +175,10 @@ def load_model(name_or_path: str | os.PathLike, head: str = "auto", device: str 
         raise ConfigError(f"{name} ({config.model_type}) has no causal or masked LM head: CE-loss scores need one")
     auto = {"causal": tf.AutoModelForCausalLM, "masked": tf.AutoModelForMaskedLM, "none": tf.AutoModel}[kind]
     torch_dtype = _dtype(dtype)
-    model = fetch("weights", lambda n, **kw: auto.from_pretrained(
-        n, **kw, **({"dtype": torch_dtype} if torch_dtype is not None else {})))
+    # transformers renamed torch_dtype= to dtype= in 4.56
+    major, minor = (int(v) for v in tf.__version__.split(".")[:2])
+    as_dtype = {} if torch_dtype is None else {"dtype" if (major, minor) >= (4, 56) else "torch_dtype": torch_dtype}
+    model = fetch("weights", lambda n, **kw: auto.from_pretrained(n, **kw, **as_dtype))
     tokenizer = fetch("tokenizer", tf.AutoTokenizer.from_pretrained)
     return LoadedModel(model.to(device).eval(), tokenizer)
 
@@ -293,10 +305,6 @@ def resolve_hook(model: torch.nn.Module, hook: str) -> str:
 def _example_hook(model):
     points = hook_points(model)
     return points["resid"][len(points["resid"]) // 2] if points else "transformer.h.6"
-
-
-def find_module(model: torch.nn.Module, hook: str) -> torch.nn.Module:
-    return model.get_submodule(resolve_hook(model, hook))
 
 
 # ---------------------------------------------------------------- tokens

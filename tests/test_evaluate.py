@@ -175,6 +175,8 @@ def test_masked_lm_scores_on_a_fixed_random_mask():
 def test_errors_name_the_problem(gpt2, tok):
     with pytest.raises(InputError, match="no tokens"):
         evaluate(gpt2, _sae(), HOOK, [], tokenizer=tok, progress=False)
+    with pytest.raises(InputError, match="vocabulary has 25 tokens"):
+        evaluate(gpt2, _sae(), HOOK, [(torch.full((1, 4), 25), None)], tokenizer=tok, progress=False)
     long = [(torch.full((1, 40), 5), None)]
     with pytest.raises(ConfigError, match="limit of 32 positions"):
         evaluate(gpt2, _sae(), HOOK, long, tokenizer=tok, progress=False)

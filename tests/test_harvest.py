@@ -13,7 +13,7 @@ tokenizers = require("tokenizers", "compat")
 
 from fastsae.cli import main  # noqa: E402
 from fastsae.data import ShardSource  # noqa: E402
-from fastsae.errors import ConfigError  # noqa: E402
+from fastsae.errors import ConfigError, InputError  # noqa: E402
 from fastsae.harvest import harvest  # noqa: E402
 
 TEXT = TINY_TEXT
@@ -100,6 +100,10 @@ def test_harvest_refuses_a_folder_with_shards_unless_overwrite(tiny_model, tmp_p
     np.save(stray / "other.npy", np.zeros((3, 32), np.float32))  # shards without a manifest count too
     with pytest.raises(ConfigError, match="other.npy"):
         _run(tiny_model, stray, "--hook", "h.1")
+    with pytest.raises(InputError, match="does not exist"):  # a typo in --text deletes nothing
+        main(["harvest", "--model", str(tiny_model), "--hook", "h.0", "--text", "nope.txt", "--out", str(out),
+              "--overwrite"])
+    assert sorted(p.name for p in out.iterdir()) == sorted(old + ["notes.txt"])
     assert _run(tiny_model, out, "--hook", "h.0", "--overwrite") == 0  # default shard size: one shard
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["hook"] == "h.0"
@@ -120,8 +124,10 @@ def test_harvest_of_an_unknown_model_offline_is_one_line(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
     monkeypatch.setattr("fastsae.model._hub_reachable", lambda timeout=3.0: pytest.fail("probed the network"))
+    (tmp_path / "x.txt").write_text("hello\n")
     with pytest.raises(ConfigError) as e:
-        main(["harvest", "--model", "gpt2", "--hook", "h.0", "--text", "x.txt", "--out", str(tmp_path / "o")])
+        main(["harvest", "--model", "gpt2", "--hook", "h.0", "--text", str(tmp_path / "x.txt"), "--out",
+              str(tmp_path / "o")])
     assert "\n" not in str(e.value) and "not in the local cache" in str(e.value) and "--model DIR" in str(e.value)
 
 

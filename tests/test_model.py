@@ -214,7 +214,8 @@ def saved(tmp_path_factory):
 def test_load_model_from_a_local_directory(saved):
     model, tok = load_model(saved["gpt2"])
     assert type(model).__name__ == "GPT2LMHeadModel" and not model.training and tok.pad_token == "[PAD]"
-    assert type(load_model(saved["gpt2"], head="none").model).__name__ == "GPT2Model"
+    bare = load_model(saved["gpt2"], head="none", dtype="bfloat16").model
+    assert type(bare).__name__ == "GPT2Model" and bare.wte.weight.dtype == torch.bfloat16
     assert type(load_model(saved["bert"]).model).__name__ == "BertForMaskedLM"
     with pytest.raises(ConfigError, match="does not exist"):
         load_model(saved["gpt2"].parent / "nope")

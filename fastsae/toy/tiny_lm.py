@@ -116,6 +116,6 @@ def train_lm(model, tokenizer, texts, steps: int, batch_size: int = 32, context_
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
     model.eval()
     return losses
