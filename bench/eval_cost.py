@@ -1,6 +1,6 @@
 """What `fastsae eval` costs per million tokens, beside the model's own forward pass.
 
-    python -m bench.eval_cost                       # the tests' tiny GPT-2 and a small one, CPU
+    python -m bench.eval_cost                       # the tests' tiny GPT-2 ("tiny") and a small one, CPU
     python -m bench.eval_cost --threads 1 --tokens 20000
 
 For each model: random token ids (no special tokens, no padding) in batches of --batch
@@ -27,7 +27,7 @@ import torch
 RESULTS = Path(__file__).resolve().parent / "results"
 
 # name -> (layers, d_model, vocab, context): the tests' tiny GPT-2, and a GPT-2-shaped small one
-MODELS = {"tiny (tests)": (2, 32, 64, 32), "small": (4, 256, 8192, 128)}
+MODELS = {"tiny": (2, 32, 64, 32), "small": (4, 256, 8192, 128)}
 
 
 def _batches(vocab: int, context: int, batch: int, tokens: int, seed: int = 0):

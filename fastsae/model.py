@@ -277,7 +277,8 @@ def _describe_hook_points(model: torch.nn.Module) -> str:
         names = [n for n, _ in model.named_modules() if n][:12]
         return f"some of its modules: {', '.join(names)}"
     n = len(points["resid"])
-    pattern = {k: v[-1].replace(f".{n - 1}", ".{i}", 1) for k, v in points.items()}
+    last = points["resid"][-1]  # "<blocks>.<n-1>"
+    pattern = {k: v[-1].replace(last, last.rsplit(".", 1)[0] + ".{i}", 1) for k, v in points.items()}
     parts = [f"{pattern['resid']} (residual stream)"] + [f"{pattern[k]} ({k})" for k in ("mlp", "attn") if k in pattern]
     return f"its hook points are {', '.join(parts)} for i in 0..{n - 1}"
 
