@@ -22,6 +22,7 @@ SUBCOMMANDS = {
     "toy-sweep": "fastsae.toy.sweep",
     "train": "fastsae.train_cli",
     "harvest": "fastsae.harvest",
+    "eval": "fastsae.evaluate",
 }
 
 # Errors that are the user's to fix, not bugs: reported in one line. FileNotFoundError,

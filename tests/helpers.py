@@ -109,3 +109,46 @@ def check_autograd_backward_ops(c):
         ref["dvalues"], c["values"], c["indices"], c["x"], c["W_enc"], c["b_dec"], False)
     assert dx0.shape == (0, c["x"].shape[1])
     torch.testing.assert_close(db_dec0, db_dec)
+
+
+# ---------------------------------------------------------------- tiny transformers models (no downloads)
+TINY_TEXT = [
+    "the cat sat on the mat",
+    "a dog ran in the park and the cat watched",
+    "sparse autoencoders find features",
+    "the mat was red",
+    "dogs and cats are friends in the park",
+]
+
+
+def tiny_tokenizer(texts=TINY_TEXT, mlm: bool = False):
+    from fastsae.toy.tiny_lm import word_tokenizer
+
+    return word_tokenizer(texts, mlm=mlm)
+
+
+def tiny_lm(family: str, vocab_size: int, **kwargs):
+    """fastsae.toy.tiny_lm.tiny_lm: 2 layers, d=32, 32 positions, random weights, eval mode."""
+    from fastsae.toy.tiny_lm import tiny_lm as build
+
+    return build(family, vocab_size, **kwargs)
+
+
+class IdentitySAE(torch.nn.Module):
+    """The SAE surface (encode, decode, forward, d_in, d_sae) with a perfect reconstruction:
+    the latents are x itself (d_sae = d_in)."""
+
+    def __init__(self, d_in: int, dtype=torch.float32):
+        super().__init__()
+        self.d_in = self.d_sae = d_in
+        self.anchor = torch.nn.Parameter(torch.zeros((), dtype=dtype))  # gives the module a device and dtype
+        self.device, self.dtype = self.anchor.device, dtype
+
+    def encode(self, x):
+        return x
+
+    def decode(self, acts):
+        return acts
+
+    def forward(self, x):
+        return x
