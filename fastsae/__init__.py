@@ -19,7 +19,7 @@ __version__ = "0.1.0"
 
 # Subpackages loaded on first use (`fastsae.formats.save(...)` works after `import fastsae`);
 # fastsae.distributed stays unloaded until a distributed run needs it.
-_LAZY = ("compat", "convert", "distributed", "facades", "formats", "metrics", "ops", "toy")
+_LAZY = ("compat", "convert", "distributed", "evaluate", "facades", "formats", "metrics", "model", "ops", "toy")
 
 
 def __getattr__(name: str):

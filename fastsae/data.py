@@ -266,6 +266,10 @@ def shard_paths(location: str | Path | Iterable[str | Path]) -> list[Path]:
                              "`fastsae harvest`) or a shard file")
         if location.is_dir():
             manifest = read_manifest(location)
+            if manifest.get("paired"):
+                folders = manifest.get("folders", {})
+                raise InputError(f"{location} holds activations of several hook points ({', '.join(folders)}): "
+                                 f"pass one of their folders, e.g. {location / next(iter(folders.values()), '<hook>')}")
             if manifest.get("shards"):
                 listed = [location / s["file"] for s in manifest["shards"]]
                 unlisted = sorted({p.name for p in location.iterdir() if p.suffix in SHARD_SUFFIXES}

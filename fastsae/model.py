@@ -472,9 +472,9 @@ def _model_device(model: torch.nn.Module) -> torch.device:
 def encode_decode(sae: torch.nn.Module, x: torch.Tensor):
     """(latent activations, reconstruction) of x [..., d_in] from one encode. The reconstruction
     equals sae(x) (an SAE that normalises its input maps the decode back to x's scale)."""
-    acts = sae.encode(x)
-    if getattr(getattr(sae, "cfg", None), "normalize_activations", "none") not in ("none", None):
-        return acts, sae(x)  # decode(encode(x)) stays in the normalised space: forward undoes it
+    if hasattr(sae, "encode_decode"):
+        return sae.encode_decode(x)
+    acts = sae.encode(x)  # a module with only the SAE surface (e.g. a test's identity SAE)
     return acts, sae.decode(acts)
 
 

@@ -320,6 +320,17 @@ class BaseSAE(nn.Module):
             return acts.to_dense() if dense else acts
         return acts.reshape(*lead, self.d_sae)
 
+    def encode_decode(self, x: torch.Tensor) -> tuple[Acts, torch.Tensor]:
+        """(encode(x), forward(x)) from one encode: the activations and the reconstruction, the
+        latter mapped back to x's scale when the SAE normalises its input."""
+        lead = x.shape[:-1] if isinstance(x, torch.Tensor) and x.dim() else ()
+        x2, restore = self.prepare(x)
+        acts = self.encode_prepared(x2)
+        x_hat = restore(self.decode(acts)).reshape(x.shape)
+        if isinstance(acts, SparseActs):
+            return acts.reshape_rows(tuple(lead)), x_hat
+        return acts.reshape(*lead, self.d_sae), x_hat
+
     def encode_prepared(self, x2: torch.Tensor) -> Acts:
         """encode() of input already prepared (prepare(x)[0]): [N, ...] activations."""
         if self.takes_sparse_path:

@@ -149,5 +149,7 @@ def test_harvest_two_hooks_writes_paired_folders(tiny_model, tmp_path):
     rows_a = [int((a == r).all(1).nonzero()[0]) for r in perm_a]
     rows_b = [int((b == r).all(1).nonzero()[0]) for r in perm_b]
     assert rows_a == rows_b and rows_a != list(range(7))
+    with pytest.raises(InputError, match="several hook points .*: pass one of their folders"):
+        ShardSource(out, batch_size=4)
     with pytest.raises(ConfigError, match="already holds"):
         _run(tiny_model, out, "--hook", "h.1")

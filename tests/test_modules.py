@@ -181,3 +181,19 @@ def test_no_grad_forward_takes_the_fused_path_and_matches(arch, backend, dtype):
     tol = dict(atol=1e-5, rtol=1e-5) if dtype == "float32" else {}
     torch.testing.assert_close(fused, expected, **tol)
     torch.testing.assert_close(sae(x).detach(), expected, **tol)  # grad path: encode + decode
+
+
+@pytest.mark.parametrize("arch", ["standard", "topk", "batchtopk", "jumprelu"])
+@pytest.mark.parametrize("norm", ["none", "layer_norm", "constant_norm_rescale"])
+def test_encode_decode_is_encode_and_forward_in_one(arch, norm):
+    torch.manual_seed(0)
+    sae = fastsae.sae_class(arch)(d_in=D, d_sae=N, normalize_activations=norm,
+                                  **({"k": K} if fastsae.sae_class(arch).needs_k else {})).eval()
+    x = torch.randn(3, 5, D) * 2 + 1
+    with torch.no_grad():
+        acts, x_hat = sae.encode_decode(x)
+        want = sae.encode(x)
+        torch.testing.assert_close(x_hat, sae(x))
+    dense = acts.to_dense() if isinstance(acts, fastsae.SparseActs) else acts
+    torch.testing.assert_close(dense, want.to_dense() if isinstance(want, fastsae.SparseActs) else want)
+    assert x_hat.shape == x.shape and dense.shape == (3, 5, N)
