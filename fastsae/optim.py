@@ -423,8 +423,8 @@ class RowSparseAdam:
                 m, v = m_store.get(uu), v_store.get(uu)
                 step = torch.where(v > 0, m / v.sqrt().clamp_min(1e-30), torch.zeros_like(m))
                 self._write(name, uu, self._rows(name, uu) - S * step)
-                m_store.put(uu, m * d1, self.gen)
-                v_store.put(uu, v * d2, self.gen)
+                m_store.scale_rows_(uu, d1, self.gen)
+                v_store.scale_rows_(uu, d2, self.gen)
             self.row_steps[uu] = upto
 
     @torch.no_grad()

@@ -82,6 +82,14 @@ class Moments:
         else:
             _assign(self.values, rows, vals)
 
+    def scale_rows_(self, rows: torch.Tensor, factor: torch.Tensor, gen: torch.Generator | None) -> None:
+        """Multiply the given rows by factor [r, 1] (> 0): 8-bit rows by their block scales
+        alone (the codes are scale-free), so the decay is exact and nothing is re-quantised."""
+        if self.form == "int8":
+            self.scales.index_copy_(0, rows, self.scales[rows] * factor)
+        else:
+            self.put(rows, self.get(rows) * factor, gen)
+
     def state_dict(self) -> dict:
         return {"form": self.form, "tensors": self.tensors()}
 

@@ -130,7 +130,7 @@ def round_stochastic(x: torch.Tensor, dtype: torch.dtype, generator: torch.Gener
     if dtype == torch.bfloat16:
         bits = x.float().contiguous().view(torch.int32)
         noise = torch.randint(0, 1 << 16, x.shape, dtype=torch.int32, device=x.device, generator=generator)
-        return ((bits + noise) & -65536).view(torch.float32).to(torch.bfloat16)
+        return noise.add_(bits).bitwise_and_(-65536).view(torch.float32).to(torch.bfloat16)
     if dtype == torch.float16:
         return round_stochastic_reference(x, dtype, generator)
     return x.to(dtype)
