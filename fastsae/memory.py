@@ -225,11 +225,11 @@ WIDE_CONFIGS = (
 )
 
 
-def table(d_ins=(768, 2048, 4096, 8192), gpus=((80.0, 1), (141.0, 1), (80.0, 8)), configs=WIDE_CONFIGS,
+def table(d_ins=(768, 2048, 4096, 8192), gpus=((80.0, 1), (140.0, 1), (80.0, 8)), configs=WIDE_CONFIGS,
           **model) -> str:
     """Markdown table of widest_d_sae (TopK, fused encode, B=4096, k=32) per (GPU GiB, count)."""
     head = ("| d_in | dtype | optimizer | state | master | "
-            + " | ".join(f"{g} x {gib:g} GB" for gib, g in gpus) + " |")
+            + " | ".join(f"{g} x {gib:g} GiB" for gib, g in gpus) + " |")
     lines = [head, "|" + "---|" * (5 + len(gpus))]
     for d in d_ins:
         for dtype, opt, state, master in configs:
@@ -240,10 +240,10 @@ def table(d_ins=(768, 2048, 4096, 8192), gpus=((80.0, 1), (141.0, 1), (80.0, 8))
 
 
 def _human(n: int) -> str:
-    for unit, size in (("M", 1 << 20), ("K", 1 << 10)):
-        if n >= size:
-            return f"{n / size:.2f}{unit}".rstrip("0").rstrip(".")
-    return str(n)
+    """1,234,567 as "1.23M (2^20.2)": decimal millions and the power of two."""
+    if n <= 0:
+        return "0"
+    return f"{n / 1e6:.2f}M (2^{math.log2(n):.1f})" if n >= 10**5 else f"{n} (2^{math.log2(n):.1f})"
 
 
 # ---------------------------------------------------------------------------------- the check
