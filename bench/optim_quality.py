@@ -112,6 +112,23 @@ def run_one(x, held, truth, dtype, optimizer, state, master, *, d_sae, k, steps,
     return res
 
 
+def markdown(report: dict) -> str:
+    """The results as a table, each FVU also relative to the reference (the first config)."""
+    res = report["results"]
+    ref = {}
+    for r in res:
+        ref.setdefault(r["seed"], r)
+    has_mmcs = any("mmcs" in r for r in res)
+    head = "| form | FVU | ΔFVU vs fp32 Adam | L0 | dead | " + ("MMCS | " if has_mmcs else "") + "s |"
+    lines = [head, "|" + "---|" * (6 + has_mmcs)]
+    for r in res:
+        base = ref[r["seed"]]["fvu"]
+        cells = [r["label"], f"{r['fvu']:.4f}", f"{(r['fvu'] / base - 1) * 100:+.1f}%", f"{r['l0']:.2f}",
+                 f"{r['dead_fraction']:.4f}"] + ([f"{r['mmcs']:.4f}"] if has_mmcs else []) + [f"{r['seconds']:.0f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.optim_quality")
     p.add_argument("--data", choices=("toy", "minilm"), default="toy")
@@ -120,7 +137,12 @@ def main(argv=None) -> int:
     p.add_argument("--only", default=None, help="comma-separated config indices")
     p.add_argument("--cache", default="/tmp/fastsae-minilm-acts.pt")
     p.add_argument("--out", default=None)
+    p.add_argument("--table", default=None, help="print the markdown table of a saved report and exit")
     a = p.parse_args(argv)
+    if a.table:
+        with open(a.table, encoding="utf-8") as f:
+            print(markdown(json.load(f)))
+        return 0
 
     import torch
 
@@ -136,7 +158,7 @@ def main(argv=None) -> int:
         steps = a.steps or 300
         data = minilm_activations(64 * steps + 4096, cache=a.cache)
         x, held, truth = data[:-4096], data[-4096:], None
-        setup = dict(d_sae=1536, k=16, steps=steps, batch_size=64, lr=1e-3, dead_tokens=64 * 100)
+        setup = dict(d_sae=768, k=16, steps=steps, batch_size=64, lr=1e-3, dead_tokens=64 * 100)
     picked = [CONFIGS[int(i)] for i in a.only.split(",")] if a.only else CONFIGS
     results = []
     for label, dtype, optimizer, state, master in picked:

@@ -21,6 +21,27 @@ import tempfile
 import time
 
 
+def _chunked_init() -> None:
+    """Initialise SAEs a block of rows at a time (same distribution: unit-norm random decoder
+    rows, W_enc = W_decᵀ), so set-up does not hold fp32 [d_sae, d_in] temporaries beside the
+    weights (at d_sae = 2^22 those are 8 GiB more than the weights)."""
+    import torch
+
+    from fastsae.sae import BaseSAE
+
+    @torch.no_grad()
+    def reset_parameters(self, rows: int = 1 << 16) -> None:
+        for a in range(0, self.d_sae, rows):
+            w = torch.randn(min(rows, self.d_sae - a), self.d_in, device=self.W_dec.device)
+            w /= w.norm(dim=1, keepdim=True).clamp_min(1e-12)
+            self.W_dec[a:a + w.shape[0]] = w
+            self.W_enc[:, a:a + w.shape[0]] = w.t()
+        self.b_enc.zero_()
+        self.b_dec.zero_()
+
+    BaseSAE.reset_parameters = reset_parameters
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.wide_cpu")
     p.add_argument("--d-in", type=int, default=256)
@@ -45,6 +66,7 @@ def main(argv=None) -> int:
 
     torch.set_num_threads(a.threads)
     n = 1 << a.log_2_d_sae
+    _chunked_init()
     toy = ToyData(d=a.d_in, n_features=4 * a.d_in, mean_active=8.0, seed=0)
     x = toy.sample(a.batch_size * (a.steps + 2))
     memory._release_freed_memory()
@@ -72,6 +94,12 @@ def main(argv=None) -> int:
             times.append(time.perf_counter() - t)
             fvus.append(s["fvu"])
             auxk.append(s["auxk"])
+            if a.out and step % 10 == 0:  # a partial record survives a timeout
+                with open(a.out, "w", encoding="utf-8") as f:
+                    json.dump({"partial": True, "steps_done": step + 1, "step_s": times, "fvu": fvus,
+                               "setup_rss_gib": set_up / 2**30, "setup_peak_rss_gib": setup_peak / 2**30,
+                               "peak_rss_gib": (memory._status("VmHWM") - base) / 2**30,
+                               "load_average": os.getloadavg()}, f)
             if step % 25 == 0 or step == a.steps - 1:
                 print(f"step {step}: {times[-1]:.2f} s, fvu {s['fvu']:.3f}, auxk {s['auxk']:.3f}, "
                       f"peak RSS +{(memory._status('VmHWM') - base) / 2**30:.2f} GiB", flush=True)

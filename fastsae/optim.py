@@ -1,10 +1,16 @@
-"""Optimizers for SAEs: dense Adam (torch's fused kernel where it has one) and a row-sparse
-Adam that touches only the latents that fired, fed by RowSparseGrads.
+"""Optimizers for SAEs: dense Adam (torch's fused kernel where it has one), a row-sparse
+Adam that touches only the latents that fired, fed by RowSparseGrads, and their compact
+forms. `build_optimizer` picks one.
 
-Both keep their state in fp32. For bf16 (or fp16) weights they also keep fp32 master
+By default both keep their state in fp32, and for bf16 (or fp16) weights fp32 master
 weights: an Adam step of lr·1 on a weight of size ~0.1 is below bf16's resolution (2^-8
 relative), so updating bf16 weights in place would silently drop most steps. The master
-is updated and then rounded into the module's weights.
+is updated and then rounded into the module's weights. The compact forms
+(fastsae.optim_state) keep the moments in bf16 or 8-bit blocks and replace the fp32 master
+by a Kahan compensation buffer or by stochastic rounding: 4 bytes per parameter (bf16
+weights, int8 moments, stochastic rounding) instead of 14. CompactAdam is the dense path's
+compact optimizer; RowSparseAdam takes the same `state`/`master` options. Signum (sign of
+the momentum, one state; signSGD with betas[0] = 0) is the other algorithm of both.
 
 Both can keep decoder rows at unit norm: the gradient's component parallel to each row is
 removed before the moments are updated, and the rows are renormalised after the step
