@@ -102,6 +102,9 @@ class DenseAdam:
         for p in (*self.params.values(), *self.master.values()):
             p.grad = None
 
+    def flush(self) -> None:
+        """Nothing is pending in a dense optimizer (the row-sparse one's interface)."""
+
     @torch.no_grad()
     def step(self) -> None:
         for name, p in self.params.items():
