@@ -119,12 +119,12 @@ def markdown(report: dict) -> str:
     for r in res:
         ref.setdefault(r["seed"], r)
     has_mmcs = any("mmcs" in r for r in res)
-    head = "| form | FVU | ΔFVU vs fp32 Adam | L0 | dead | " + ("MMCS | " if has_mmcs else "") + "s |"
-    lines = [head, "|" + "---|" * (6 + has_mmcs)]
+    head = "| form | FVU | ΔFVU vs fp32 Adam | L0 | dead | " + ("MMCS |" if has_mmcs else "")
+    lines = [head.rstrip(" |") + " |", "|" + "---|" * (5 + has_mmcs)]
     for r in res:
         base = ref[r["seed"]]["fvu"]
         cells = [r["label"], f"{r['fvu']:.4f}", f"{(r['fvu'] / base - 1) * 100:+.1f}%", f"{r['l0']:.2f}",
-                 f"{r['dead_fraction']:.4f}"] + ([f"{r['mmcs']:.4f}"] if has_mmcs else []) + [f"{r['seconds']:.0f}"]
+                 f"{r['dead_fraction']:.4f}"] + ([f"{r['mmcs']:.4f}"] if has_mmcs else [])
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
