@@ -50,23 +50,13 @@ def test_compact_state_reaches_the_width_goals():
     assert widest_d_sae(4096, 80, 1, dtype="bfloat16", optimizer="row_sparse_adam") < 1 << 20
 
 
-# (d_in, d_sae, dtype, optimizer, B, k, state, master, k_aux, dead_fraction): the transient
-# part is 5-35 % of each total; AuxK idle and busy; row-sparse and dense; fp32 and bf16 weights
-SHAPES = (
-    (64, 1 << 18, "float32", "row_sparse_adam", 2048, 16, "int8", "fp32", 32, 0.0),
-    (64, 1 << 17, "float32", "row_sparse_adam", 1024, 32, "bf16", "fp32", 32, 0.5),
-    (64, 1 << 17, "float32", "adam", 512, 16, "int8", "fp32", 32, 0.25),
-    (32, 1 << 17, "bfloat16", "row_sparse_adam", 64, 8, "int8", "stochastic", 16, 0.5),
-)
-
-
 @pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="needs Linux /proc to read peak RSS")
 def test_model_predicts_the_peak_rss_of_cpu_training_steps():
     from fastsae.ops import cpp as cpp_ops
 
     if not cpp_ops.has_kernel("topk_encode", torch.device("cpu")):
         pytest.skip("the C++ extension is not built: the reference encode materialises [B, d_sae]")
-    rows = check(SHAPES)
+    rows = check()  # fastsae.memory.CHECK_SHAPES
     lines = []
     for r in rows:
         err = r["model_total"] / r["peak"] - 1
