@@ -1,10 +1,16 @@
-"""Optimizers for SAEs: dense Adam (torch's fused kernel where it has one) and a row-sparse
-Adam that touches only the latents that fired, fed by RowSparseGrads.
+"""Optimizers for SAEs: dense Adam (torch's fused kernel where it has one), a row-sparse
+Adam that touches only the latents that fired, fed by RowSparseGrads, and their compact
+forms. `build_optimizer` picks one.
 
-Both keep their state in fp32. For bf16 (or fp16) weights they also keep fp32 master
+By default both keep their state in fp32, and for bf16 (or fp16) weights fp32 master
 weights: an Adam step of lr·1 on a weight of size ~0.1 is below bf16's resolution (2^-8
 relative), so updating bf16 weights in place would silently drop most steps. The master
-is updated and then rounded into the module's weights.
+is updated and then rounded into the module's weights. The compact forms
+(fastsae.optim_state) keep the moments in bf16 or 8-bit blocks and replace the fp32 master
+by a Kahan compensation buffer or by stochastic rounding: 4 bytes per parameter (bf16
+weights, int8 moments, stochastic rounding) instead of 14. CompactAdam is the dense path's
+compact optimizer; RowSparseAdam takes the same `state`/`master` options. Signum (sign of
+the momentum, one state; signSGD with betas[0] = 0) is the other algorithm of both.
 
 Both can keep decoder rows at unit norm: the gradient's component parallel to each row is
 removed before the moments are updated, and the rows are renormalised after the step
@@ -41,7 +47,10 @@ from torch import nn
 
 from .constraints import normalize_rows_, remove_parallel_component_
 from .errors import ConfigError
+from .optim_state import Moments, WeightRows, check_forms
 from .sparse import RowSparseGrads
+
+ALGORITHMS = ("adam", "signum")
 
 
 def merge_row_sparse(a: RowSparseGrads, b: RowSparseGrads) -> RowSparseGrads:
@@ -92,6 +101,9 @@ class DenseAdam:
     def zero_grad(self) -> None:
         for p in (*self.params.values(), *self.master.values()):
             p.grad = None
+
+    def flush(self) -> None:
+        """Nothing is pending in a dense optimizer (the row-sparse one's interface)."""
 
     @torch.no_grad()
     def step(self) -> None:
@@ -149,20 +161,196 @@ class DenseAdam:
                 self.master[n].copy_(m)
 
 
+def _adam_rows(moments: list[Moments], rows, g: torch.Tensor, w: torch.Tensor, lr: float, betas, eps: float,
+               c1, c2, gen) -> torch.Tensor:
+    """One Adam step of rows w [r, C] (fp32) with gradient g: the moments are read, updated
+    and stored back, and the new weights returned. The update uses the fp32 moments, before
+    they are rounded for storage. c1, c2: bias corrections (scalars or [r, 1])."""
+    b1, b2 = betas
+    m_store, v_store = moments
+    m = m_store.get(rows).mul_(b1).add_(g, alpha=1 - b1)
+    v = v_store.get(rows).mul_(b2).addcmul_(g, g, value=1 - b2)
+    m_store.put(rows, m, gen)
+    v_store.put(rows, v, gen)
+    return w - lr * (m / c1) / (v / c2).sqrt_().add_(eps)
+
+
+def _signum_rows(moments: list[Moments], rows, g: torch.Tensor, w: torch.Tensor, lr: float, beta: float,
+                 gen) -> torch.Tensor:
+    """Signum: m = β·m + (1-β)·g, w -= lr·sign(m); with β = 0 (no stored moment) signSGD."""
+    if not moments:
+        return w - lr * g.sign()
+    m = moments[0].get(rows).mul_(beta).add_(g, alpha=1 - beta)
+    moments[0].put(rows, m, gen)
+    return w - lr * m.sign()
+
+
+def _moment_count(algorithm: str, betas) -> int:
+    return 2 if algorithm == "adam" else (1 if betas[0] > 0 else 0)
+
+
+def _check_algorithm(algorithm: str) -> None:
+    if algorithm not in ALGORITHMS:
+        raise ConfigError(f"optimizer algorithm {algorithm!r} is unknown: use one of {', '.join(ALGORITHMS)}")
+
+
+def _generator(device, seed: int) -> torch.Generator:
+    gen = torch.Generator(device=device)
+    gen.manual_seed(seed)
+    return gen
+
+
+class CompactAdam:
+    """Dense Adam (or Signum) with compact moments and master-weight modes
+    (fastsae.optim_state), the same driving interface as DenseAdam: step() after backward,
+    or step_row_sparse(rows, db_dec) for the TopK family's explicit backward.
+
+    Every parameter is seen as rows (a matrix as itself, a vector as one row) and stepped a
+    chunk of about `chunk_elems` values at a time, so the fp32 working copies of gradients,
+    moments and weights are one chunk, never a parameter; step_row_sparse builds each chunk's
+    gradient from the touched rows and keeps no dense gradient buffer between steps.
+    """
+
+    def __init__(self, params: dict[str, nn.Parameter], lr: float, betas=(0.9, 0.999), eps: float = 1e-8,
+                 unit_norm_rows: Iterable[str] = (), state: str = "bf16", master: str = "stochastic",
+                 algorithm: str = "adam", seed: int = 0, chunk_elems: int = 1 << 20):
+        check_forms(state, master)
+        _check_algorithm(algorithm)
+        self.params = dict(params)
+        self.unit_norm_rows = [n for n in unit_norm_rows if n in self.params]
+        self.lr, self.betas, self.eps = lr, tuple(betas), eps
+        self.algorithm, self.form, self.chunk_elems = algorithm, state, chunk_elems
+        device = next(iter(self.params.values())).device
+        self.gen = _generator(device, seed)
+        self.steps = dict.fromkeys(self.params, 0)
+        self.moments: dict[str, list[Moments]] = {}
+        self.weights: dict[str, WeightRows] = {}
+        for name, p in self.params.items():
+            view = _as_rows
+            rows, cols = view(p.detach()).shape
+            form = "fp32" if state == "int8" and p.dim() < 2 else state  # vectors keep fp32 under int8
+            self.moments[name] = [Moments(rows, cols, form, signed=i == 0, device=device)
+                                  for i in range(_moment_count(algorithm, self.betas))]
+            self.weights[name] = WeightRows(p, view, master, self.gen)
+
+    def set_lr(self, lr: float) -> None:
+        self.lr = lr
+
+    def zero_grad(self) -> None:
+        for p in self.params.values():
+            p.grad = None
+
+    def flush(self) -> None:
+        """Nothing is pending in a dense optimizer (the row-sparse one's interface)."""
+
+    @torch.no_grad()
+    def step(self) -> None:
+        for name, p in self.params.items():
+            if p.grad is not None:
+                grad = _as_rows(p.grad)
+                self._update(name, lambda rows, grad=grad: grad[rows].float())
+
+    @torch.no_grad()
+    def step_row_sparse(self, rows: RowSparseGrads, db_dec: torch.Tensor | None) -> None:
+        """step() for a gradient that is zero outside rows.latents (sorted): each chunk's
+        dense gradient is built from the touched latents inside it."""
+        u = rows.latents
+        for name, p in self.params.items():
+            if name == "W_enc":  # [d_in, d_sae]: a chunk is some input dims, all latents
+                def grad(sl, p=p):
+                    g = torch.zeros(sl.stop - sl.start, p.shape[1], dtype=torch.float32, device=p.device)
+                    return g.index_copy_(1, u, rows.W_enc[sl].float())
+            elif name == "W_dec":  # [d_sae, d_in]: a chunk is a latent range
+                def grad(sl, p=p):
+                    lo, hi = (int(i) for i in torch.searchsorted(u, torch.tensor([sl.start, sl.stop],
+                                                                                 device=u.device)))
+                    g = torch.zeros(sl.stop - sl.start, p.shape[1], dtype=torch.float32, device=p.device)
+                    return g.index_copy_(0, u[lo:hi] - sl.start, rows.W_dec[lo:hi].float())
+            elif name == "b_enc":
+                def grad(sl, p=p):
+                    return torch.zeros(1, p.numel(), device=p.device).index_copy_(1, u, rows.b_enc.float()[None])
+            elif name == "b_dec":
+                def grad(sl, p=p):
+                    return (db_dec.float() if db_dec is not None else torch.zeros(p.shape, device=p.device)).view(1, -1)
+            else:
+                raise ConfigError(f"step_row_sparse steps W_enc, b_enc, W_dec and b_dec, not {name!r}: "
+                                  "use step() after backward for this SAE")
+            self._update(name, grad)
+
+    def _update(self, name: str, grad) -> None:
+        """Step parameter `name` chunk by chunk; grad(slice of rows) -> fp32 gradient rows
+        (possibly a view of .grad: never written)."""
+        self.steps[name] += 1
+        t, (b1, b2) = self.steps[name], self.betas
+        weights, moments = self.weights[name], self.moments[name]
+        n_rows, cols = weights.view(self.params[name].detach()).shape
+        per = max(1, self.chunk_elems // max(cols, 1))
+        unit = name in self.unit_norm_rows
+        for a in range(0, n_rows, per):
+            sl = slice(a, min(n_rows, a + per))
+            g, w = grad(sl), weights.get(sl)
+            if unit:
+                g = remove_parallel_component_(g.clone(), w)
+            if self.algorithm == "adam":
+                w = _adam_rows(moments, sl, g, w, self.lr, self.betas, self.eps, 1 - b1 ** t, 1 - b2 ** t, self.gen)
+            else:
+                w = _signum_rows(moments, sl, g, w, self.lr, b1, self.gen)
+            if unit:
+                w = w / w.norm(dim=1, keepdim=True).clamp_min(1e-12)
+            weights.put(sl, w)
+
+    def state_nbytes(self) -> dict[str, int]:
+        """Bytes of the moments and of the master/compensation copies."""
+        return {"moments": sum(m.nbytes for ms in self.moments.values() for m in ms),
+                "masters": sum(w.nbytes for w in self.weights.values())}
+
+    def state_dict(self) -> dict:
+        return {"kind": "compact", "algorithm": self.algorithm, "lr": self.lr, "steps": dict(self.steps),
+                "moments": {n: [m.state_dict() for m in ms] for n, ms in self.moments.items()},
+                "weights": {n: w.state_dict() for n, w in self.weights.items()}, "rng": self.gen.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("kind") != "compact" or state["algorithm"] != self.algorithm:
+            raise ConfigError("this checkpoint's optimizer is not this run's (a different optimizer or state "
+                              "form): resume with the optimizer settings it was saved with")
+        self.lr, self.steps = state["lr"], dict(state["steps"])
+        for n, ms in self.moments.items():
+            for m, saved in zip(ms, state["moments"][n]):
+                m.load_state_dict(saved)
+        for n, w in self.weights.items():
+            w.load_state_dict(state["weights"][n])
+        self.gen.set_state(state["rng"])
+
+
+def _as_rows(t: torch.Tensor) -> torch.Tensor:
+    """A parameter as rows: a matrix itself, a vector (or scalar) one row."""
+    return t.reshape(1, -1) if t.dim() < 2 else t.reshape(t.shape[0], -1)
+
+
 class RowSparseAdam:
-    """Adam over an SAE's latent-indexed parameters (W_enc columns, b_enc, W_dec rows) that
-    reads and writes only the latents in each step's RowSparseGrads; see the module docstring
-    for its two modes. b_dec gets ordinary dense Adam.
+    """Adam (or Signum) over an SAE's latent-indexed parameters (W_enc columns, b_enc, W_dec
+    rows) that reads and writes only the latents in each step's RowSparseGrads; see the
+    module docstring for its two modes. b_dec gets ordinary dense Adam (or Signum).
 
     step(rows, db_dec): rows = the RowSparseGrads of ops "topk_sae_backward"(row_sparse=True).
     flush(): apply every latent's pending momentum (catch-up mode), e.g. before saving the
     final weights.
+
+    state / master: the moments' form and the master-weight mode (fastsae.optim_state). The
+    state is latent-major (row j of every [d_sae, d_in] store belongs to latent j, W_enc's
+    transposed), so a step gathers and scatters whole rows, and 8-bit blocks never straddle
+    two latents: a step re-quantises the fired latents' blocks only.
+    algorithm="signum": m = β1·m + (1-β1)·g, w -= lr·sign(m) on the fired latents only (lazy;
+    catch_up does not apply: dense Signum would keep moving a silent latent along sign(m)
+    until m underflows). With betas[0] = 0 it is signSGD and keeps no state at all.
     """
 
     LATENT_PARAMS = ("W_enc", "b_enc", "W_dec")
+    VIEWS = {"W_enc": lambda p: p.t(), "b_enc": lambda p: p.unsqueeze(1), "W_dec": lambda p: p}
 
     def __init__(self, sae, lr: float, betas=(0.9, 0.999), eps: float = 1e-8, unit_norm_decoder: bool = True,
-                 catch_up: bool = True, catch_up_horizon: int = 128, chunk_rows: int = 16384):
+                 catch_up: bool = True, catch_up_horizon: int = 128, chunk_elems: int = 1 << 20,
+                 state: str = "fp32", master: str = "fp32", algorithm: str = "adam", seed: int = 0):
         names = {n for n, _ in sae.named_parameters()}
         extra = sorted(names - set(self.LATENT_PARAMS) - {"b_dec"})
         if extra:
@@ -170,52 +358,50 @@ class RowSparseAdam:
                 f"row-sparse Adam handles W_enc, b_enc, W_dec and b_dec, but this {type(sae).__name__} "
                 f"also trains {extra}: use optimizer='adam' for it"
             )
+        check_forms(state, master)
+        _check_algorithm(algorithm)
         self.sae = sae
-        self.lr, self.betas, self.eps = lr, betas, eps
+        self.lr, self.betas, self.eps = lr, tuple(betas), eps
         self.unit_norm_decoder = unit_norm_decoder
-        self.catch_up, self.horizon, self.chunk_rows = catch_up, catch_up_horizon, chunk_rows
+        self.algorithm, self.form = algorithm, state
+        self.catch_up = catch_up and algorithm == "adam"
+        self.horizon, self.chunk_elems = catch_up_horizon, chunk_elems
         self.t = 0  # global steps taken
-        n, d = sae.d_sae, sae.d_in
+        n = sae.d_sae
         dev = sae.device
-        f32 = dict(dtype=torch.float32, device=dev)
-        # Latent-major fp32 state: row j of each [n, d] tensor belongs to latent j, so a step
-        # gathers and scatters whole contiguous rows (W_enc's state is kept transposed).
-        self.state = {
-            "W_enc": (torch.zeros(n, d, **f32), torch.zeros(n, d, **f32)),
-            "b_enc": (torch.zeros(n, **f32), torch.zeros(n, **f32)),
-            "W_dec": (torch.zeros(n, d, **f32), torch.zeros(n, d, **f32)),
-        }
+        self.gen = _generator(dev, seed)
+        self.moments: dict[str, list[Moments]] = {}
+        self.weights: dict[str, WeightRows] = {}
+        for name in self.LATENT_PARAMS:
+            p = getattr(sae, name)
+            cols = self.VIEWS[name](p.detach()).shape[1]
+            self.moments[name] = [Moments(n, cols, state, signed=i == 0, device=dev)
+                                  for i in range(_moment_count(algorithm, self.betas))]
+            self.weights[name] = WeightRows(p, self.VIEWS[name], master, self.gen)
         # catch-up mode: the global step each row is up to date with; lazy mode: its update count
         self.row_steps = torch.zeros(n, dtype=torch.int64, device=dev)
-        low = sae.dtype != torch.float32
-        self.master = {
-            "W_enc": sae.W_enc.detach().t().float().contiguous(),
-            "b_enc": sae.b_enc.detach().float().clone(),
-            "W_dec": sae.W_dec.detach().float().clone(),
-        } if low else None
-        self.dense = DenseAdam({"b_dec": sae.b_dec}, lr=lr, betas=betas, eps=eps)
+        b_dec = {"b_dec": sae.b_dec}
+        if state == "fp32" and master == "fp32" and algorithm == "adam":
+            self.dense = DenseAdam(b_dec, lr=lr, betas=betas, eps=eps)
+        else:
+            self.dense = CompactAdam(b_dec, lr, betas, eps, state=state, master=master, algorithm=algorithm,
+                                     seed=seed + 1)
 
     def set_lr(self, lr: float) -> None:
         self.lr = lr
         self.dense.set_lr(lr)
 
+    def zero_grad(self) -> None:
+        self.dense.zero_grad()
+
     def _rows(self, name: str, u: torch.Tensor) -> torch.Tensor:
-        """Current fp32 values of parameter `name` for latents u, latent-major [u, ...]."""
-        if self.master is not None:
-            return self.master[name][u]
-        p = getattr(self.sae, name)
-        return p[:, u].t() if name == "W_enc" else p[u]
+        """Current fp32 values of parameter `name` for latents u, latent-major [u, C]."""
+        return self.weights[name].get(u)
 
     def _write(self, name: str, u: torch.Tensor, rows: torch.Tensor) -> None:
         if name == "W_dec" and self.unit_norm_decoder:
             rows = rows / rows.norm(dim=1, keepdim=True).clamp_min(1e-12)
-        if self.master is not None:
-            self.master[name][u] = rows
-        p = getattr(self.sae, name)
-        if name == "W_enc":
-            p.index_copy_(1, u, rows.t().to(p.dtype))
-        else:
-            p.index_copy_(0, u, rows.to(p.dtype))
+        self.weights[name].put(u, rows)
 
     def _momentum_factor(self, last: torch.Tensor, gap: torch.Tensor) -> torch.Tensor:
         """Σ_{s=1..min(gap,H)} lr·β1^s/(1-β1^(L+s)) · √(1-β2^(L+s))/β2^(s/2) per row: how far
@@ -236,17 +422,18 @@ class RowSparseAdam:
         need = (last > 0) & (last < upto)
         u, last = u[need], last[need]
         b1, b2 = self.betas
-        for a in range(0, u.numel(), self.chunk_rows):
-            uu, L = u[a:a + self.chunk_rows], last[a:a + self.chunk_rows]
+        per = self._rows_per_chunk()
+        for a in range(0, u.numel(), per):
+            uu, L = u[a:a + per], last[a:a + per]
             gap = upto - L
-            S = self._momentum_factor(L, gap)
-            d1, d2 = (b1 ** gap.double()).float(), (b2 ** gap.double()).float()
-            for name, (m_all, v_all) in self.state.items():
-                m, v = m_all[uu], v_all[uu]
-                shape = (-1,) + (1,) * (m.dim() - 1)
+            S = self._momentum_factor(L, gap).unsqueeze(1)
+            d1, d2 = (b1 ** gap.double()).float().unsqueeze(1), (b2 ** gap.double()).float().unsqueeze(1)
+            for name, (m_store, v_store) in self.moments.items():
+                m, v = m_store.get(uu), v_store.get(uu)
                 step = torch.where(v > 0, m / v.sqrt().clamp_min(1e-30), torch.zeros_like(m))
-                self._write(name, uu, self._rows(name, uu) - S.view(shape) * step)
-                m_all[uu], v_all[uu] = m * d1.view(shape), v * d2.view(shape)
+                self._write(name, uu, self._rows(name, uu) - S * step)
+                m_store.scale_rows_(uu, d1, self.gen)
+                v_store.scale_rows_(uu, d2, self.gen)
             self.row_steps[uu] = upto
 
     @torch.no_grad()
@@ -258,49 +445,115 @@ class RowSparseAdam:
     @torch.no_grad()
     def step(self, rows: RowSparseGrads, db_dec: torch.Tensor | None) -> None:
         self.t += 1
-        u = rows.latents
-        if u.numel():
-            b1, b2 = self.betas
-            if self.catch_up:
-                self._catch_up(u, self.t - 1)
-                self.row_steps[u] = self.t
-                t = torch.full((u.numel(),), float(self.t), dtype=torch.float64, device=u.device)
-            else:
-                self.row_steps[u] += 1
-                t = self.row_steps[u].double()
-            c1 = (1 - b1 ** t).float()
-            c2 = (1 - b2 ** t).float()
-            grads = {"W_enc": rows.W_enc.t().float(), "b_enc": rows.b_enc.float(), "W_dec": rows.W_dec.float()}
-            for name, g in grads.items():
-                w = self._rows(name, u)
-                if name == "W_dec" and self.unit_norm_decoder:
-                    g = remove_parallel_component_(g.clone(), w)
-                m_all, v_all = self.state[name]
-                m = m_all[u].mul_(b1).add_(g, alpha=1 - b1)
-                v = v_all[u].mul_(b2).addcmul_(g, g, value=1 - b2)
-                m_all[u], v_all[u] = m, v
-                shape = (-1,) + (1,) * (g.dim() - 1)
-                denom = (v / c2.view(shape)).sqrt_().add_(self.eps)
-                self._write(name, u, w - self.lr * (m / c1.view(shape)) / denom)
+        per = self._rows_per_chunk()
+        for a in range(0, rows.latents.numel(), per):  # fp32 working copies of one chunk of rows at a time
+            self._step_rows(rows.latents[a:a + per], {"W_enc": rows.W_enc[:, a:a + per].t(),
+                                                      "b_enc": rows.b_enc[a:a + per].unsqueeze(1),
+                                                      "W_dec": rows.W_dec[a:a + per]})
         if db_dec is not None:
             self.sae.b_dec.grad = db_dec.to(self.sae.b_dec.dtype)
             self.dense.step()
             self.sae.b_dec.grad = None
 
+    def _rows_per_chunk(self) -> int:
+        return max(1, self.chunk_elems // self.sae.d_in)
+
+    def _step_rows(self, u: torch.Tensor, grads: dict[str, torch.Tensor]) -> None:
+        b1, b2 = self.betas
+        if self.catch_up:
+            self._catch_up(u, self.t - 1)
+            self.row_steps[u] = self.t
+            t = torch.full((u.numel(),), float(self.t), dtype=torch.float64, device=u.device)
+        else:
+            self.row_steps[u] += 1
+            t = self.row_steps[u].double()
+        c1 = (1 - b1 ** t).float().unsqueeze(1)
+        c2 = (1 - b2 ** t).float().unsqueeze(1)
+        for name, g in grads.items():
+            g = g.float()
+            w = self._rows(name, u)
+            if name == "W_dec" and self.unit_norm_decoder:
+                g = remove_parallel_component_(g.clone(), w)
+            if self.algorithm == "adam":
+                w = _adam_rows(self.moments[name], u, g, w, self.lr, self.betas, self.eps, c1, c2, self.gen)
+            else:
+                w = _signum_rows(self.moments[name], u, g, w, self.lr, b1, self.gen)
+            self._write(name, u, w)
+
+    def state_nbytes(self) -> dict[str, int]:
+        """Bytes of the moments (with the per-row step counts) and of the master/compensation
+        copies, b_dec's optimizer included."""
+        if isinstance(self.dense, CompactAdam):
+            dense = self.dense.state_nbytes()
+        else:
+            st = self.dense.opt.state.values()
+            dense = {"moments": sum(t.numel() * t.element_size() for s in st for k, t in s.items() if k != "step"),
+                     "masters": sum(m.numel() * m.element_size() for n, m in self.dense.master.items()
+                                    if m is not self.dense.params[n])}
+        return {"moments": sum(m.nbytes for ms in self.moments.values() for m in ms)
+                + self.row_steps.numel() * 8 + dense["moments"],
+                "masters": sum(w.nbytes for w in self.weights.values()) + dense["masters"]}
+
     def state_dict(self) -> dict:
-        return {"lr": self.lr, "t": self.t, "catch_up": self.catch_up, "state": self.state,
-                "row_steps": self.row_steps, "master": self.master, "dense": self.dense.state_dict()}
+        return {"lr": self.lr, "t": self.t, "catch_up": self.catch_up, "algorithm": self.algorithm,
+                "moments": {n: [m.state_dict() for m in ms] for n, ms in self.moments.items()},
+                "weights": {n: w.state_dict() for n, w in self.weights.items()},
+                "row_steps": self.row_steps, "rng": self.gen.get_state(), "dense": self.dense.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
+        if state.get("algorithm", "adam") != self.algorithm:
+            raise ConfigError(f"this checkpoint's row-sparse optimizer is {state.get('algorithm', 'adam')!r}, "
+                              f"this run's is {self.algorithm!r}: resume with the same optimizer")
         if state.get("catch_up", False) != self.catch_up:
             raise ConfigError(
                 "this checkpoint's row-sparse Adam ran in the other mode (catch_up): resume with the same setting")
         self.lr, self.t = state["lr"], state["t"]
-        for name, (m, v) in state["state"].items():
-            self.state[name][0].copy_(m)
-            self.state[name][1].copy_(v)
+        if "moments" in state:
+            for name, ms in self.moments.items():
+                for m, saved in zip(ms, state["moments"][name]):
+                    m.load_state_dict(saved)
+            for name, w in self.weights.items():
+                w.load_state_dict(state["weights"][name])
+            self.gen.set_state(state["rng"])
+        else:  # the format before compact state: fp32 (m, v) pairs and optional fp32 masters
+            for name, ms in self.moments.items():
+                for m, saved in zip(ms, state["state"][name]):
+                    m.load_state_dict(saved.reshape(m.shape))
+            for name, w in self.weights.items():
+                if w.master is not None and state["master"] is not None:
+                    w.master.copy_(state["master"][name].reshape(w.master.shape))
         self.row_steps.copy_(state["row_steps"])
-        if self.master is not None and state["master"] is not None:
-            for name, t in state["master"].items():
-                self.master[name].copy_(t)
         self.dense.load_state_dict(state["dense"])
+
+
+OPTIMIZERS = ("adam", "row_sparse_adam", "signum", "row_sparse_signum")
+
+
+def build_optimizer(sae, *, name: str = "adam", lr: float, betas=(0.9, 0.999), eps: float = 1e-8,
+                    state: str = "fp32", master: str = "fp32", unit_norm_decoder: bool = True,
+                    catch_up: bool = True, seed: int = 0):
+    """The optimizer a training loop drives for `sae` (an SAE, or a ShardedSAE's local_view()).
+
+    name: "adam" / "signum" (dense: step() after backward, or step_row_sparse(rows, db_dec))
+        or "row_sparse_adam" / "row_sparse_signum" (TopK family: step(rows, db_dec), flush()).
+    state: moments in "fp32", "bf16" or "int8" (8-bit blockwise); master: for bf16/fp16
+        weights, "fp32" copies, "kahan" compensation, "stochastic" rounding or "none"
+        (fastsae.optim_state). Dense fp32 Adam with fp32 masters is torch's fused Adam.
+    """
+    if name not in OPTIMIZERS:
+        raise ConfigError(f"optimizer {name!r} is unknown: use one of {', '.join(OPTIMIZERS)}")
+    check_forms(state, master)
+    dtype = getattr(sae, "dtype", None) or next(p for _, p in sae.named_parameters()).dtype
+    if master != "fp32" and dtype in (torch.float32, torch.float64):
+        raise ConfigError(f"master={master!r} rounds bfloat16/float16 weights, but these are {dtype} (their own "
+                          "master): use master='fp32', or train in bfloat16")
+    algorithm = "signum" if name.endswith("signum") else "adam"
+    if name.startswith("row_sparse"):
+        return RowSparseAdam(sae, lr, betas, eps, unit_norm_decoder=unit_norm_decoder, catch_up=catch_up,
+                             state=state, master=master, algorithm=algorithm, seed=seed)
+    params = dict(sae.named_parameters())
+    unit = ("W_dec",) if unit_norm_decoder else ()
+    if algorithm == "adam" and state == "fp32" and master == "fp32":
+        return DenseAdam(params, lr, betas, eps, unit_norm_rows=unit)
+    return CompactAdam(params, lr, betas, eps, unit_norm_rows=unit, state=state, master=master,
+                       algorithm=algorithm, seed=seed)

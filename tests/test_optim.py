@@ -148,7 +148,7 @@ def test_bf16_weights_keep_fp32_masters_and_learn(tmp_path):
         res = tr.fit()
         assert tr.sae.W_enc.dtype == torch.bfloat16
         state = tr.opt.state_dict()
-        masters = state["masters"] if opt == "adam" else state["master"]
+        masters = state["masters"] if opt == "adam" else {n: w["master"] for n, w in state["weights"].items()}
         assert all(t.dtype == torch.float32 for t in masters.values())
         first = tr.tracker.history[0]["fvu"]
         assert res.last_metrics["fvu"] < 0.8 * first, (opt, first, res.last_metrics["fvu"])
