@@ -83,11 +83,12 @@ def minilm_activations(rows: int, layer: int = 3, cache: str | None = None):
 def run_one(x, held, truth, dtype, optimizer, state, master, *, d_sae, k, steps, batch_size, lr, seed, dead_tokens):
     import torch
 
-    from fastsae import memory
     from fastsae.metrics import mmcs
     from fastsae.trainer import TrainConfig, Trainer
 
-    with memory.trainer_optimizer(optimizer, state, master) as chosen, tempfile.TemporaryDirectory() as out:
+    chosen = dict(optimizer=optimizer, optimizer_state=state, master_weights=master)
+
+    with tempfile.TemporaryDirectory() as out:
         cfg = TrainConfig(sae=dict(d_in=x.shape[1], d_sae=d_sae, architecture="topk", k=k, dtype=dtype),
                           steps=steps, batch_size=batch_size, lr=lr, seed=seed, log_every=10**9, checkpoint_every=0,
                           out_dir=out, progress=False, console=False, plot=False, dead_tokens=dead_tokens,

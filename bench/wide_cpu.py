@@ -71,7 +71,8 @@ def main(argv=None) -> int:
     x = toy.sample(a.batch_size * (a.steps + 2))
     memory._release_freed_memory()
     base = memory._status("VmRSS")
-    with memory.trainer_optimizer(a.optimizer, a.state, a.master) as chosen, tempfile.TemporaryDirectory() as out:
+    chosen = dict(optimizer=a.optimizer, optimizer_state=a.state, master_weights=a.master)
+    with tempfile.TemporaryDirectory() as out:
         cfg = TrainConfig(sae=dict(d_in=a.d_in, d_sae=n, architecture="topk", k=a.k, dtype=a.dtype, backend="cpp"),
                           steps=a.steps, batch_size=a.batch_size, lr=2e-4, b_dec_init="zeros", log_every=10**9,
                           checkpoint_every=0, progress=False, console=False, plot=False, dead_tokens=a.dead_tokens,

@@ -12,6 +12,8 @@ import torch
 from .errors import ConfigError
 from .schedules import DECAY_SHAPES
 
+OPTIMIZERS = ("adam", "row_sparse_adam", "signum", "row_sparse_signum")
+
 NORMALIZATIONS = ("none", "layer_norm", "constant_norm_rescale")
 
 
@@ -120,8 +122,13 @@ class SAEConfig:
 class TrainConfig:
     """Everything about a training run except the data. `sae` is the SAEConfig (or a dict).
 
-    optimizer: "adam" (dense, torch's fused kernel) or "row_sparse_adam" (sparse architectures; see
-        fastsae.optim for how it differs from dense Adam).
+    optimizer: "adam" (dense, torch's fused kernel), "row_sparse_adam" (sparse architectures; see
+        fastsae.optim for how it differs from dense Adam), "signum" or "row_sparse_signum"
+        (sign of momentum, one state).
+    optimizer_state: the moments in "fp32", "bf16" or "int8" (8-bit blockwise, row-aligned
+        blocks); master_weights: how bf16/fp16 weights are updated: "fp32" copies, "kahan"
+        compensation, "stochastic" rounding, or "none" (round to nearest: loses quality). See
+        fastsae.optim_state and docs/wide.md.
     sparse_backward: None = on for the sparse architectures (required by row_sparse_adam).
     row_sparse_catch_up: row_sparse_adam's mode (True: silent latents get dense Adam's
         momentum steps in closed form when they fire again; False: lazy Adam).
@@ -159,6 +166,8 @@ class TrainConfig:
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
     optimizer: str = "adam"
+    optimizer_state: str = "fp32"
+    master_weights: str = "fp32"
     sparse_backward: bool | None = None
     row_sparse_catch_up: bool = True
     warmup_steps: int = 0
@@ -205,8 +214,8 @@ class TrainConfig:
             (self.steps >= 1, f"steps must be >= 1, got {self.steps}"),
             (self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}"),
             (self.lr > 0, f"lr must be > 0, got {self.lr}"),
-            (self.optimizer in ("adam", "row_sparse_adam"),
-             f"optimizer {self.optimizer!r} is unknown: use 'adam' or 'row_sparse_adam'"),
+            (self.optimizer in OPTIMIZERS,
+             f"optimizer {self.optimizer!r} is unknown: use one of {', '.join(OPTIMIZERS)}"),
             (self.decay in DECAY_SHAPES, f"decay {self.decay!r} is unknown: use one of {', '.join(DECAY_SHAPES)}"),
             (self.init in ("tied", "data"), f"init {self.init!r} is unknown: use 'tied' or 'data'"),
             (self.b_dec_init in ("geometric_median", "mean", "zeros"),
@@ -217,16 +226,23 @@ class TrainConfig:
         for ok, msg in checks:
             if not ok:
                 raise ConfigError(msg)
+        from .optim_state import check_forms
+
+        check_forms(self.optimizer_state, self.master_weights)
+        if self.master_weights != "fp32" and self.sae.torch_dtype in (torch.float32, torch.float64):
+            raise ConfigError(f"master_weights={self.master_weights!r} rounds bfloat16/float16 weights, but these "
+                              f"are {self.sae.dtype} (their own master): use master_weights='fp32', or train in "
+                              "bfloat16")
         sparse = self.sae_class.takes_sparse_path
-        if self.optimizer == "row_sparse_adam":
+        if self.optimizer.startswith("row_sparse"):
             if not sparse:
                 raise ConfigError(
-                    f"row_sparse_adam needs row-sparse gradients, which only the sparse architectures "
+                    f"{self.optimizer} needs row-sparse gradients, which only the sparse architectures "
                     f"({', '.join(sparse_architectures())}) have; "
-                    f"architecture {arch!r} trains with optimizer='adam'"
+                    f"architecture {arch!r} trains with optimizer='adam' or 'signum'"
                 )
             if self.sparse_backward is False:
-                raise ConfigError("row_sparse_adam needs sparse_backward=True (or None)")
+                raise ConfigError(f"{self.optimizer} needs sparse_backward=True (or None)")
         if self.sparse_backward and not sparse:
             raise ConfigError(f"sparse_backward is for the sparse architectures ({', '.join(sparse_architectures())}), "
                               f"not {arch!r}")

@@ -50,7 +50,6 @@ import math
 import os
 import subprocess
 import sys
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from .config import dtype_from_str
@@ -267,39 +266,6 @@ def _release_freed_memory() -> None:
         pass
 
 
-@contextmanager
-def trainer_optimizer(optimizer: str, state: str, master: str):
-    """Make fastsae.Trainer build `optimizer` with compact `state`/`master` (yields the
-    TrainConfig fields to pass). Where TrainConfig has the optimizer_state and master_weights
-    fields, that is all it does; otherwise it stands in for the trainer's optimizer
-    classes for the duration, so no fp32 state is allocated first."""
-    from . import optim as optim_mod
-    from . import trainer as trainer_mod
-
-    base = "row_sparse_adam" if optimizer.startswith("row_sparse") else "adam"
-    if "optimizer_state" in trainer_mod.TrainConfig.__dataclass_fields__:
-        yield {"optimizer": optimizer, "optimizer_state": state, "master_weights": master}
-        return
-    algorithm = "signum" if optimizer.endswith("signum") else "adam"
-
-    class RowSparse(optim_mod.RowSparseAdam):
-        def __init__(self, sae, lr, betas, eps, **kw):
-            super().__init__(sae, lr, betas, eps, state=state, master=master, algorithm=algorithm, **kw)
-
-    def dense(params, lr, betas, eps, unit_norm_rows=()):
-        return optim_mod.CompactAdam(params, lr, betas, eps, unit_norm_rows=unit_norm_rows, state=state,
-                                     master=master, algorithm=algorithm)
-
-    saved = trainer_mod.RowSparseAdam, trainer_mod.DenseAdam
-    trainer_mod.RowSparseAdam = RowSparse
-    if (algorithm, state, master) != ("adam", "fp32", "fp32"):
-        trainer_mod.DenseAdam = dense
-    try:
-        yield {"optimizer": base}
-    finally:
-        trainer_mod.RowSparseAdam, trainer_mod.DenseAdam = saved
-
-
 def measure(d_in: int, d_sae: int, dtype: str = "bfloat16", optimizer: str = "row_sparse_adam",
             batch_size: int = 256, k: int = 8, state: str = "int8", master: str = "stochastic",
             k_aux: int | None = None, dead_fraction: float = 0.0, steps: int = 3, threads: int = 1,
@@ -324,7 +290,9 @@ def measure(d_in: int, d_sae: int, dtype: str = "bfloat16", optimizer: str = "ro
     def sae(n):
         return dict(d_in=d_in, d_sae=n, architecture="topk", k=k, dtype=dtype, backend="cpp")
 
-    with trainer_optimizer(optimizer, state, master) as chosen, tempfile.TemporaryDirectory() as out:
+    chosen = dict(optimizer=optimizer, optimizer_state=state, master_weights=master)
+
+    with tempfile.TemporaryDirectory() as out:
         # one-time costs of the process (code paths loaded, thread pools) are not the SAE's:
         # two steps of a small SAE pay them before the baseline is taken
         warm = trainer_mod.Trainer(trainer_mod.TrainConfig(sae=sae(max(4 * k, 4096)), out_dir=out, **kw, **chosen), x)

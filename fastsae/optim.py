@@ -45,6 +45,7 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
+from .config import OPTIMIZERS
 from .constraints import normalize_rows_, remove_parallel_component_
 from .errors import ConfigError
 from .optim_state import Moments, WeightRows, check_forms
@@ -526,7 +527,6 @@ class RowSparseAdam:
         self.dense.load_state_dict(state["dense"])
 
 
-OPTIMIZERS = ("adam", "row_sparse_adam", "signum", "row_sparse_signum")
 
 
 def build_optimizer(sae, *, name: str = "adam", lr: float, betas=(0.9, 0.999), eps: float = 1e-8,

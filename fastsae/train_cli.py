@@ -28,7 +28,8 @@ from .trainer import Trainer
 # flag -> (TrainConfig or SAEConfig field, type); None type means a boolean switch
 SAE_FLAGS = {"d_in": int, "d_sae": int, "architecture": str, "k": int, "dtype": str, "device": str,
              "l1_coefficient": float, "l0_coefficient": float, "backend": str}
-TRAIN_FLAGS = {"steps": int, "batch_size": int, "lr": float, "optimizer": str, "warmup_steps": int,
+TRAIN_FLAGS = {"steps": int, "batch_size": int, "lr": float, "optimizer": str, "optimizer_state": str,
+               "master_weights": str, "warmup_steps": int,
                "decay": str, "decay_start": float, "sparsity_warmup_steps": int, "auxk_coefficient": float,
                "k_aux": int, "dead_tokens": int, "init": str, "b_dec_init": str, "nonfinite": str,
                "log_every": int, "checkpoint_every": int, "keep_checkpoints": int, "out_dir": str, "seed": int}
@@ -40,7 +41,10 @@ HELP = {
     "device": "cpu or cuda[:N]", "l1_coefficient": "weight of the L1 penalty (standard)",
     "l0_coefficient": "weight of the L0 penalty (jumprelu)", "backend": "auto, cpp, triton or reference",
     "steps": "optimizer steps", "batch_size": "rows per batch (per replica)",
-    "optimizer": "adam or row_sparse_adam (sparse architectures: updates only the latents that fired)",
+    "optimizer": "adam, row_sparse_adam (sparse architectures: updates only the latents that fired), signum "
+                 "or row_sparse_signum",
+    "optimizer_state": "the optimizer's moments: fp32, bf16 or int8 (8-bit blockwise; see docs/wide.md)",
+    "master_weights": "how bf16 weights are updated: fp32 copies, kahan, stochastic rounding, or none",
     "lr": "peak learning rate", "warmup_steps": "linear lr warmup steps", "decay": "linear, cosine or constant",
     "decay_start": "fraction of the steps after which the lr decays",
     "sparsity_warmup_steps": "steps over which the L1/L0 penalty ramps up from 0",

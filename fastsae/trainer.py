@@ -30,7 +30,7 @@ from .constraints import normalize_rows_
 from .data import ActivationSource, as_source, fingerprint_changes
 from .errors import ConfigError, InputError
 from .init import init_b_dec_, init_from_data_
-from .optim import DenseAdam, RowSparseAdam, merge_row_sparse
+from .optim import RowSparseAdam, build_optimizer, merge_row_sparse
 from .parallel import LOCAL, ParallelContext
 from .run_dir import CONSOLIDATE_MAX_BYTES, RunDir, latest_checkpoint, list_checkpoints
 from .sae import BaseSAE, build_sae, reconstruction_terms
@@ -95,12 +95,10 @@ class Trainer:
         sae.l1_decoder_norm = cfg.l1_decoder_norm
         self.sae = sae
         self.k_aux = cfg.k_aux if cfg.k_aux is not None else max(1, d_in // 2)
-        if cfg.optimizer == "row_sparse_adam":
-            self.opt = RowSparseAdam(sae.local_view(), cfg.lr, cfg.betas, cfg.eps,
-                                     unit_norm_decoder=cfg.use_unit_norm_decoder, catch_up=cfg.row_sparse_catch_up)
-        else:
-            self.opt = DenseAdam(dict(sae.named_parameters()), cfg.lr, cfg.betas, cfg.eps,
-                                 unit_norm_rows=("W_dec",) if cfg.use_unit_norm_decoder else ())
+        self.opt = build_optimizer(sae.local_view(), name=cfg.optimizer, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps,
+                                   state=cfg.optimizer_state, master=cfg.master_weights,
+                                   unit_norm_decoder=cfg.use_unit_norm_decoder, catch_up=cfg.row_sparse_catch_up,
+                                   seed=cfg.seed)
         self.tracker = Tracker(cfg.sae.d_sae, sae.device, self.run.log_path if self.is_main else None,
                                cfg.log_every, cfg.dead_tokens, cfg.dense_threshold,
                                console=tqdm.write if (cfg.console and self.is_main) else None)
@@ -317,8 +315,7 @@ class Trainer:
         finished = self.step >= cfg.steps or max_steps is None
         if finished:
             self.tracker.flush(self.step, self.tokens)
-            if isinstance(self.opt, RowSparseAdam):
-                self.opt.flush()  # the final weights include every latent's pending momentum
+            self.opt.flush()  # the final weights include every latent's pending momentum (row-sparse Adam)
         if saved_at != self.step:
             self.save_checkpoint()
         final_dir = sharded_dir = plot_path = None

@@ -262,11 +262,12 @@ def test_trainer_drives_a_compact_optimizer_to_the_same_quality(tmp_path):
     fvus = {}
     for state, master in (("fp32", "fp32"), ("int8", "stochastic")):
         cfg = TrainConfig(sae=dict(d_in=16, d_sae=96, architecture="topk", k=4, dtype="bfloat16"), steps=200,
-                          batch_size=64, lr=2e-3, optimizer="row_sparse_adam", log_every=200, checkpoint_every=0,
+                          batch_size=64, lr=2e-3, optimizer="row_sparse_adam", optimizer_state=state,
+                          master_weights=master, log_every=200, checkpoint_every=0,
                           out_dir=str(tmp_path / state), progress=False, console=False, plot=False,
                           init_sample_rows=256, dead_tokens=64 * 20)
         tr = Trainer(cfg, x)
-        tr.opt = build_optimizer(tr.sae, name="row_sparse_adam", lr=cfg.lr, state=state, master=master)
+        assert tr.opt.form == state  # TrainConfig's optimizer_state reached the optimizer
         tr.fit()
         with torch.no_grad():
             fvus[state] = float((tr.sae(held).float() - held).pow(2).sum() / (held - held.mean(0)).pow(2).sum())

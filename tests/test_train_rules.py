@@ -82,7 +82,7 @@ def test_wrong_dimension_names_both_sizes(tmp_path):
 def test_config_errors_say_what_to_use(tmp_path):
     with pytest.raises(ConfigError, match="only the sparse architectures"):
         _cfg(tmp_path, sae=dict(d_in=8, d_sae=32, architecture="standard"), optimizer="row_sparse_adam")
-    with pytest.raises(ConfigError, match="'adam' or 'row_sparse_adam'"):
+    with pytest.raises(ConfigError, match="use one of adam, row_sparse_adam, signum, row_sparse_signum"):
         _cfg(tmp_path, optimizer="sgd")
     with pytest.raises(ConfigError, match="unknown training option"):
         TrainConfig.from_dict({"sae": dict(d_in=8, d_sae=32, k=2), "learning_rate": 1})
