@@ -38,6 +38,23 @@ def configs(gpu: list[triton.Config], cpu: triton.Config) -> list[triton.Config]
     return [cpu] if interpreted() else gpu
 
 
+def batch_bucket(B: int) -> int:
+    """The batch size as an autotune key: its power-of-two bucket (16 .. 65536), so the best
+    config is re-chosen when the batch size changes scale, not for every new batch size."""
+    return min(1 << 16, max(16, triton.next_power_of_2(max(B, 1))))
+
+
+def vector(t: torch.Tensor | None) -> torch.Tensor | None:
+    """A 1-D parameter as the kernels read it: unit stride (they index biases by position)."""
+    return t if t is None or t.stride(-1) == 1 else t.contiguous()
+
+
+@triton.jit
+def row_offsets(rows, width):
+    """rows * width in int64: B * width passes 2^31 at realistic sizes (16384 rows x 2^17)."""
+    return rows.to(tl.int64) * width
+
+
 @triton.jit
 def preact_tile(
     x_ptr, bdec_ptr, w_ptr, benc_ptr,

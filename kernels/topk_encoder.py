@@ -14,11 +14,13 @@ O(S * B * k).
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
 
-from .preact_tile import configs, dot_precision, interpreted, preact_tile, upcast
+from .preact_tile import batch_bucket, configs, dot_precision, interpreted, preact_tile, row_offsets, upcast, vector
 
 # Larger k keeps too many registers per row; callers fall back to mm + topk beyond it.
 MAX_K = 512
@@ -35,14 +37,17 @@ _GPU_CONFIGS = [
 _CPU_CONFIG = triton.Config({"BLOCK_B": 16, "BLOCK_N": 32, "BLOCK_D": 16})
 
 
-@triton.autotune(configs=configs(_GPU_CONFIGS, _CPU_CONFIG), key=["D", "N", "K_PAD", "SPLITS"],
+# B_BUCKET (the batch size's power-of-two bucket) is in the key: the best tile depends on
+# how many row blocks fill the GPU. SPLITS is a runtime argument, not a constexpr: a new
+# split count must not recompile every config.
+@triton.autotune(configs=configs(_GPU_CONFIGS, _CPU_CONFIG), key=["D", "N", "K_PAD", "B_BUCKET"],
                  reset_to_zero=[])
 @triton.jit
 def _topk_partial_kernel(
     x_ptr, bdec_ptr, w_ptr, benc_ptr, cand_v_ptr, cand_i_ptr,
-    B, D, N, K,
+    B, D, N, K, SPLITS, B_BUCKET,
     stride_xb, stride_xd, stride_wd, stride_wn,
-    SPLITS: tl.constexpr, HAS_BDEC: tl.constexpr, K_PAD: tl.constexpr,
+    HAS_BDEC: tl.constexpr, K_PAD: tl.constexpr,
     DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
@@ -81,7 +86,7 @@ def _topk_partial_kernel(
             more = tl.max(tl.max(cand, axis=1), axis=0) > float("-inf")
 
     # Candidates of split s for row r live at [r, s*K : (s+1)*K].
-    out = rows[:, None] * (SPLITS * K) + split * K + slots[None, :]
+    out = row_offsets(rows, SPLITS * K)[:, None] + split * K + slots[None, :]
     keep = row_ok[:, None] & (slots[None, :] < K)
     tl.store(cand_v_ptr + out, buf_v, mask=keep)
     tl.store(cand_i_ptr + out, buf_i, mask=keep)
@@ -112,17 +117,18 @@ def topk_encode(x, W_enc, b_enc, b_dec, k: int, splits: int | None = None, retur
         raise ValueError(f"topk_encode: k={k} must be in [1, d_sae={N}]")
     if k > MAX_K:
         raise ValueError(f"topk_encode: the fused kernel supports k <= {MAX_K}, got k={k}: use "
-                         "fastsae.reference.topk_encode (the triton backend falls back to it by itself)")
+                         "topk_chunked.topk_encode_chunked (the triton backend switches to it by itself)")
     S = splits or _num_splits(B, N, k, x.device)
+    b_enc, b_dec = vector(b_enc), vector(b_dec)
     cand_v = torch.empty((B, S * k), dtype=torch.float32, device=x.device)
     cand_i = torch.empty((B, S * k), dtype=torch.int32, device=x.device)
     if B > 0:
         grid = lambda meta: (triton.cdiv(B, meta["BLOCK_B"]), S)  # noqa: E731
         _topk_partial_kernel[grid](
             x, b_dec if b_dec is not None else b_enc, W_enc, b_enc, cand_v, cand_i,
-            B, D, N, k,
+            B, D, N, k, S, batch_bucket(B),
             x.stride(0), x.stride(1), W_enc.stride(0), W_enc.stride(1),
-            SPLITS=S, HAS_BDEC=b_dec is not None, K_PAD=triton.next_power_of_2(k),
+            HAS_BDEC=b_dec is not None, K_PAD=triton.next_power_of_2(k),
             DOT_PRECISION=dot_precision(W_enc.dtype), UPCAST=upcast(W_enc.dtype),
         )
     top_v, at = cand_v.topk(k, dim=1)
@@ -134,3 +140,38 @@ def topk_encode(x, W_enc, b_enc, b_dec, k: int, splits: int | None = None, retur
         return values, indices
     counts = torch.bincount(indices[values > 0], minlength=N)
     return values, indices, counts
+
+
+# ------------------------------------------------------------------ choosing a strategy
+STRATEGIES = ("fused", "chunked")
+
+
+def choose_strategy(B: int, D: int, N: int, k: int) -> str:
+    """"fused" (this file's kernel) or "chunked" (topk_chunked: cuBLAS GEMM per latent chunk +
+    filter/merge). FASTSAE_TOPK_STRATEGY=fused|chunked overrides it (benchmarks, tests).
+
+    Provisional, from arithmetic alone (no GPU has measured either yet): k > MAX_K can only be
+    chunked; with many rows and a wide d_in the GEMM dominates and the chunked path pays
+    ~4 bytes per pre-activation against 2·d_in FLOPs of cuBLAS GEMM per element (< 10 % of it
+    at d_in >= 2048), while the fused kernel's register-resident top-k limits its tiles
+    (estimated 35-60 % of cuBLAS). Small batches or a narrow d_in keep the fused kernel, which
+    never writes the pre-activations. bench/gpu_check.sh measures both to replace this rule."""
+    forced = os.environ.get("FASTSAE_TOPK_STRATEGY", "")
+    if forced:
+        if forced not in STRATEGIES:
+            raise ValueError(f"FASTSAE_TOPK_STRATEGY={forced!r}: use one of {', '.join(STRATEGIES)}")
+        return "chunked" if k > MAX_K else forced
+    if k > MAX_K:
+        return "chunked"
+    return "chunked" if B >= 2048 and D >= 2048 else "fused"
+
+
+def encode(x, W_enc, b_enc, b_dec, k: int, strategy: str | None = None, raw: bool = False):
+    """topk_encode by the strategy `choose_strategy` picks (or `strategy`): same contract."""
+    from .topk_chunked import topk_encode_chunked
+
+    B, D = x.shape
+    strategy = strategy or choose_strategy(B, D, W_enc.shape[1], k)
+    if strategy == "chunked":
+        return topk_encode_chunked(x, W_enc, b_enc, b_dec, k, raw=raw)
+    return topk_encode(x, W_enc, b_enc, b_dec, k, raw=raw)
