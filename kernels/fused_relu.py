@@ -24,7 +24,17 @@ import torch
 import triton
 import triton.language as tl
 
-from .preact_tile import batch_bucket, configs, dot_precision, interpreted, preact_tile, row_offsets, upcast, vector
+from .preact_tile import (
+    batch_bucket,
+    configs,
+    dot_precision,
+    interpreted,
+    preact_tile,
+    register_budget,
+    row_offsets,
+    upcast,
+    vector,
+)
 from .sparse_decoder import sparse_decode
 
 _GPU_CONFIGS = [
@@ -39,8 +49,11 @@ _GPU_CONFIGS = [
 _CPU_CONFIG = triton.Config({"BLOCK_B": 16, "BLOCK_N": 32, "BLOCK_D": 16})
 
 
+# Live words per CTA: the [BLOCK_B, BLOCK_N] tile and, fused, the [BLOCK_B, BLOCK_DOUT] output.
 @triton.autotune(configs=configs(_GPU_CONFIGS, _CPU_CONFIG),
-                 key=["D", "N", "B_BUCKET", "BLOCK_DOUT", "FUSE_DECODE"], reset_to_zero=[])
+                 key=["D", "N", "B_BUCKET", "BLOCK_DOUT", "FUSE_DECODE"], reset_to_zero=[],
+                 prune_configs_by={"early_config_prune": register_budget(
+                     lambda m: m["BLOCK_B"] * (m["BLOCK_N"] + (m["BLOCK_DOUT"] if m["FUSE_DECODE"] else 0)))})
 @triton.jit
 def _fused_threshold_kernel(
     x_ptr, bdec_in_ptr, wenc_ptr, benc_ptr, th_ptr, l1w_ptr, wdec_ptr, bdec_out_ptr,

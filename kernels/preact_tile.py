@@ -18,6 +18,29 @@ def interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+def _interpreter_loop_bounds() -> None:
+    """Under the interpreter, a runtime int used as a loop bound (`for s in range(K)`) is a
+    1-element array; Triton 3.6 turns it into a Python int with int(array), which NumPy 2
+    refuses ("only 0-dimensional arrays can be converted to Python scalars"). Later Triton
+    squeezes the array first: do the same on older ones. No effect on compiled kernels."""
+    from triton.runtime import interpreter
+
+    original = interpreter._patch_lang_tensor
+    if getattr(original, "squeezes_loop_bounds", False):
+        return
+
+    def patch_lang_tensor(tensor, scope):
+        original(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.squeeze()))
+
+    patch_lang_tensor.squeezes_loop_bounds = True
+    interpreter._patch_lang_tensor = patch_lang_tensor
+
+
+if interpreted():
+    _interpreter_loop_bounds()
+
+
 def dot_precision(dtype: torch.dtype) -> str:
     """fp32 inputs: plain tf32 only when torch itself allows it for matmuls; otherwise the
     3-pass tf32 split, which matches fp32 closely enough that top-k sets agree with torch."""
@@ -36,6 +59,31 @@ def upcast(dtype: torch.dtype) -> bool:
 def configs(gpu: list[triton.Config], cpu: triton.Config) -> list[triton.Config]:
     """The autotune search space on a GPU; one small config under the interpreter (fast tests)."""
     return [cpu] if interpreted() else gpu
+
+
+# Per-thread budget of the live fp32/int32 words a config keeps in registers (accumulator tile,
+# top-k buffer, decode accumulator): above it ptxas spills (bench/kernels_sm90_compile.py measures
+# that; its results set these numbers). Half-precision tiles go through tensor-core dots; fp32
+# ones through tf32x3 (three dots and split operands), which holds more live registers.
+REGISTER_WORDS = {"half": 100, "fp32": 64}
+
+
+def register_budget(words):
+    """An autotune `early_config_prune` keeping the configs whose words(config kwargs, launch
+    kwargs) per thread fit REGISTER_WORDS for the launch's storage dtype (the first pointer
+    argument's); never empty: the smallest footprint stays if none fits."""
+
+    def prune(configs, named_args, **kwargs):
+        first = next(iter(named_args.values()))
+        budget = REGISTER_WORDS["fp32" if getattr(first, "dtype", None) == torch.float32 else "half"]
+
+        def per_thread(c):
+            return words({**c.kwargs, **kwargs}) / (32 * c.num_warps)
+
+        kept = [c for c in configs if per_thread(c) <= budget]
+        return kept or [min(configs, key=per_thread)]
+
+    return prune
 
 
 def batch_bucket(B: int) -> int:

@@ -20,7 +20,17 @@ import torch
 import triton
 import triton.language as tl
 
-from .preact_tile import batch_bucket, configs, dot_precision, interpreted, preact_tile, row_offsets, upcast, vector
+from .preact_tile import (
+    batch_bucket,
+    configs,
+    dot_precision,
+    interpreted,
+    preact_tile,
+    register_budget,
+    row_offsets,
+    upcast,
+    vector,
+)
 
 # Larger k keeps too many registers per row; callers fall back to mm + topk beyond it.
 MAX_K = 512
@@ -29,7 +39,8 @@ _GPU_CONFIGS = [
     triton.Config({"BLOCK_B": bb, "BLOCK_N": bn, "BLOCK_D": bd}, num_warps=w, num_stages=s)
     for bb, bn, bd, w, s in [
         (64, 128, 64, 4, 3), (64, 128, 64, 8, 3), (128, 128, 64, 8, 3), (64, 256, 64, 8, 3),
-        (128, 64, 64, 4, 4), (32, 128, 64, 4, 4), (64, 64, 128, 4, 3),
+        # (128, 64, 64, 4, 4) removed: spills at every K_PAD once launch-specialised (88 B at K_PAD=8)
+        (32, 128, 64, 4, 4), (64, 64, 128, 4, 3),
         # spill-free at k = 128 on sm_90 (bench/kernels_sm90_compile.py): more warps per buffer
         (32, 128, 64, 8, 3), (64, 64, 64, 8, 3), (32, 64, 64, 8, 4),
     ]
@@ -40,8 +51,11 @@ _CPU_CONFIG = triton.Config({"BLOCK_B": 16, "BLOCK_N": 32, "BLOCK_D": 16})
 # B_BUCKET (the batch size's power-of-two bucket) is in the key: the best tile depends on
 # how many row blocks fill the GPU. SPLITS is a runtime argument, not a constexpr: a new
 # split count must not recompile every config.
+# Live words per CTA: the [BLOCK_B, BLOCK_N] pre-activation tile and the [BLOCK_B, K_PAD]
+# value + index buffers. Configs over the register budget for this K_PAD and dtype are pruned.
 @triton.autotune(configs=configs(_GPU_CONFIGS, _CPU_CONFIG), key=["D", "N", "K_PAD", "B_BUCKET"],
-                 reset_to_zero=[])
+                 reset_to_zero=[], prune_configs_by={"early_config_prune": register_budget(
+                     lambda m: m["BLOCK_B"] * (m["BLOCK_N"] + 2 * m["K_PAD"]))})
 @triton.jit
 def _topk_partial_kernel(
     x_ptr, bdec_ptr, w_ptr, benc_ptr, cand_v_ptr, cand_i_ptr,
