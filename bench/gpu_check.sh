@@ -42,7 +42,7 @@ export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
 if [ "$TINY" = 1 ]; then
   export FASTSAE_GPU_CHECK_TINY=1 TRITON_INTERPRET=1 CUDA_VISIBLE_DEVICES=""
   # phase timeouts (seconds): a b c d e
-  T_A=60 T_B=200 T_C=60 T_D=150 T_E=90 T_PROC=60
+  T_A=60 T_B=300 T_C=120 T_D=200 T_E=200 T_PROC=180  # generous: shared CPUs are slow
 else
   T_A=150 T_B=150 T_C=150 T_D=120 T_E=90 T_PROC=45
 fi
