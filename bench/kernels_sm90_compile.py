@@ -168,7 +168,12 @@ def _compile(job: Job, arch: int, max_stack: int) -> tuple[Job, str, bool]:
         return job, "no launch (the wrapper did not reach the kernel)", True
     args, kwargs = launches[0]
     if tuner.early_config_prune:  # configs the autotuner never tries for this launch
+        from fastsae.kernels.preact_tile import fitting
+
         named = dict(zip(tuner.arg_names, args))
+        dtype = next(iter(named.values())).dtype
+        if not fitting(tuner.configs, tuner.early_config_prune.words, dtype, **kwargs)[0] and job.kernel == "topk":
+            return job, "not launched: no config fits, choose_strategy takes the chunked encoder", False
         if cfg not in tuner.early_config_prune(tuner.configs, named, **kwargs):
             return job, "pruned for this launch (not compiled)", False
     saved = driver._active  # the real default driver fails without a GPU: never ask for it

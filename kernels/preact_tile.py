@@ -68,21 +68,28 @@ def configs(gpu: list[triton.Config], cpu: triton.Config) -> list[triton.Config]
 REGISTER_WORDS = {"half": 100, "fp32": 64}
 
 
+def fitting(configs, words, dtype: torch.dtype, **launch):
+    """The configs whose words(config kwargs, launch kwargs) per thread fit REGISTER_WORDS for
+    storage `dtype`, and the smallest-footprint config (the fallback when none fits)."""
+    budget = REGISTER_WORDS["fp32" if dtype == torch.float32 else "half"]
+
+    def per_thread(c):
+        return words({**c.kwargs, **launch}) / (32 * c.num_warps)
+
+    return [c for c in configs if per_thread(c) <= budget], min(configs, key=per_thread)
+
+
 def register_budget(words):
-    """An autotune `early_config_prune` keeping the configs whose words(config kwargs, launch
-    kwargs) per thread fit REGISTER_WORDS for the launch's storage dtype (the first pointer
-    argument's); never empty: the smallest footprint stays if none fits."""
+    """An autotune `early_config_prune` keeping the configs that fit (see `fitting`) for the
+    launch's storage dtype (the first pointer argument's); never empty: the smallest footprint
+    stays if none fits (callers that can avoid that launch check `fitting` first)."""
 
     def prune(configs, named_args, **kwargs):
         first = next(iter(named_args.values()))
-        budget = REGISTER_WORDS["fp32" if getattr(first, "dtype", None) == torch.float32 else "half"]
+        kept, smallest = fitting(configs, words, getattr(first, "dtype", torch.bfloat16), **kwargs)
+        return kept or [smallest]
 
-        def per_thread(c):
-            return words({**c.kwargs, **kwargs}) / (32 * c.num_warps)
-
-        kept = [c for c in configs if per_thread(c) <= budget]
-        return kept or [min(configs, key=per_thread)]
-
+    prune.words = words
     return prune
 
 

@@ -24,6 +24,7 @@ from .preact_tile import (
     batch_bucket,
     configs,
     dot_precision,
+    fitting,
     interpreted,
     preact_tile,
     register_budget,
@@ -160,7 +161,14 @@ def topk_encode(x, W_enc, b_enc, b_dec, k: int, splits: int | None = None, retur
 STRATEGIES = ("fused", "chunked")
 
 
-def choose_strategy(B: int, D: int, N: int, k: int) -> str:
+def fused_fits(k: int, dtype: torch.dtype) -> bool:
+    """Whether some GPU config of the fused kernel holds a top-k buffer of k in registers
+    without spilling for storage `dtype` (fp32 at k > 256 does not: bench/kernels_sm90_compile.py)."""
+    words = _topk_partial_kernel.early_config_prune.words
+    return bool(fitting(_GPU_CONFIGS, words, dtype, K_PAD=triton.next_power_of_2(k))[0])
+
+
+def choose_strategy(B: int, D: int, N: int, k: int, dtype: torch.dtype = torch.bfloat16) -> str:
     """"fused" (this file's kernel) or "chunked" (topk_chunked: cuBLAS GEMM per latent chunk +
     filter/merge). FASTSAE_TOPK_STRATEGY=fused|chunked overrides it (benchmarks, tests).
 
@@ -169,13 +177,14 @@ def choose_strategy(B: int, D: int, N: int, k: int) -> str:
     ~4 bytes per pre-activation against 2·d_in FLOPs of cuBLAS GEMM per element (< 10 % of it
     at d_in >= 2048), while the fused kernel's register-resident top-k limits its tiles
     (estimated 35-60 % of cuBLAS). Small batches or a narrow d_in keep the fused kernel, which
-    never writes the pre-activations. bench/gpu_check.sh measures both to replace this rule."""
+    never writes the pre-activations, unless no config of it fits k for `dtype` in registers.
+    bench/gpu_check.sh measures both to replace this rule."""
     forced = os.environ.get("FASTSAE_TOPK_STRATEGY", "")
     if forced:
         if forced not in STRATEGIES:
             raise ValueError(f"FASTSAE_TOPK_STRATEGY={forced!r}: use one of {', '.join(STRATEGIES)}")
         return "chunked" if k > MAX_K else forced
-    if k > MAX_K:
+    if k > MAX_K or not (interpreted() or fused_fits(k, dtype)):
         return "chunked"
     return "chunked" if B >= 2048 and D >= 2048 else "fused"
 
@@ -185,7 +194,7 @@ def encode(x, W_enc, b_enc, b_dec, k: int, strategy: str | None = None, raw: boo
     from .topk_chunked import topk_encode_chunked
 
     B, D = x.shape
-    strategy = strategy or choose_strategy(B, D, W_enc.shape[1], k)
+    strategy = strategy or choose_strategy(B, D, W_enc.shape[1], k, W_enc.dtype)
     if strategy == "chunked":
         return topk_encode_chunked(x, W_enc, b_enc, b_dec, k, raw=raw)
     return topk_encode(x, W_enc, b_enc, b_dec, k, raw=raw)
