@@ -23,6 +23,15 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 
 
+def _demangle(symbol: str) -> str:
+    """`fastsae::(anonymous)::kernel<T>` from the mangled name (c++filt where there is one)."""
+    if shutil.which("c++filt"):
+        name = subprocess.run(["c++filt", symbol], capture_output=True, text=True).stdout.strip()
+        name = name.replace("fastsae::(anonymous namespace)::", "")
+        return re.sub(r"\(.*\)$", "", name)  # drop the parameter list
+    return symbol
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--arch", type=int, default=90)
@@ -52,7 +61,7 @@ def main(argv=None) -> int:
             for ln in text.splitlines():
                 m = re.search(r"Compiling entry function '(\S+)'", ln)
                 if m:
-                    entry = re.sub(r"_ZN7fastsae\d+_GLOBAL__N__\w+?_\d+(\w+?)I", r"\1<", m.group(1))[:60]
+                    entry = _demangle(m.group(1))
                 m = re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", ln)
                 if m and entry:
                     lines.append(f"{src.name}: {entry}: stack {m.group(1)} B, spills {m.group(2)}/{m.group(3)} B")
