@@ -4,7 +4,7 @@ bench/gpu_check.sh; (b) is the pytest file test_gpu_kernels.py beside this one.
     python -m bench.gpu.phases env|encoder|step|widest --out OUT_DIR
     python -m bench.gpu.phases probe --d-in 4096 --d-sae 1048576   # one (e) probe, fresh process
 
-Sizes are the issue's full GPU grid; FASTSAE_GPU_CHECK_TINY=1 swaps in toy sizes that run on
+Sizes are the full GPU grid; FASTSAE_GPU_CHECK_TINY=1 swaps in toy sizes that run on
 CPU. Every phase records what it has measured before it moves to the next case.
 """
 
