@@ -1,12 +1,15 @@
-"""Fused TopK encoder vs torch: time, TFLOP/s and peak memory.
+"""The TopK encoder strategies vs torch: time, TFLOP/s and peak memory.
 
 For every (d_in, d_sae, batch, k) it times
-  (a) mm       torch.mm(x, W_enc) of the same shape alone (the roofline the fused kernel chases),
+  (a) mm       torch.mm(x, W_enc) of the same shape alone (the roofline the encoders chase),
   (b) mm+topk  addmm(b_enc, x - b_dec, W_enc) then torch.topk: what the libraries do today,
   (c) fused    fastsae.kernels.topk_encoder.topk_encode (never writes [B, d_sae]),
+  (d) chunked  fastsae.kernels.topk_chunked.topk_encode_chunked (GEMM per latent chunk +
+               filter/merge; [B, chunk] at a time),
 and reports TFLOP/s = 2·B·d·n / time, the peak memory each allocates beyond its inputs, the
-ratios the issue targets (fused ≥ 85 % of (a)'s throughput, ≥ 1.3x faster than (b) at
-d ≤ 1024) and whether the fused index sets agree with an fp32 top-k on the first rows.
+targets (the best strategy >= 85 % of (a)'s throughput and >= 1.3x faster than (b)), which
+strategy `choose_strategy` would pick, and whether the index sets agree with an fp32 top-k
+on the first rows.
 
     python bench/encoder_gpu.py                          # the full grid, on a CUDA GPU
     python bench/encoder_gpu.py --out bench/results/encoder_gpu_H100.md
@@ -76,7 +79,8 @@ def _agreement(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def run_one(d, n, B, k, dtype, device, check_rows, time_fn):
-    from fastsae.kernels.topk_encoder import MAX_K, topk_encode
+    from fastsae.kernels.topk_chunked import topk_encode_chunked
+    from fastsae.kernels.topk_encoder import MAX_K, choose_strategy, topk_encode
 
     g = torch.Generator(device=device).manual_seed(0)
     x = torch.randn(B, d, device=device, dtype=dtype, generator=g)
@@ -88,9 +92,10 @@ def run_one(d, n, B, k, dtype, device, check_rows, time_fn):
     mm = lambda: torch.mm(x, W_enc)  # noqa: E731
     mm_topk = lambda: torch.addmm(b_enc, x - b_dec, W_enc).topk(k, dim=1)  # noqa: E731
     fused = lambda: topk_encode(x, W_enc, b_enc, b_dec, k)  # noqa: E731
+    chunked = lambda: topk_encode_chunked(x, W_enc, b_enc, b_dec, k)  # noqa: E731
 
-    row = {"d": d, "n": n, "B": B, "k": k}
-    for name, fn in (("mm", mm), ("mm+topk", mm_topk), ("fused", fused)):
+    row = {"d": d, "n": n, "B": B, "k": k, "rule": choose_strategy(B, d, n, k)}
+    for name, fn in (("mm", mm), ("mm+topk", mm_topk), ("fused", fused), ("chunked", chunked)):
         if name == "fused" and k > MAX_K:
             row[name] = None
             continue
@@ -106,6 +111,7 @@ def run_one(d, n, B, k, dtype, device, check_rows, time_fn):
     _, ref_i = torch.addmm(b_enc.float(), (x[rows] - b_dec).float(), W_enc.float()).topk(k, dim=1)
     _, got_i = topk_encode(x[rows], W_enc, b_enc, b_dec, k)
     row["agree"] = _agreement(got_i, ref_i)
+    row["agree_chunked"] = _agreement(topk_encode_chunked(x[rows], W_enc, b_enc, b_dec, k)[1], ref_i)
     return row
 
 
@@ -119,24 +125,37 @@ def _cell(r):
 
 
 def table(rows, device_name: str, dtype: str) -> str:
-    head = (f"# Fused TopK encoder vs torch ({device_name}, {dtype}, torch {torch.__version__})\n\n"
-            "ms / TFLOP/s / extra peak MiB per method; fused/mm = throughput ratio (target >= 0.85), "
-            "speedup = (mm+topk time) / (fused time) (target >= 1.3 at d <= 1024); agree = index-set "
-            "agreement with an fp32 top-k on the first rows (1.0 = exact; near-ties within fp32 rounding may swap).\n\n"
+    head = (f"# TopK encoder strategies vs torch ({device_name}, {dtype}, torch {torch.__version__})\n\n"
+            "ms / TFLOP/s / extra peak MiB per method; x/mm = throughput as a fraction of the GEMM alone "
+            "(target >= 0.85 for the best strategy), speedup = (mm+topk time) / (best strategy time) "
+            "(target >= 1.3); rule = what choose_strategy picks; agree = index-set agreement with an fp32 "
+            "top-k on the first rows, fused/chunked (1.0 = exact; near-ties within rounding may swap).\n\n"
             "| d | d_sae | B | k | mm ms | mm TF/s | mm MiB | mm+topk ms | mm+topk TF/s | mm+topk MiB "
-            "| fused ms | fused TF/s | fused MiB | fused/mm | speedup | agree |\n"
-            "|" + "---|" * 16 + "\n")
+            "| fused ms | fused TF/s | fused MiB | chunked ms | chunked TF/s | chunked MiB "
+            "| fused/mm | chunked/mm | speedup | rule | agree |\n"
+            "|" + "---|" * 21 + "\n")
     lines = []
     for r in rows:
-        a, b, c = _cell(r["mm"]), _cell(r["mm+topk"]), _cell(r["fused"])
-        ratio = speed = ""
-        if isinstance(r["fused"], tuple) and isinstance(r["mm"], tuple):
-            ratio = f"{r['mm'][0] / r['fused'][0]:.2f}"
-        if isinstance(r["fused"], tuple) and isinstance(r["mm+topk"], tuple):
-            speed = f"{r['mm+topk'][0] / r['fused'][0]:.2f}x"
-        lines.append(f"| {r['d']} | {r['n']} | {r['B']} | {r['k']} | {' | '.join(a)} | {' | '.join(b)} | "
-                     f"{' | '.join(c)} | {ratio} | {speed} | {r['agree']:.4f} |")
+        f = derived(r)
+        cells = [_cell(r[m]) for m in ("mm", "mm+topk", "fused", "chunked")]
+        lines.append(f"| {r['d']} | {r['n']} | {r['B']} | {r['k']} | " + " | ".join(" | ".join(c) for c in cells)
+                     + f" | {_num(f['fused/mm'])} | {_num(f['chunked/mm'])} | {_num(f['speedup'], 'x')} "
+                     f"| {r['rule']} | {r['agree']:.4f}/{r['agree_chunked']:.4f} |")
     return head + "\n".join(lines) + "\n"
+
+
+def _num(v, unit=""):
+    return "" if v is None else f"{v:.2f}{unit}"
+
+
+def derived(r) -> dict:
+    """Fractions of the GEMM's throughput per strategy and the best strategy's speedup over mm+topk."""
+    ms = {m: r[m][0] for m in ("mm", "mm+topk", "fused", "chunked") if isinstance(r.get(m), tuple)}
+    out = {f"{s}/mm": (ms["mm"] / ms[s] if "mm" in ms and s in ms else None) for s in ("fused", "chunked")}
+    best = min((ms[s] for s in ("fused", "chunked") if s in ms), default=None)
+    out["speedup"] = ms["mm+topk"] / best if best and "mm+topk" in ms else None
+    out["best"] = min((s for s in ("fused", "chunked") if s in ms), key=ms.get, default=None)
+    return out
 
 
 def main(argv=None) -> str:

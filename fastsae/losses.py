@@ -44,7 +44,11 @@ def top_dead_latents(x_in: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tenso
     Few dead latents: their W_enc columns are gathered. Many (over a quarter of d_sae, as
     early in a wide run): contiguous column blocks are scanned with live latents masked
     out, which skips the gather copies; given a `topk_encode` op (fastsae.ops signature), that
-    scan is one call of it with the live latents' biases set to -inf."""
+    scan is one call of it with the live latents' biases set to -inf. The ops of the fast
+    backends hold O(B·k) (any k: the triton op goes chunked past its fused kernel's limit);
+    the reference's builds [B, d_sae], so with it the scan stays chunked here."""
+    from .ops import reference
+
     n = W_enc.shape[1]
     k_aux = min(k_aux, dead.numel())
     best_v = x_in.new_empty(x_in.shape[0], 0)
@@ -53,16 +57,17 @@ def top_dead_latents(x_in: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tenso
     if scan:
         is_dead = torch.zeros(n, dtype=torch.bool, device=dead.device)
         is_dead[dead] = True
-        if topk_encode is not None:
+        if topk_encode is not None and topk_encode is not reference.topk_encode:
             masked_bias = b_enc.masked_fill(~is_dead, float("-inf"))
             return topk_encode(x_in, W_enc, masked_bias, None, k_aux)[1]
-    for start in range(0, n if scan else dead.numel(), chunk):
+    step = max(chunk, k_aux)  # a chunk holds at least k_aux latents, so each merge is of [B, 2·k_aux]
+    for start in range(0, n if scan else dead.numel(), step):
         if scan:
-            stop = min(start + chunk, n)
+            stop = min(start + step, n)
             pre = torch.addmm(b_enc[start:stop], x_in, W_enc[:, start:stop])
             pre.masked_fill_(~is_dead[start:stop], float("-inf"))
         else:
-            ids = dead[start:start + chunk]
+            ids = dead[start:start + step]
             pre = torch.addmm(b_enc[ids], x_in, W_enc[:, ids])
         v, pos = pre.topk(min(k_aux, pre.shape[1]), dim=1)
         i = pos + start if scan else ids[pos]

@@ -24,7 +24,17 @@ import torch
 import triton
 import triton.language as tl
 
-from .preact_tile import configs, dot_precision, interpreted, preact_tile, upcast
+from .preact_tile import (
+    batch_bucket,
+    configs,
+    dot_precision,
+    interpreted,
+    preact_tile,
+    register_budget,
+    row_offsets,
+    upcast,
+    vector,
+)
 from .sparse_decoder import sparse_decode
 
 _GPU_CONFIGS = [
@@ -39,13 +49,18 @@ _GPU_CONFIGS = [
 _CPU_CONFIG = triton.Config({"BLOCK_B": 16, "BLOCK_N": 32, "BLOCK_D": 16})
 
 
-@triton.autotune(configs=configs(_GPU_CONFIGS, _CPU_CONFIG), key=["D", "N", "BLOCK_DOUT", "FUSE_DECODE"],
-                 reset_to_zero=[])
+# Live words per CTA: the [BLOCK_B, BLOCK_N] tile and its activated copy and, fused, the
+# [BLOCK_B, BLOCK_DOUT] output and the decoder operand (x2: the compile check showed the
+# single-count model keeping a config that spills 744 B at BLOCK_DOUT=128).
+@triton.autotune(configs=configs(_GPU_CONFIGS, _CPU_CONFIG),
+                 key=["D", "N", "B_BUCKET", "BLOCK_DOUT", "FUSE_DECODE"], reset_to_zero=[],
+                 prune_configs_by={"early_config_prune": register_budget(
+                     lambda m: m["BLOCK_B"] * 2 * (m["BLOCK_N"] + (m["BLOCK_DOUT"] if m["FUSE_DECODE"] else 0)))})
 @triton.jit
 def _fused_threshold_kernel(
     x_ptr, bdec_in_ptr, wenc_ptr, benc_ptr, th_ptr, l1w_ptr, wdec_ptr, bdec_out_ptr,
     out_ptr, rec_v_ptr, rec_i_ptr, count_ptr, l1_ptr,
-    B, D, N, CAP,
+    B, D, N, CAP, B_BUCKET,
     stride_xb, stride_xd, stride_ed, stride_en, stride_th, stride_dn, stride_dd, stride_ob, stride_od,
     HAS_BDEC_IN: tl.constexpr, HAS_L1W: tl.constexpr, FUSE_DECODE: tl.constexpr,
     HAS_BDEC_OUT: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
@@ -79,7 +94,7 @@ def _fused_threshold_kernel(
         # Append the active latents of each row after those already recorded, in latent order.
         hits = active.to(tl.int32)
         pos = count[:, None] + tl.cumsum(hits, axis=1) - 1
-        slot = rows[:, None] * CAP + pos
+        slot = row_offsets(rows, CAP)[:, None] + pos
         store = active & (pos < CAP) & records[:, None]
         tl.store(rec_v_ptr + slot, act, mask=store)
         tl.store(rec_i_ptr + slot, cols[None, :] + tl.zeros_like(pos), mask=store)
@@ -135,6 +150,7 @@ def _launch(x, W_enc, b_enc, b_dec_in, th, l1_weight, W_dec, b_dec_out, capacity
     count = torch.zeros((B,), dtype=torch.int32, device=dev)
     l1 = torch.zeros((B,), dtype=torch.float32, device=dev)
     out = torch.empty((B, D), dtype=x.dtype, device=dev) if fuse else rec_v
+    b_enc, b_dec_in, l1_weight, b_dec_out = vector(b_enc), vector(b_dec_in), vector(l1_weight), vector(b_dec_out)
     dummy = b_enc
     bout = _out_block(D)
     if B > 0:
@@ -145,7 +161,7 @@ def _launch(x, W_enc, b_enc, b_dec_in, th, l1_weight, W_dec, b_dec_out, capacity
             l1_weight if l1_weight is not None else dummy, wd,
             b_dec_out if b_dec_out is not None else dummy,
             out, rec_v, rec_i, count, l1,
-            B, D, N, capacity,
+            B, D, N, capacity, batch_bucket(B),
             x.stride(0), x.stride(1), W_enc.stride(0), W_enc.stride(1), th.stride(0),
             wd.stride(0), wd.stride(1), out.stride(0), out.stride(1),
             HAS_BDEC_IN=b_dec_in is not None, HAS_L1W=l1_weight is not None, FUSE_DECODE=fuse,

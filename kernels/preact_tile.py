@@ -18,6 +18,29 @@ def interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+def _interpreter_loop_bounds() -> None:
+    """Under the interpreter, a runtime int used as a loop bound (`for s in range(K)`) is a
+    1-element array; Triton 3.6 turns it into a Python int with int(array), which NumPy 2
+    refuses ("only 0-dimensional arrays can be converted to Python scalars"). Later Triton
+    squeezes the array first: do the same on older ones. No effect on compiled kernels."""
+    from triton.runtime import interpreter
+
+    original = interpreter._patch_lang_tensor
+    if getattr(original, "squeezes_loop_bounds", False):
+        return
+
+    def patch_lang_tensor(tensor, scope):
+        original(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.squeeze()))
+
+    patch_lang_tensor.squeezes_loop_bounds = True
+    interpreter._patch_lang_tensor = patch_lang_tensor
+
+
+if interpreted():
+    _interpreter_loop_bounds()
+
+
 def dot_precision(dtype: torch.dtype) -> str:
     """fp32 inputs: plain tf32 only when torch itself allows it for matmuls; otherwise the
     3-pass tf32 split, which matches fp32 closely enough that top-k sets agree with torch."""
@@ -36,6 +59,55 @@ def upcast(dtype: torch.dtype) -> bool:
 def configs(gpu: list[triton.Config], cpu: triton.Config) -> list[triton.Config]:
     """The autotune search space on a GPU; one small config under the interpreter (fast tests)."""
     return [cpu] if interpreted() else gpu
+
+
+# Per-thread budget of the live fp32/int32 words a config keeps in registers (accumulator tile,
+# top-k buffer, decode accumulator): above it ptxas spills (bench/kernels_sm90_compile.py measures
+# that; its results set these numbers). Half-precision tiles go through tensor-core dots; fp32
+# ones through tf32x3 (three dots and split operands), which holds more live registers.
+REGISTER_WORDS = {"half": 100, "fp32": 64}
+
+
+def fitting(configs, words, dtype: torch.dtype, **launch):
+    """The configs whose words(config kwargs, launch kwargs) per thread fit REGISTER_WORDS for
+    storage `dtype`, and the smallest-footprint config (the fallback when none fits)."""
+    budget = REGISTER_WORDS["fp32" if dtype == torch.float32 else "half"]
+
+    def per_thread(c):
+        return words({**c.kwargs, **launch}) / (32 * c.num_warps)
+
+    return [c for c in configs if per_thread(c) <= budget], min(configs, key=per_thread)
+
+
+def register_budget(words):
+    """An autotune `early_config_prune` keeping the configs that fit (see `fitting`) for the
+    launch's storage dtype (the first pointer argument's); never empty: the smallest footprint
+    stays if none fits (callers that can avoid that launch check `fitting` first)."""
+
+    def prune(configs, named_args, **kwargs):
+        first = next(iter(named_args.values()))
+        kept, smallest = fitting(configs, words, getattr(first, "dtype", torch.bfloat16), **kwargs)
+        return kept or [smallest]
+
+    prune.words = words
+    return prune
+
+
+def batch_bucket(B: int) -> int:
+    """The batch size as an autotune key: its power-of-two bucket (16 .. 65536), so the best
+    config is re-chosen when the batch size changes scale, not for every new batch size."""
+    return min(1 << 16, max(16, triton.next_power_of_2(max(B, 1))))
+
+
+def vector(t: torch.Tensor | None) -> torch.Tensor | None:
+    """A 1-D parameter as the kernels read it: unit stride (they index biases by position)."""
+    return t if t is None or t.stride(-1) == 1 else t.contiguous()
+
+
+@triton.jit
+def row_offsets(rows, width):
+    """rows * width in int64: B * width passes 2^31 at realistic sizes (16384 rows x 2^17)."""
+    return rows.to(tl.int64) * width
 
 
 @triton.jit

@@ -14,11 +14,24 @@ O(S * B * k).
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
 
-from .preact_tile import configs, dot_precision, interpreted, preact_tile, upcast
+from .preact_tile import (
+    batch_bucket,
+    configs,
+    dot_precision,
+    fitting,
+    interpreted,
+    preact_tile,
+    register_budget,
+    row_offsets,
+    upcast,
+    vector,
+)
 
 # Larger k keeps too many registers per row; callers fall back to mm + topk beyond it.
 MAX_K = 512
@@ -27,7 +40,8 @@ _GPU_CONFIGS = [
     triton.Config({"BLOCK_B": bb, "BLOCK_N": bn, "BLOCK_D": bd}, num_warps=w, num_stages=s)
     for bb, bn, bd, w, s in [
         (64, 128, 64, 4, 3), (64, 128, 64, 8, 3), (128, 128, 64, 8, 3), (64, 256, 64, 8, 3),
-        (128, 64, 64, 4, 4), (32, 128, 64, 4, 4), (64, 64, 128, 4, 3),
+        # (128, 64, 64, 4, 4) removed: spills at every K_PAD once launch-specialised (88 B at K_PAD=8)
+        (32, 128, 64, 4, 4), (64, 64, 128, 4, 3),
         # spill-free at k = 128 on sm_90 (bench/kernels_sm90_compile.py): more warps per buffer
         (32, 128, 64, 8, 3), (64, 64, 64, 8, 3), (32, 64, 64, 8, 4),
     ]
@@ -35,14 +49,20 @@ _GPU_CONFIGS = [
 _CPU_CONFIG = triton.Config({"BLOCK_B": 16, "BLOCK_N": 32, "BLOCK_D": 16})
 
 
-@triton.autotune(configs=configs(_GPU_CONFIGS, _CPU_CONFIG), key=["D", "N", "K_PAD", "SPLITS"],
-                 reset_to_zero=[])
+# B_BUCKET (the batch size's power-of-two bucket) is in the key: the best tile depends on
+# how many row blocks fill the GPU. SPLITS is a runtime argument, not a constexpr: a new
+# split count must not recompile every config.
+# Live words per CTA: the [BLOCK_B, BLOCK_N] pre-activation tile and the [BLOCK_B, K_PAD]
+# value + index buffers. Configs over the register budget for this K_PAD and dtype are pruned.
+@triton.autotune(configs=configs(_GPU_CONFIGS, _CPU_CONFIG), key=["D", "N", "K_PAD", "B_BUCKET"],
+                 reset_to_zero=[], prune_configs_by={"early_config_prune": register_budget(
+                     lambda m: m["BLOCK_B"] * (m["BLOCK_N"] + 2 * m["K_PAD"]))})
 @triton.jit
 def _topk_partial_kernel(
     x_ptr, bdec_ptr, w_ptr, benc_ptr, cand_v_ptr, cand_i_ptr,
-    B, D, N, K,
+    B, D, N, K, SPLITS, B_BUCKET,
     stride_xb, stride_xd, stride_wd, stride_wn,
-    SPLITS: tl.constexpr, HAS_BDEC: tl.constexpr, K_PAD: tl.constexpr,
+    HAS_BDEC: tl.constexpr, K_PAD: tl.constexpr,
     DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
@@ -81,7 +101,7 @@ def _topk_partial_kernel(
             more = tl.max(tl.max(cand, axis=1), axis=0) > float("-inf")
 
     # Candidates of split s for row r live at [r, s*K : (s+1)*K].
-    out = rows[:, None] * (SPLITS * K) + split * K + slots[None, :]
+    out = row_offsets(rows, SPLITS * K)[:, None] + split * K + slots[None, :]
     keep = row_ok[:, None] & (slots[None, :] < K)
     tl.store(cand_v_ptr + out, buf_v, mask=keep)
     tl.store(cand_i_ptr + out, buf_i, mask=keep)
@@ -112,17 +132,18 @@ def topk_encode(x, W_enc, b_enc, b_dec, k: int, splits: int | None = None, retur
         raise ValueError(f"topk_encode: k={k} must be in [1, d_sae={N}]")
     if k > MAX_K:
         raise ValueError(f"topk_encode: the fused kernel supports k <= {MAX_K}, got k={k}: use "
-                         "fastsae.reference.topk_encode (the triton backend falls back to it by itself)")
+                         "topk_chunked.topk_encode_chunked (the triton backend switches to it by itself)")
     S = splits or _num_splits(B, N, k, x.device)
+    b_enc, b_dec = vector(b_enc), vector(b_dec)
     cand_v = torch.empty((B, S * k), dtype=torch.float32, device=x.device)
     cand_i = torch.empty((B, S * k), dtype=torch.int32, device=x.device)
     if B > 0:
         grid = lambda meta: (triton.cdiv(B, meta["BLOCK_B"]), S)  # noqa: E731
         _topk_partial_kernel[grid](
             x, b_dec if b_dec is not None else b_enc, W_enc, b_enc, cand_v, cand_i,
-            B, D, N, k,
+            B, D, N, k, S, batch_bucket(B),
             x.stride(0), x.stride(1), W_enc.stride(0), W_enc.stride(1),
-            SPLITS=S, HAS_BDEC=b_dec is not None, K_PAD=triton.next_power_of_2(k),
+            HAS_BDEC=b_dec is not None, K_PAD=triton.next_power_of_2(k),
             DOT_PRECISION=dot_precision(W_enc.dtype), UPCAST=upcast(W_enc.dtype),
         )
     top_v, at = cand_v.topk(k, dim=1)
@@ -134,3 +155,46 @@ def topk_encode(x, W_enc, b_enc, b_dec, k: int, splits: int | None = None, retur
         return values, indices
     counts = torch.bincount(indices[values > 0], minlength=N)
     return values, indices, counts
+
+
+# ------------------------------------------------------------------ choosing a strategy
+STRATEGIES = ("fused", "chunked")
+
+
+def fused_fits(k: int, dtype: torch.dtype) -> bool:
+    """Whether some GPU config of the fused kernel holds a top-k buffer of k in registers
+    without spilling for storage `dtype` (fp32 at k > 256 does not: bench/kernels_sm90_compile.py)."""
+    words = _topk_partial_kernel.early_config_prune.words
+    return bool(fitting(_GPU_CONFIGS, words, dtype, K_PAD=triton.next_power_of_2(k))[0])
+
+
+def choose_strategy(B: int, D: int, N: int, k: int, dtype: torch.dtype = torch.bfloat16) -> str:
+    """"fused" (this file's kernel) or "chunked" (topk_chunked: cuBLAS GEMM per latent chunk +
+    filter/merge). FASTSAE_TOPK_STRATEGY=fused|chunked overrides it (benchmarks, tests).
+
+    Provisional, from arithmetic alone (no GPU has measured either yet): k > MAX_K can only be
+    chunked; with many rows and a wide d_in the GEMM dominates and the chunked path pays
+    ~4 bytes per pre-activation against 2·d_in FLOPs of cuBLAS GEMM per element (< 10 % of it
+    at d_in >= 2048), while the fused kernel's register-resident top-k limits its tiles
+    (estimated 35-60 % of cuBLAS). Small batches or a narrow d_in keep the fused kernel, which
+    never writes the pre-activations, unless no config of it fits k for `dtype` in registers.
+    bench/gpu_check.sh measures both to replace this rule."""
+    forced = os.environ.get("FASTSAE_TOPK_STRATEGY", "")
+    if forced:
+        if forced not in STRATEGIES:
+            raise ValueError(f"FASTSAE_TOPK_STRATEGY={forced!r}: use one of {', '.join(STRATEGIES)}")
+        return "chunked" if k > MAX_K else forced
+    if k > MAX_K or not (interpreted() or fused_fits(k, dtype)):
+        return "chunked"
+    return "chunked" if B >= 2048 and D >= 2048 else "fused"
+
+
+def encode(x, W_enc, b_enc, b_dec, k: int, strategy: str | None = None, raw: bool = False):
+    """topk_encode by the strategy `choose_strategy` picks (or `strategy`): same contract."""
+    from .topk_chunked import topk_encode_chunked
+
+    B, D = x.shape
+    strategy = strategy or choose_strategy(B, D, W_enc.shape[1], k, W_enc.dtype)
+    if strategy == "chunked":
+        return topk_encode_chunked(x, W_enc, b_enc, b_dec, k, raw=raw)
+    return topk_encode(x, W_enc, b_enc, b_dec, k, raw=raw)

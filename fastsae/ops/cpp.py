@@ -25,14 +25,20 @@ from .. import (
 from ..sparse import RowSparseGrads, SparseActs
 from . import reference
 
-_DEVICES = ("cpu", "cuda") if _C.cuda_built() else ("cpu",)
 _DISPATCH_KEY = {"cpu": "CPU", "cuda": "CUDA"}
 
 
-def has_kernel(op: str, device: torch.device) -> bool:
+def has_kernel(op: str, device: torch.device | str) -> bool:
     """Whether torch.ops.fastsae.<op> has a native kernel for tensors on `device`."""
-    key = _DISPATCH_KEY.get(device.type)
+    key = _DISPATCH_KEY.get(torch.device(device).type)
     return key is not None and torch._C._dispatch_has_kernel_for_dispatch_key(f"fastsae::{op}", key)
+
+
+def _devices(op: str) -> tuple[str, ...]:
+    """The devices the "cpp" backend registers `op` for: those with a native kernel (a CUDA
+    build has the sparse decode and backward on CUDA, not the encoders), so the chain of a
+    device without one moves on to the next backend instead of landing here."""
+    return tuple(d for d in _DISPATCH_KEY if has_kernel(op, d))
 
 
 # ---------------------------------------------------------------- fake kernels
@@ -132,21 +138,21 @@ for _op in ("topk_encode", "batchtopk_encode", "threshold_encode"):
 
 
 # ---------------------------------------------------------------- the "cpp" backend
-@ops.register("sparse_decode", "cpp", devices=_DEVICES)
+@ops.register("sparse_decode", "cpp", devices=_devices("sparse_decode"))
 def sparse_decode(values, indices, W_dec, b_dec):
     if not has_kernel("sparse_decode", W_dec.device):
         return reference.sparse_decode(values, indices, W_dec, b_dec)
     return torch.ops.fastsae.sparse_decode(values, indices, W_dec, b_dec)
 
 
-@ops.register("topk_encode", "cpp", devices=_DEVICES)
+@ops.register("topk_encode", "cpp", devices=_devices("topk_encode"))
 def topk_encode(x, W_enc, b_enc, b_dec, k: int):
     if not has_kernel("topk_encode", W_enc.device):
         return reference.topk_encode(x, W_enc, b_enc, b_dec, k)
     return torch.ops.fastsae.topk_encode(x, W_enc, b_enc, b_dec, int(k))
 
 
-@ops.register("batchtopk_encode", "cpp", devices=_DEVICES)
+@ops.register("batchtopk_encode", "cpp", devices=_devices("batchtopk_encode"))
 def batchtopk_encode(x, W_enc, b_enc, b_dec, k: int) -> SparseActs:
     if not has_kernel("batchtopk_encode", W_enc.device):
         return reference.batchtopk_encode(x, W_enc, b_enc, b_dec, k)
@@ -154,7 +160,7 @@ def batchtopk_encode(x, W_enc, b_enc, b_dec, k: int) -> SparseActs:
     return SparseActs(values, indices, W_enc.shape[1])
 
 
-@ops.register("threshold_encode", "cpp", devices=_DEVICES)
+@ops.register("threshold_encode", "cpp", devices=_devices("threshold_encode"))
 def threshold_encode(x, W_enc, b_enc, b_dec, threshold) -> SparseActs:
     threshold = torch.as_tensor(threshold, dtype=W_enc.dtype, device=W_enc.device)
     # The gradient formula masks by values > 0, which holds for kept entries only when the
@@ -167,7 +173,7 @@ def threshold_encode(x, W_enc, b_enc, b_dec, threshold) -> SparseActs:
     return SparseActs(values, indices, W_enc.shape[1])
 
 
-@ops.register("topk_sae_backward", "cpp", devices=_DEVICES)
+@ops.register("topk_sae_backward", "cpp", devices=_devices("topk_sae_backward"))
 def topk_sae_backward(x, values, indices, grad_out, W_enc, W_dec, b_dec=None, row_sparse=False):
     """reference.topk_sae_backward's contract, computed by one C++ op (no autograd involved)."""
     if not has_kernel("topk_sae_backward", W_dec.device):

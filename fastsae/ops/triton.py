@@ -2,8 +2,10 @@
 
 Each kernel entry point is a torch custom op (torch.ops.fastsae_triton.*) with a fake kernel,
 so torch.compile traces through it, and an autograd formula, so training works. The backward
-formulas are the sparse ones of docs/design.md (as in reference.topk_sae_backward) written in
-torch, until the C++/CUDA backward replaces them.
+formulas are the sparse ones of reference.topk_sae_backward: computed by the next backend of
+the chain, the C++ ops (torch.ops.fastsae.*_backward: per-latent segment sums, deterministic)
+wherever fastsae._C has a kernel for the device, else written in torch here. The backend has
+no topk_sae_backward of its own: fastsae.ops hands it to the next backend (cpp on a CUDA build).
 
 Devices: CUDA; under TRITON_INTERPRET=1 also CPU, so tests drive the modules through the
 interpreter. FASTSAE_BACKEND=reference (or cfg.backend) still forces the reference.
@@ -26,7 +28,6 @@ from ..kernels import sparse_decoder as _decoder
 from ..kernels import topk_encoder as _topk
 from ..kernels.preact_tile import interpreted
 from ..sparse import SparseActs
-from . import reference
 
 DEVICES = ("cuda", "cpu") if interpreted() else ("cuda",)
 # The kernels accumulate in fp32; other dtypes (float64 oracles in tests) take the reference.
@@ -34,14 +35,13 @@ KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def _register(op: str):
-    """ops.register for the triton backend, routing dtypes the kernels lack to the reference."""
-    fallback = getattr(reference, op)
+    """ops.register for the triton backend, handing dtypes the kernels lack to the next backend."""
 
     def deco(fn):
         @functools.wraps(fn)
         def dispatch(first, *args):
             if first.dtype not in KERNEL_DTYPES:
-                return fallback(first, *args)
+                return ops.next_impl(op, "triton", first.device)(first, *args)
             return fn(first, *args)
 
         return ops.register(op, "triton", devices=DEVICES)(dispatch)
@@ -50,6 +50,19 @@ def _register(op: str):
 
 
 # ------------------------------------------------------------------ shared backward formulas
+def native_backward(op: str, *tensors: Tensor):
+    """torch.ops.fastsae.<op> when the C++ extension has a kernel for these tensors' device
+    and they share one dtype (what its checks demand), else None."""
+    try:
+        from . import cpp
+    except Exception:  # no extension: the torch formulas below
+        return None
+    t0 = tensors[0]
+    if not cpp.has_kernel(op, t0.device) or any(t.dtype != t0.dtype for t in tensors):
+        return None
+    return getattr(torch.ops.fastsae, op)
+
+
 def _encode_setup(ctx, inputs, output):
     x, W_enc, b_enc, b_dec = inputs[:4]
     values, indices = output
@@ -63,6 +76,12 @@ def _encode_backward(ctx, g_values, _g_indices):
     ReLU-zeroed slot passes no gradient) w.r.t. x, W_enc, b_enc and the input b_dec."""
     x, W_enc, b_dec, values, indices = ctx.saved_tensors
     d, n = W_enc.shape
+    native = ctx.native and native_backward("topk_encode_backward", W_enc, values, x)
+    if native:  # kept values are > 0 (ReLU'd): values != 0 is the C++ op's values > 0
+        dx, dW_enc, db_enc, db_dec = native(g_values.to(W_enc.dtype), values, indices, x, W_enc,
+                                            b_dec if ctx.has_bdec else None, bool(ctx.needs_input_grad[0]))
+        return ((dx if ctx.needs_input_grad[0] else None), dW_enc, db_enc,
+                (db_dec if ctx.has_bdec and ctx.needs_input_grad[3] else None)) + (None,) * ctx.n_extra
     dpre = (g_values * (values != 0)).to(W_enc.dtype)
     xin = x - b_dec if ctx.has_bdec else x
     flat = indices.reshape(-1)
@@ -83,7 +102,7 @@ def _encode_backward(ctx, g_values, _g_indices):
 # ------------------------------------------------------------------ topk_encode
 @torch.library.custom_op("fastsae_triton::topk_encode", mutates_args=())
 def _topk_encode_op(x: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Optional[Tensor], k: int) -> tuple[Tensor, Tensor]:
-    return _topk.topk_encode(x, W_enc, b_enc, b_dec, k)
+    return _topk.encode(x, W_enc, b_enc, b_dec, k)  # fused or chunked (choose_strategy), any k
 
 
 @_topk_encode_op.register_fake
@@ -91,13 +110,23 @@ def _(x, W_enc, b_enc, b_dec, k):
     return x.new_empty((x.shape[0], k)), x.new_empty((x.shape[0], k), dtype=torch.long)
 
 
-_topk_encode_op.register_autograd(_encode_backward, setup_context=_encode_setup)
+def _relu_encode_setup(ctx, inputs, output):
+    """Setup of encoders whose kept values are ReLU'd (TopK, BatchTopK): the C++ backward applies."""
+    _encode_setup(ctx, inputs, output)
+    ctx.native = True
+
+
+def _threshold_encode_setup(ctx, inputs, output):
+    """A threshold may be negative, so kept values may be too: the torch formula (values != 0)."""
+    _encode_setup(ctx, inputs, output)
+    ctx.native = False
+
+
+_topk_encode_op.register_autograd(_encode_backward, setup_context=_relu_encode_setup)
 
 
 @_register("topk_encode")
 def topk_encode(x, W_enc, b_enc, b_dec, k):
-    if k > _topk.MAX_K:  # too wide for the register-resident top-k buffer
-        return reference.topk_encode(x, W_enc, b_enc, b_dec, k)
     return _topk_encode_op(x, W_enc, b_enc, b_dec, k)
 
 
@@ -126,7 +155,7 @@ def _(x, W_enc, b_enc, b_dec, k):
     return _rows_of_unknown_width(x)
 
 
-_batchtopk_op.register_autograd(_encode_backward, setup_context=_encode_setup)
+_batchtopk_op.register_autograd(_encode_backward, setup_context=_relu_encode_setup)
 
 
 @_register("batchtopk_encode")
@@ -150,7 +179,7 @@ def _(x, W_enc, b_enc, b_dec, threshold):
 
 # The threshold itself gets no gradient here (BatchTopK's is a buffer); JumpReLU training
 # needs the straight-through estimator and goes through the reference.
-_threshold_op.register_autograd(_encode_backward, setup_context=_encode_setup)
+_threshold_op.register_autograd(_encode_backward, setup_context=_threshold_encode_setup)
 
 
 @_register("threshold_encode")
@@ -181,13 +210,18 @@ def _decode_backward(ctx, grad):
     """dvalues[b,s] = <g_b, W_dec[idx]>, dW_dec[j] = Σ_{idx[b,s]=j} values[b,s]·g_b, db_dec = Σ_b g_b."""
     values, indices, W_dec = ctx.saved_tensors
     g = grad.to(W_dec.dtype)
+    db_dec = g.sum(0) if ctx.has_bdec and ctx.needs_input_grad[3] else None
+    native = native_backward("sparse_decode_backward", W_dec)
+    if native and (ctx.needs_input_grad[0] or ctx.needs_input_grad[2]):
+        dvalues, dW_dec = native(g, values.to(W_dec.dtype), indices, W_dec)
+        return (dvalues.to(values.dtype) if ctx.needs_input_grad[0] else None, None,
+                dW_dec if ctx.needs_input_grad[2] else None, db_dec)
     dvalues = dW_dec = None
     if ctx.needs_input_grad[0]:
         dvalues = (W_dec[indices] * g.unsqueeze(1)).sum(-1).to(values.dtype)
     if ctx.needs_input_grad[2]:
         outer = values.to(W_dec.dtype).unsqueeze(-1) * g.unsqueeze(1)
         dW_dec = torch.zeros_like(W_dec).index_add_(0, indices.reshape(-1), outer.reshape(-1, W_dec.shape[1]))
-    db_dec = g.sum(0) if ctx.has_bdec and ctx.needs_input_grad[3] else None
     return dvalues, None, dW_dec, db_dec
 
 

@@ -21,19 +21,21 @@ def test_encoder_bench_quick_mode_runs_and_agrees():
     assert len(rows) == 2
     for line in rows:
         cells = [c.strip() for c in line.strip("|").split("|")]
-        assert float(cells[-1]) == 1.0  # fp32: the fused index sets equal the fp32 top-k
+        fused, chunked = (float(a) for a in cells[-1].split("/"))
+        assert fused == 1.0 and chunked == 1.0  # fp32: both strategies' index sets equal the fp32 top-k
         if not torch.cuda.is_available():
             assert cells[6] == "-"  # no peak-memory numbers off CUDA, rather than made-up ones
 
 
 @pytest.mark.slow
 def test_kernels_compile_for_sm90_without_a_gpu():
-    """The interpreter skips Triton's compiler; this compiles each kernel's heaviest variant for an
-    H100 (sm_90, Triton's bundled ptxas) so a CPU-only CI still catches GPU-only breakage."""
+    """The interpreter skips Triton's compiler; this compiles each kernel's lightest and heaviest
+    variant for sm_90 (Triton's bundled ptxas) as a launch specialises them, bf16 at odd sizes
+    (make test-triton36 does bf16 at aligned sizes), so a CPU-only CI catches GPU-only breakage."""
     script = REPO / "bench" / "kernels_sm90_compile.py"
     env = {**os.environ, "TRITON_INTERPRET": "0", "TRITON_DEFAULT_FP_FUSION": "1"}
-    proc = subprocess.run([sys.executable, str(script), "--smoke", "--dtype", "bfloat16"],
+    proc = subprocess.run([sys.executable, str(script), "--smoke", "--dtype", "bfloat16", "--shape", "odd"],
                           capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "FAILED" not in proc.stdout
-    assert "configs compiled for sm_90" in proc.stdout
+    assert "FAIL" not in proc.stdout
+    assert "compiles passed for sm_90" in proc.stdout
