@@ -225,8 +225,9 @@ class BaseSAE(nn.Module):
         return ops.resolve_backend(self.cfg.backend, self.device)
 
     def op(self, name: str):
-        """The implementation of op `name` this module uses (fastsae.ops)."""
-        return ops.get(name, self.backend)
+        """The implementation of op `name` this module uses (fastsae.ops: the backend's own, or the
+        next backend's of the device's chain)."""
+        return ops.get(name, self.backend, self.device)
 
     def local_view(self) -> LocalView:
         return LocalView(self)
