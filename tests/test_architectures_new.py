@@ -208,10 +208,10 @@ def test_matryoshka_equals_batchtopk_with_one_level_and_inference_is_batchtopk()
 def run_trainer(cfg_sae, data, tmp_path, name, **kw):
     """A short run. The autograd path takes the MSE in float32, so a gradient that is 0 on one
     path is ~1e-10 on the other; eps=1e-4 keeps Adam from blowing that up to a full step."""
-    kw = {"steps": 4, "eps": 1e-4, **kw}
+    kw = {"steps": 4, "eps": 1e-4, "dead_tokens": 10**9, **kw}
     cfg = TrainConfig(sae=cfg_sae, batch_size=16, lr=1e-2, b_dec_init="zeros", log_every=2,
                       checkpoint_every=0, out_dir=str(tmp_path / name), progress=False, console=False, plot=False,
-                      dead_tokens=10**9, **kw)
+                      **kw)
     torch.manual_seed(0)
     trainer = Trainer(cfg, data, sae=build_sae(cfg.sae))
     trainer.fit()
@@ -235,6 +235,16 @@ def test_matryoshka_trainer_sparse_path_equals_autograd_path(tmp_path, transcode
         torch.testing.assert_close(t, dense.sae.state_dict()[name], atol=1e-6, rtol=0, msg=name)
     for a, b in zip(sparse.tracker.history, dense.tracker.history):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-6)
+
+
+def test_matryoshka_trains_with_row_sparse_adam(tmp_path):
+    """Its per-level row-sparse gradients (concatenated, disjoint latent ranges) feed row-sparse Adam."""
+    cfg = SAEConfig(d_in=6, d_sae=20, architecture="matryoshka_batchtopk", k=3, matryoshka_widths=[3, 9, 20])
+    x = torch.randn(64, 6, generator=torch.Generator().manual_seed(1))
+    trainer = run_trainer(cfg, TensorSource(x, 16), tmp_path, "rs", optimizer="row_sparse_adam", steps=12,
+                          dead_tokens=32)
+    hist = trainer.tracker.history
+    assert hist[-1]["loss"] < hist[0]["loss"]
 
 
 # ----------------------------------------------------------------------------------- transcoders

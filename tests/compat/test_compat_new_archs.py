@@ -75,7 +75,8 @@ def test_saelens_gated_training_loss_terms():
     out = theirs.training_forward_pass(step)
     mine = ours.training_forward(x)
     for name, theirs_name in (("mse", "mse_loss"), ("sparsity", "l1_loss"), ("aux", "auxiliary_reconstruction_loss")):
-        assert float(getattr(mine, name).detach()) == pytest.approx(float(out.losses[theirs_name]), rel=1e-5), name
+        want = float(out.losses[theirs_name].detach())
+        assert float(getattr(mine, name).detach()) == pytest.approx(want, rel=1e-5), name
 
 
 def test_dictionary_learning_gated_load_save(tmp_path):
