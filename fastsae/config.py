@@ -38,12 +38,21 @@ def dtype_to_str(dt: torch.dtype) -> str:
 class SAEConfig:
     """Everything needed to rebuild an SAE; saved as cfg.json beside its weights.
 
-    architecture: "standard" (ReLU + L1), "topk", "batchtopk" or "jumprelu".
-    k: active latents per row (topk) or per row on average over a batch (batchtopk).
+    architecture: a registered architecture (fastsae.architectures()): "standard" (ReLU + L1),
+        "topk", "batchtopk", "jumprelu", "gated", "matryoshka_batchtopk".
+    k: active latents per row (topk) or per row on average over a batch (batchtopk, matryoshka).
     apply_b_dec_to_input: subtract b_dec from x before encoding (SAELens default True).
     l1_coefficient: weight of the L1 penalty (standard).
     l0_coefficient, jumprelu_bandwidth, jumprelu_init_threshold: JumpReLU training.
-    batchtopk_threshold_momentum: EMA momentum of the inference threshold (batchtopk).
+    batchtopk_threshold_momentum: EMA momentum of the inference threshold (batchtopk, matryoshka).
+    matryoshka_widths: the nested dictionary prefixes [w_1 < ... < w_G = d_sae] whose
+        reconstructions are each scored (matryoshka_batchtopk, SAELens's name);
+        matryoshka_weights: each level's loss weight (default 1 each: the losses are summed).
+    transcoder: the SAE encodes one activation and reconstructs another (trained on a
+        fastsae.PairedSource); its decoder maps to d_out (default d_in), and b_dec lives in the
+        output space, so apply_b_dec_to_input must be False.
+    skip_connection: a linear skip x @ W_skip.T added to the output (W_skip [d_out, d_in],
+        zero at init; Paulo et al. 2025's skip transcoders, sparsify's skip_connection).
     check_finite: reject NaN/inf input with an error (one pass over x, O(B*d_in)).
     backend: "auto", "reference", "cpp" or "triton" ("auto" picks by device; the
         FASTSAE_BACKEND environment variable overrides "auto").
@@ -68,6 +77,11 @@ class SAEConfig:
     # Per-row input normalisation undone on the output ("none", "layer_norm" as OpenAI and
     # SAELens, "constant_norm_rescale" as SAELens). forward() undoes it; decode() alone cannot.
     normalize_activations: str = "none"
+    matryoshka_widths: list[int] | None = None
+    matryoshka_weights: list[float] | None = None
+    transcoder: bool = False
+    d_out: int | None = None
+    skip_connection: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.dtype, torch.dtype):
@@ -80,6 +94,10 @@ class SAEConfig:
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ConfigError(f"{name} must be a positive integer, got {v!r}")
+        if self.d_out is not None and (not isinstance(self.d_out, int) or isinstance(self.d_out, bool)
+                                       or self.d_out < 1):
+            raise ConfigError(f"d_out must be a positive integer (or None: d_in), got {self.d_out!r}")
+        self._validate_transcoder()
         from .sae import architectures  # the registry (its modules import this one)
 
         known = architectures()
@@ -96,6 +114,29 @@ class SAEConfig:
             raise ConfigError(
                 f"backend {self.backend!r} is unknown: use 'auto', 'reference', 'cpp' or 'triton'"
             )
+
+    def _validate_transcoder(self) -> None:
+        if self.output_dim != self.d_in and not self.transcoder:
+            raise ConfigError(
+                f"d_out={self.d_out} differs from d_in={self.d_in}, so the SAE cannot reconstruct its input: set "
+                "transcoder=True (and train it on paired activations), or drop d_out"
+            )
+        if self.transcoder and self.apply_b_dec_to_input:
+            raise ConfigError(
+                "a transcoder's b_dec is in the output space, so it cannot be subtracted from the input: "
+                "set apply_b_dec_to_input=False"
+            )
+        if self.transcoder and self.normalize_activations != "none":
+            raise ConfigError(
+                f"normalize_activations={self.normalize_activations!r} undoes the input's normalisation on the "
+                "output, which a transcoder's output (another activation) does not share: use 'none' "
+                "and scale the activations beforehand"
+            )
+
+    @property
+    def output_dim(self) -> int:
+        """The width of the reconstruction: d_out for a transcoder that sets it, else d_in."""
+        return self.d_in if self.d_out is None else self.d_out
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -129,7 +170,8 @@ class TrainConfig:
         blocks); master_weights: how bf16/fp16 weights are updated: "fp32" copies, "kahan"
         compensation, "stochastic" rounding, or "none" (round to nearest: loses quality). See
         fastsae.optim_state and docs/wide.md.
-    sparse_backward: None = on for the sparse architectures (required by row_sparse_adam).
+    sparse_backward: None = on for the sparse architectures (required by row_sparse_adam), except
+        transcoders whose d_out differs from d_in, which take the autograd path.
     row_sparse_catch_up: row_sparse_adam's mode (True: silent latents get dense Adam's
         momentum steps in closed form when they fire again; False: lazy Adam).
     lr schedule: linear warmup over warmup_steps, then flat, then from decay_start (fraction
@@ -246,6 +288,23 @@ class TrainConfig:
         if self.sparse_backward and not sparse:
             raise ConfigError(f"sparse_backward is for the sparse architectures ({', '.join(sparse_architectures())}), "
                               f"not {arch!r}")
+        sae = self.sae
+        if self.optimizer == "row_sparse_adam" and (sae.output_dim != sae.d_in or sae.skip_connection):
+            raise ConfigError(
+                "row_sparse_adam keeps [d_sae, d_in] moments for the decoder and trains no skip connection; this SAE "
+                f"has d_out={sae.output_dim}, d_in={sae.d_in}, skip_connection={sae.skip_connection}: "
+                "use optimizer='adam'"
+            )
+        if self.sparse_backward and sae.output_dim != sae.d_in:
+            raise ConfigError(
+                f"the trainer's sparse path needs d_out == d_in (its row-sparse gradient helpers assume one width); "
+                f"this transcoder maps d_in={sae.d_in} to d_out={sae.output_dim}: use sparse_backward=False (or None)"
+            )
+        if self.init == "data" and sae.transcoder:
+            raise ConfigError(
+                "init='data' ties the encoder to decoder atoms drawn from the data, which a transcoder's two "
+                "activations do not share: use init='tied'"
+            )
 
     @property
     def sae_class(self):
@@ -255,7 +314,9 @@ class TrainConfig:
 
     @property
     def use_sparse_backward(self) -> bool:
-        return self.sae_class.takes_sparse_path and self.sparse_backward is not False
+        # a transcoder with d_out != d_in trains on the autograd path (see validate)
+        return (self.sae_class.takes_sparse_path and self.sparse_backward is not False
+                and self.sae.output_dim == self.sae.d_in)
 
     @property
     def use_unit_norm_decoder(self) -> bool:

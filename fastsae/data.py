@@ -4,6 +4,7 @@
 * IterableSource: any iterable of batches (a list, a generator, a DataLoader).
 * ShardSource: activation shards on disk (.npy, memory-mapped, or .safetensors, read by
   slice), streamed through a shuffle buffer, so data larger than RAM trains.
+* PairedSource: two aligned sources side by side (a transcoder's inputs and targets).
 
 Every source has state_dict()/load_state_dict(): the trainer saves the position with each
 checkpoint, and a resumed run sees exactly the batches the uninterrupted run would have.
@@ -410,6 +411,60 @@ def fingerprint_changes(old: dict, new: dict) -> list[str]:
     if not changes:  # the same shards in another order
         changes.append("the shards are listed in another order")
     return changes
+
+
+class PairedSource(ActivationSource):
+    """Two aligned activation streams side by side, for transcoders: every batch is
+    [B, d_in + d_out], each row an input beside its target (the trainer splits them).
+
+    inputs / targets: tensors [N, d] with the same rows, shard directories (or files) whose
+    shards pair up with the same row counts (e.g. two hook points harvested in one model pass),
+    or any ActivationSources that yield the same rows in the same order. Tensors and shards are
+    shuffled identically on both sides (the same seed, chunking and buffer), so rows stay paired.
+    """
+
+    def __init__(self, inputs, targets, batch_size: int, shuffle: bool = True, seed: int = 0, **shard_options):
+        self.inputs = self._side(inputs, batch_size, shuffle, seed, shard_options, "inputs")
+        self.targets = self._side(targets, batch_size, shuffle, seed, shard_options, "targets")
+        a, b = self.inputs, self.targets
+        if isinstance(a, TensorSource) and isinstance(b, TensorSource) and a.data.shape[0] != b.data.shape[0]:
+            raise InputError(f"the inputs hold {a.data.shape[0]} rows but the targets {b.data.shape[0]}: "
+                             "pair every input row with its target row")
+        if isinstance(self.inputs, ShardSource) and isinstance(self.targets, ShardSource):
+            rows_in = [(s.path.name, s.rows) for s in self.inputs.shards]
+            rows_out = [(s.path.name, s.rows) for s in self.targets.shards]
+            if [r for _, r in rows_in] != [r for _, r in rows_out]:
+                raise InputError(
+                    f"the input shards {rows_in} and the target shards {rows_out} do not pair up row for row: "
+                    "harvest both hook points in the same pass, into shards of the same sizes"
+                )
+        self.widths = (self.inputs.d_in, self.targets.d_in)
+        self.d_in = None if None in self.widths else sum(self.widths)
+
+    @staticmethod
+    def _side(data, batch_size, shuffle, seed, shard_options, which) -> ActivationSource:
+        if isinstance(data, ActivationSource):
+            return data
+        if isinstance(data, (str, Path)):
+            return ShardSource(data, batch_size, shuffle=shuffle, seed=seed, **shard_options)
+        if isinstance(data, (torch.Tensor, np.ndarray)):
+            return TensorSource(torch.as_tensor(data), batch_size, shuffle=shuffle, seed=seed)
+        raise InputError(f"PairedSource {which}: pass a tensor, a shard directory or an ActivationSource, "
+                         f"got {type(data).__name__}")
+
+    def __iter__(self):
+        for a, b in zip(self.inputs, self.targets):
+            if a.shape[0] != b.shape[0]:
+                raise InputError(f"an input batch has {a.shape[0]} rows but its target batch {b.shape[0]}: "
+                                 "the two streams are not aligned")
+            yield torch.cat([a, b.to(a.dtype)], -1)
+
+    def state_dict(self):
+        return {"inputs": self.inputs.state_dict(), "targets": self.targets.state_dict()}
+
+    def load_state_dict(self, state):
+        self.inputs.load_state_dict(state["inputs"])
+        self.targets.load_state_dict(state["targets"])
 
 
 def as_source(data, batch_size: int, shuffle: bool = True, seed: int = 0) -> ActivationSource:

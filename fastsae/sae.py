@@ -17,14 +17,21 @@ The public protocol the Trainer drives (and nothing else):
     takes_sparse_path              class constant: encode selects a SparseActs, and the
                                    explicit sparse backward applies (the TopK family)
     prepare(x) -> (x2, restore)    checked, flattened, normalised input [N, d_in]
+    prepare_target(y, x2)          a transcoder's checked, flattened target [N, d_out]
     select(x2, train)              sparse architectures: a Selection
-    decode_selection(sel)          the reconstruction of a Selection
-    sparse_backward(x2, sel, g)    row-sparse gradients of the latents that fired, db_dec
+    decode_selection(sel, x2)      the reconstruction of a Selection (+ the skip term of x2)
+    sparse_loss(sel, x_hat, y)     the reconstruction objective and its gradient, for ...
+    sparse_backward(x2, sel, g)    ... the row-sparse gradients of the latents that fired, db_dec
+                                   (and the .grad of dense_parameters())
+    dense_parameters()             parameters trained densely on the sparse path (W_skip)
     auxk_loss(x2, residual, dead, k_aux, scale)
-    training_forward(x)            autograd path: loss and its terms
+    training_forward(x, target)    autograd path: loss and its terms
     local_view()                   this module's latents numbered from 0 (optimizer, init)
     l1_decoder_norm                attribute: ReLU SAEs' L1 weighting
     save_pretrained(path)
+
+A transcoder (cfg.transcoder) is any architecture whose decoder maps to another activation
+of width d_out: the target replaces x in the losses; everything else is unchanged.
 """
 
 from __future__ import annotations
@@ -73,8 +80,11 @@ class TrainOutput:
         NaN when the batch has no variance (fewer than two rows, or all rows equal), where it is
         undefined. It is a metric, not part of the loss.
     sparsity: the architecture's penalty term, already multiplied by its coefficient
-        (L1 for standard, L0 for jumprelu, 0 for topk/batchtopk).
+        (L1 for standard and gated, L0 for jumprelu, 0 for the TopK family).
     l0: mean active latents per row (not differentiable).
+    aux: the architecture's other loss terms, not subject to a sparsity warmup (Gated: the
+        gate path's reconstruction through the frozen decoder; Matryoshka: the inner levels'
+        reconstructions); 0 for the others. loss = mse + sparsity + aux.
     """
 
     loss: torch.Tensor
@@ -84,9 +94,13 @@ class TrainOutput:
     l0: torch.Tensor
     x_hat: torch.Tensor
     acts: Acts
+    aux: torch.Tensor | None = None
 
     def scalars(self) -> dict[str, float]:
-        return {k: float(getattr(self, k).detach()) for k in ("loss", "mse", "fvu", "sparsity", "l0")}
+        out = {k: float(getattr(self, k).detach()) for k in ("loss", "mse", "fvu", "sparsity", "l0")}
+        if self.aux is not None:
+            out["aux"] = float(self.aux.detach())
+        return out
 
 
 def reconstruction_terms(x_hat: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -99,9 +113,35 @@ def reconstruction_terms(x_hat: torch.Tensor, x: torch.Tensor) -> tuple[torch.Te
     return err, mse, fvu
 
 
+def mse_loss(x_hat: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Squared error summed over the features and averaged over rows, in at least float32
+    (TrainOutput.mse's definition, differentiable)."""
+    dt = torch.promote_types(x_hat.dtype, torch.float32)
+    return (x_hat.to(dt) - target.to(dt)).pow(2).sum() / max(target.shape[0], 1)
+
+
+def unequal_width_backward(x_in, values, indices, grad_out, W_enc, W_dec) -> RowSparseGrads:
+    """ops "topk_sae_backward"(row_sparse=True, b_dec=None) for a decoder whose width differs
+    from the encoder's (transcoders; the native kernels assume equal widths): plain PyTorch,
+    O(N·k·(d_in + d_out)) memory, nothing of the dictionary's size."""
+    latents, inverse = torch.unique(indices, return_inverse=True)
+    inverse = inverse.reshape(-1)
+    u = latents.numel()
+    dvalues = torch.einsum("bd,bkd->bk", grad_out, W_dec[indices])
+    dpre = dvalues * (values > 0)
+    dW_dec = grad_out.new_zeros(u, W_dec.shape[1]).index_add_(
+        0, inverse, (values.unsqueeze(-1) * grad_out.unsqueeze(1)).reshape(-1, W_dec.shape[1]))
+    dW_enc_t = x_in.new_zeros(u, W_enc.shape[0]).index_add_(
+        0, inverse, (dpre.unsqueeze(-1) * x_in.unsqueeze(1)).reshape(-1, W_enc.shape[0]))
+    db_enc = dpre.new_zeros(u).index_add_(0, inverse, dpre.reshape(-1))
+    return RowSparseGrads(latents, dW_enc_t.t(), db_enc, dW_dec, W_dec.shape[0])
+
+
 class LocalView:
     """A module's own latents numbered from 0, as a module of width d_sae_local: what the
-    latent-indexed helpers (RowSparseAdam, init_from_data_) see."""
+    latent-indexed helpers and the main optimizer (RowSparseAdam, init_from_data_,
+    build_optimizer) see. Its parameters leave out the dense ones (a skip connection), which
+    the Trainer steps with an optimizer of their own."""
 
     def __init__(self, sae: BaseSAE):
         self.sae = sae
@@ -110,7 +150,8 @@ class LocalView:
         self.W_enc, self.b_enc, self.W_dec, self.b_dec = sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec
 
     def named_parameters(self):
-        return self.sae.named_parameters()
+        dense = self.sae.dense_parameters()
+        return ((n, p) for n, p in self.sae.named_parameters() if n not in dense)
 
 
 class BaseSAE(nn.Module):
@@ -146,12 +187,14 @@ class BaseSAE(nn.Module):
         self.cfg = cfg
         self.context = context if context is not None else LOCAL
         self.shard_start, self.shard_end = self.context.shard_range(cfg.d_sae)
-        d, n = cfg.d_in, self.d_sae_local
+        d, n, d_out = cfg.d_in, self.d_sae_local, cfg.output_dim
         f = dict(dtype=cfg.torch_dtype, device=cfg.device)
         self.W_enc = nn.Parameter(torch.empty(d, n, **f))
         self.b_enc = nn.Parameter(torch.zeros(n, **f))
-        self.W_dec = nn.Parameter(torch.empty(n, d, **f))
-        self.b_dec = nn.Parameter(torch.zeros(d, **f))
+        self.W_dec = nn.Parameter(torch.empty(n, d_out, **f))
+        self.b_dec = nn.Parameter(torch.zeros(d_out, **f))
+        # replicated over shards like b_dec; SAELens's and sparsify's layout [d_out, d_in]
+        self.W_skip = nn.Parameter(torch.zeros(d_out, d, **f)) if cfg.skip_connection else None
         self._init_architecture_state()
         if init:
             self.reset_parameters(seed)
@@ -178,24 +221,41 @@ class BaseSAE(nn.Module):
 
     @torch.no_grad()
     def reset_parameters(self, seed: int | None = None) -> None:
-        """Unit-norm random decoder rows and a tied encoder (W_enc = W_decᵀ), zero biases.
-        A whole SAE draws from the global RNG unless given a seed; a shard draws its own slice
-        from a generator keyed on (seed, shard), so replicas of a shard start identical and no
-        rank generates the whole dictionary."""
-        shape = (self.d_sae_local, self.d_in)
+        """Unit-norm random decoder rows and a tied encoder (W_enc = W_decᵀ), zero biases (and
+        a zero skip connection). A transcoder whose widths differ draws its encoder columns
+        separately. A whole SAE draws from the global RNG unless given a seed; a shard draws
+        its own slice from a generator keyed on (seed, shard), so replicas of a shard start
+        identical and no rank generates the whole dictionary."""
         dev = self.W_dec.device
-        if seed is None and self.context.shards == 1:
-            directions = torch.randn(shape, dtype=torch.float32, device=dev)
-        else:
+        gen = None
+        if seed is not None or self.context.shards > 1:
             gen = torch.Generator(device=dev)
             gen.manual_seed((0 if seed is None else seed) * 1_000_003 + self.context.shard)
-            directions = torch.randn(shape, generator=gen, dtype=torch.float32, device=dev)
-        tied_init_(self, directions)
+
+        def draw(width):
+            return torch.randn((self.d_sae_local, width), generator=gen, dtype=torch.float32, device=dev)
+
+        directions = draw(self.d_out)
+        if self.d_out == self.d_in:
+            tied_init_(self, directions)
+        else:
+            enc = draw(self.d_in)
+            self.W_dec.copy_(directions / directions.norm(dim=1, keepdim=True).clamp_min(1e-12))
+            self.W_enc.copy_((enc / enc.norm(dim=1, keepdim=True).clamp_min(1e-12)).t())
+            self.b_enc.zero_()
+            self.b_dec.zero_()
+        if self.W_skip is not None:
+            self.W_skip.zero_()
 
     # ---------------------------------------------------------------- properties
     @property
     def d_in(self) -> int:
         return self.cfg.d_in
+
+    @property
+    def d_out(self) -> int:
+        """The reconstruction's width: d_in, or a transcoder's d_out."""
+        return self.cfg.output_dim
 
     @property
     def d_sae(self) -> int:
@@ -232,11 +292,17 @@ class BaseSAE(nn.Module):
     def local_view(self) -> LocalView:
         return LocalView(self)
 
+    def dense_parameters(self) -> dict[str, nn.Parameter]:
+        """Parameters that are neither latent-indexed nor b_dec (the skip connection): the
+        sparse path sets their .grad in sparse_backward and they take a dense optimizer."""
+        return {"W_skip": self.W_skip} if self.W_skip is not None else {}
+
     def extra_repr(self) -> str:
         k = f", k={self.cfg.k}" if self.cfg.k is not None else ""
         where = (f", latents [{self.shard_start}, {self.shard_end}) of shard {self.context.shard}/"
                  f"{self.context.shards}" if self.sharded else "")
-        return f"d_in={self.d_in}, d_sae={self.d_sae}{k}{where}, dtype={self.dtype}, device={self.device}"
+        out = f", d_out={self.d_out}" if self.d_out != self.d_in else ""
+        return f"d_in={self.d_in}{out}, d_sae={self.d_sae}{k}{where}, dtype={self.dtype}, device={self.device}"
 
     # ---------------------------------------------------------------- input
     def prepare(self, x: torch.Tensor):
@@ -284,6 +350,35 @@ class BaseSAE(nn.Module):
             )
         return x.reshape(-1, self.d_in).to(self.dtype)
 
+    def prepare_target(self, target: torch.Tensor | None, x2: torch.Tensor) -> torch.Tensor:
+        """The reconstruction target of prepared input x2: x2 itself for an SAE, `target`
+        [..., d_out] (checked, flattened to x2's rows) for a transcoder."""
+        if not self.cfg.transcoder:
+            if target is not None:
+                raise InputError("this SAE reconstructs its input, so it takes no target: build it with "
+                                 "transcoder=True to map one activation to another")
+            return x2
+        if target is None:
+            raise InputError("a transcoder reconstructs another activation: pass its target, "
+                             "training_forward(x, target) (or train on a fastsae.PairedSource)")
+        if not isinstance(target, torch.Tensor) or not target.is_floating_point():
+            raise InputError(f"the target must be a floating-point tensor, got {getattr(target, 'dtype', target)!r}")
+        if target.dim() == 0 or target.shape[-1] != self.d_out or target.numel() // self.d_out != x2.shape[0]:
+            raise InputError(
+                f"the target has shape {tuple(target.shape)}, but this transcoder maps {x2.shape[0]} rows of "
+                f"d_in={self.d_in} to d_out={self.d_out}: pass one target row [..., {self.d_out}] per input row"
+            )
+        if target.device != self.device:
+            raise InputError(f"the target is on {target.device} but the SAE is on {self.device}: move it")
+        if self.cfg.check_finite and target.numel() and not bool(torch.isfinite(target).all()):
+            raise InputError("the target contains NaN/inf values: clean the activations "
+                             "(or build the SAE with check_finite=False to skip this check)")
+        return target.reshape(-1, self.d_out).to(self.dtype)
+
+    def skip_term(self, x2: torch.Tensor) -> torch.Tensor | None:
+        """x2 @ W_skip.T, the skip connection's part of the output (None without one)."""
+        return None if self.W_skip is None else x2 @ self.W_skip.t()
+
     def encoder_input(self, x2: torch.Tensor) -> torch.Tensor:
         """x - b_dec (when applied to the input), entering the shards: each shard encodes its
         own latents from it, and its gradient is summed over them."""
@@ -301,10 +396,17 @@ class BaseSAE(nn.Module):
         updates the architecture's statistics, e.g. BatchTopK's threshold)."""
         raise InputError(f"select() is for the sparse architectures, this one is {self.cfg.architecture!r}")
 
-    def activate(self, x_in: torch.Tensor, train: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def activate(self, x_in: torch.Tensor, train: bool):
         """Dense architectures: this module's activations [N, d_sae_local] of encoder input x_in,
-        and (train=True) its part of the sparsity penalty times its coefficient."""
+        and (train=True) its part of the sparsity penalty times its coefficient. It may return
+        a third item (train=True): this module's part of an auxiliary reconstruction decoded by
+        a frozen decoder (Gated's gate path), scored against the target like x_hat."""
         raise NotImplementedError
+
+    def selection_loss(self, sel: Selection, x_hat: torch.Tensor, target: torch.Tensor) -> torch.Tensor | None:
+        """Sparse architectures: loss terms beyond the MSE of x_hat, from the training selection
+        (differentiable; Matryoshka's inner levels). None for most."""
+        return None
 
     def _fused_forward(self, x2: torch.Tensor) -> torch.Tensor | None:
         """x_hat in one fused pass (no autograd, whole SAE only) where the architecture has one."""
@@ -336,7 +438,7 @@ class BaseSAE(nn.Module):
         """encode() of input already prepared (prepare(x)[0]): [N, ...] activations."""
         if self.takes_sparse_path:
             return self.select(x2).acts
-        local, _ = self.activate(self.encoder_input(x2), train=False)
+        local = self.activate(self.encoder_input(x2), train=False)[0]
         return self.context.gather_dense(local, self.d_sae)
 
     def decode(self, acts: Acts) -> torch.Tensor:
@@ -352,83 +454,125 @@ class BaseSAE(nn.Module):
                 own = (local >= 0) & (local < self.d_sae_local)
                 values, local = values.masked_fill(~own, 0), torch.where(own, local, torch.zeros_like(local))
             partial = self.op("sparse_decode")(values, local, self.W_dec, None)
-            return self.finish_decode(partial).reshape(*lead, self.d_in)
+            return self.finish_decode(partial).reshape(*lead, self.d_out)
         if not isinstance(acts, torch.Tensor) or acts.dim() == 0 or acts.shape[-1] != self.d_sae:
             shape = tuple(acts.shape) if isinstance(acts, torch.Tensor) else type(acts).__name__
             raise InputError(f"decode takes a SparseActs or a dense tensor [..., d_sae={self.d_sae}], got {shape}")
         lead = acts.shape[:-1]
         mine = acts.reshape(-1, self.d_sae)[:, self.shard_start:self.shard_end].to(self.dtype)
-        return self.finish_decode(self.op("dense_decode")(mine, self.W_dec, None)).reshape(*lead, self.d_in)
+        return self.finish_decode(self.op("dense_decode")(mine, self.W_dec, None)).reshape(*lead, self.d_out)
 
     def finish_decode(self, partial: torch.Tensor) -> torch.Tensor:
         """Σ over the shards of their partial reconstructions, + b_dec."""
         return self.context.sum_shards(partial) + self.b_dec
 
-    def decode_selection(self, sel: Selection) -> torch.Tensor:
-        """The reconstruction [N, d_in] of a Selection (its local values and ids)."""
-        return self.finish_decode(self.op("sparse_decode")(sel.values.to(self.dtype), sel.indices, self.W_dec, None))
+    def decode_selection(self, sel: Selection, x2: torch.Tensor | None = None) -> torch.Tensor:
+        """The reconstruction [N, d_out] of a Selection (its local values and ids), plus the skip
+        connection's term of input x2 when there is one and x2 is given."""
+        out = self.finish_decode(self.op("sparse_decode")(sel.values.to(self.dtype), sel.indices, self.W_dec, None))
+        skip = self.skip_term(x2) if x2 is not None else None
+        return out if skip is None else out + skip
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """The reconstruction x_hat of x, same shape as x."""
+        """The reconstruction x_hat of x, same shape as x (a transcoder's output [..., d_out])."""
         x2, restore = self.prepare(x)
         x_hat = None if (self._needs_grad(x2) or self.sharded) else self._fused_forward(x2)
         if x_hat is None:
             x_hat = self._reconstruct(x2, train=False)[0]
-        return restore(x_hat).reshape(x.shape)
+        elif self.W_skip is not None:
+            x_hat = x_hat + self.skip_term(x2)
+        return restore(x_hat).reshape(*x.shape[:-1], self.d_out)
 
     def _needs_grad(self, x: torch.Tensor) -> bool:
         return torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters()))
 
-    def _reconstruct(self, x2: torch.Tensor, train: bool):
-        """(x_hat, acts over global ids, penalty) of prepared input x2."""
+    def _reconstruct(self, x2: torch.Tensor, train: bool, target: torch.Tensor | None = None):
+        """(x_hat, acts over global ids, penalty, aux) of prepared input x2; aux (the
+        architecture's other loss terms against `target`) only when a target is given."""
+        zero = torch.zeros((), device=self.device)
+        aux = None
         if self.takes_sparse_path:
             sel = self.select(x2, train=train)
-            return self.decode_selection(sel), sel.acts, torch.zeros((), device=self.device)
-        local, penalty = self.activate(self.encoder_input(x2), train=train)
+            x_hat = self.decode_selection(sel, x2)
+            if target is not None:
+                aux = self.selection_loss(sel, x_hat, target)
+            return x_hat, sel.acts, zero, aux
+        local, penalty, *gate = self.activate(self.encoder_input(x2), train=train)
         x_hat = self.finish_decode(self.op("dense_decode")(local, self.W_dec, None))
+        skip = self.skip_term(x2)
+        if skip is not None:
+            x_hat = x_hat + skip
         if penalty is None:
-            penalty = torch.zeros((), device=self.device)
+            penalty = zero
         else:
             penalty = self.context.sum_shards(penalty, "the sparsity penalty")
-        return x_hat, self.context.fired_acts(local, self.shard_start, self.d_sae), penalty
+        if gate and gate[0] is not None and target is not None:  # decoded by the frozen decoder
+            recon = self.context.sum_shards(gate[0], "the auxiliary reconstructions") + self.b_dec.detach()
+            aux = mse_loss(recon, target)
+        return x_hat, self.context.fired_acts(local, self.shard_start, self.d_sae), penalty, aux
 
-    def training_forward(self, x: torch.Tensor) -> TrainOutput:
+    def training_forward(self, x: torch.Tensor, target: torch.Tensor | None = None) -> TrainOutput:
         """Encode, decode and score a batch; backpropagate `.loss` (on every rank when sharded:
-        each gets the same loss). Losses are in the normalised space, as OpenAI's."""
+        each gets the same loss). Losses are in the normalised space, as OpenAI's. A
+        transcoder scores its reconstruction against `target` [..., d_out]."""
         lead = x.shape[:-1] if isinstance(x, torch.Tensor) and x.dim() else ()
         x2 = self.prepare(x)[0]
-        x_hat, acts, sparsity = self._reconstruct(x2, train=True)
-        _, mse, fvu = reconstruction_terms(x_hat, x2)
+        y2 = self.prepare_target(target, x2)
+        x_hat, acts, sparsity, aux = self._reconstruct(x2, train=True, target=y2)
+        _, mse, fvu = reconstruction_terms(x_hat, y2)
         l0 = (acts.l0() if isinstance(acts, SparseActs) else (acts != 0).sum(-1)).float()
         l0 = l0.mean() if l0.numel() else l0.new_zeros(())
         out_acts = acts.reshape_rows(tuple(lead)) if isinstance(acts, SparseActs) else acts.reshape(*lead, -1)
-        return TrainOutput(loss=mse + sparsity, mse=mse, fvu=fvu, sparsity=sparsity, l0=l0,
-                           x_hat=x_hat.reshape(*lead, self.d_in), acts=out_acts)
+        aux = mse.new_zeros(()) if aux is None else aux
+        return TrainOutput(loss=mse + sparsity + aux, mse=mse, fvu=fvu, sparsity=sparsity, l0=l0,
+                           x_hat=x_hat.reshape(*lead, self.d_out), acts=out_acts, aux=aux)
 
     # ---------------------------------------------------------------- the explicit sparse step
+    @torch.no_grad()
+    def sparse_loss(self, sel: Selection, x_hat: torch.Tensor, target: torch.Tensor):
+        """The sparse path's reconstruction objective without autograd: (loss, grad_out), where
+        grad_out is what sparse_backward takes. Here the MSE of x_hat and ∂MSE/∂x_hat =
+        2/N·(x_hat - target) [N, d_out] (Matryoshka: its levels' summed losses and the
+        gradient per level)."""
+        err = (x_hat - target).float()
+        return err.pow(2).sum() / max(target.shape[0], 1), (2.0 / max(target.shape[0], 1)) * err
+
     @torch.no_grad()
     def sparse_backward(self, x2: torch.Tensor, sel: Selection, grad_out: torch.Tensor):
         """The sparse architectures' backward outside autograd (ops "topk_sae_backward"):
         (RowSparseGrads over this module's own latent ids that were kept with a nonzero value,
-        db_dec) for grad_out = ∂L/∂x_hat [N, d_in], the same on every shard. db_dec's encoder
-        part is summed over the shards, so it is the whole SAE's db_dec everywhere."""
-        g = self.op("topk_sae_backward")(x2, sel.values.to(self.dtype), sel.indices, grad_out.to(self.dtype),
-                                         self.W_enc, self.W_dec, self.b_dec if self.cfg.apply_b_dec_to_input
-                                         else None, row_sparse=True)
-        rows: RowSparseGrads = g["rows"]
+        db_dec) for grad_out = ∂L/∂x_hat [N, d_out], the same on every shard. db_dec's encoder
+        part is summed over the shards, so it is the whole SAE's db_dec everywhere. The dense
+        parameters' .grad (the skip connection's) are set."""
+        rows, db_dec = self._latent_backward(x2, sel.values, sel.indices, grad_out)
+        if self.sharded:
+            decoder_part = grad_out.sum(0).to(db_dec.dtype)
+            db_dec = decoder_part - self.context.sum_shards_((decoder_part - db_dec).contiguous())
+        if self.W_skip is not None:
+            self.W_skip.grad = (grad_out.t().to(self.dtype) @ x2).to(self.W_skip.dtype)
+        return rows, db_dec
+
+    def _latent_backward(self, x2, values, indices, grad_out):
+        """(RowSparseGrads of the slots' latents kept with a nonzero value, db_dec as the op
+        gives it: Σ_b grad_out_b minus, when b_dec is subtracted from the input, Σ_b ∂L/∂x_in_b
+        of these slots), for this module's local ids."""
+        values, grad_out = values.to(self.dtype), grad_out.to(self.dtype)
+        if self.d_out == self.d_in:
+            g = self.op("topk_sae_backward")(x2, values, indices, grad_out, self.W_enc, self.W_dec,
+                                             self.b_dec if self.cfg.apply_b_dec_to_input else None, row_sparse=True)
+            rows, db_dec = g["rows"], g["db_dec"]
+        else:  # a transcoder never subtracts b_dec from its input
+            rows = unequal_width_backward(x2, values, indices, grad_out, self.W_enc, self.W_dec)
+            db_dec = grad_out.sum(0)
         # a latent selected with value 0 (fewer positive pre-activations than slots), and the
         # slots another shard won (value 0 at local id 0), have zero gradients: drop them
         kept = torch.zeros(self.d_sae_local, dtype=torch.bool, device=self.device)
-        kept[sel.indices[sel.values != 0]] = True
+        kept[indices[values != 0]] = True
         keep = kept[rows.latents]
         if not bool(keep.all()):
             rows = RowSparseGrads(rows.latents[keep], rows.W_enc[:, keep], rows.b_enc[keep], rows.W_dec[keep],
                                   self.d_sae_local)
-        if not self.sharded:
-            return rows, g["db_dec"]
-        decoder_part = grad_out.sum(0).to(g["db_dec"].dtype)
-        encoder_part = self.context.sum_shards_((decoder_part - g["db_dec"]).contiguous())
-        return rows, decoder_part - encoder_part
+        return rows, db_dec
 
     def auxk_loss(self, x2: torch.Tensor, residual: torch.Tensor, dead: torch.Tensor, k_aux: int,
                   scale: float = 1.0):
@@ -458,7 +602,8 @@ class BaseSAE(nn.Module):
         sel = self.context.merge_topk(pre, local, min(k_aux, dead.numel()), self.shard_start, width, self.d_sae,
                                       what="AuxK")
         acts = sel.values.relu()
-        partial = torch.einsum("bk,bkd->bd", acts, Wd[sel.indices]) if u.numel() else acts.new_zeros(x_in.shape)
+        partial = torch.einsum("bk,bkd->bd", acts, Wd[sel.indices]) if u.numel() else \
+            acts.new_zeros((x_in.shape[0], self.d_out))
         recon = self.context.sum_shards(partial.to(self.dtype), "the AuxK reconstruction")
         residual = residual.detach().float()
         loss = scale * (recon.float() - residual).pow(2).sum() / total_variance(residual)
@@ -576,4 +721,5 @@ def load_sae(path, device=None, dtype=None) -> BaseSAE:
 __all__ = [
     "BaseSAE", "TrainOutput", "LocalView", "SAE_CLASSES", "register", "architectures", "sae_class",
     "sparse_architectures", "build_sae", "latent_slice", "load_sae", "check_latent_ids", "reconstruction_terms",
+    "mse_loss", "unequal_width_backward",
 ]

@@ -8,6 +8,9 @@ Two step paths:
   stream the top-k). The gradients feed RowSparseAdam, or dense Adam's step_row_sparse.
 * autograd (the others, or sparse_backward=False): `sae.training_forward` + backward.
 
+A transcoder (cfg.sae.transcoder) trains on paired activations: each batch row holds its
+input and its target side by side (fastsae.data.PairedSource), split here.
+
 The loop reaches the SAE only through its public protocol (see fastsae.sae) and the process
 layout only through one parallel context (fastsae.parallel): the same code trains one process
 or, given a fastsae.distributed layout, a torchrun job of replicas x shards. A single-process
@@ -23,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch import nn
 from tqdm.auto import tqdm
 
 from .config import RESUMABLE, TrainConfig
@@ -30,7 +34,7 @@ from .constraints import normalize_rows_
 from .data import ActivationSource, as_source, fingerprint_changes
 from .errors import ConfigError, InputError
 from .init import init_b_dec_, init_from_data_
-from .optim import RowSparseAdam, build_optimizer, merge_row_sparse
+from .optim import DenseAdam, RowSparseAdam, build_optimizer, merge_row_sparse
 from .parallel import LOCAL, ParallelContext
 from .run_dir import CONSOLIDATE_MAX_BYTES, RunDir, latest_checkpoint, list_checkpoints
 from .sae import BaseSAE, build_sae, reconstruction_terms
@@ -76,7 +80,19 @@ class Trainer:
         self.run = RunDir(cfg.out_dir, layout)
         self.source: ActivationSource = as_source(data, cfg.batch_size, seed=cfg.seed)
         d_in = cfg.sae.d_in
-        if self.source.d_in is not None and self.source.d_in != d_in:
+        # a transcoder's rows are [input | target]
+        self.row_width = d_in + cfg.sae.output_dim if cfg.sae.transcoder else d_in
+        paired = getattr(self.source, "widths", None)
+        if cfg.sae.transcoder and paired != (d_in, cfg.sae.output_dim):
+            raise InputError(
+                f"a transcoder trains on paired activations: pass fastsae.data.PairedSource(inputs [.., {d_in}], "
+                f"targets [.., {cfg.sae.output_dim}], batch_size) as the data"
+                + (f" (this source pairs widths {paired})" if paired else "")
+            )
+        if not cfg.sae.transcoder and paired is not None:
+            raise InputError("paired activations train a transcoder: build the SAE with transcoder=True "
+                             "(and apply_b_dec_to_input=False)")
+        if self.source.d_in is not None and self.source.d_in != self.row_width:
             raise InputError(
                 f"the activations have dimension {self.source.d_in}, but the SAE config has d_in={d_in}: "
                 f"set d_in={self.source.d_in} or point at the right activations"
@@ -94,7 +110,12 @@ class Trainer:
         layout.broadcast_parameters(sae, sae.latent_dims)  # replicas start identical, whatever each read
         sae.l1_decoder_norm = cfg.l1_decoder_norm
         self.sae = sae
-        self.k_aux = cfg.k_aux if cfg.k_aux is not None else max(1, d_in // 2)
+        self.k_aux = cfg.k_aux if cfg.k_aux is not None else max(1, sae.d_out // 2)
+        # the skip connection is dense on every path: its own Adam (Adam is per parameter, so two
+        # instances step as one), fed by sparse_backward's .grad on the sparse path
+        dense = sae.dense_parameters()
+        self.dense_params = nn.ParameterDict(dense) if dense else None
+        self.dense_opt = DenseAdam(dense, cfg.lr, cfg.betas, cfg.eps) if dense else None
         self.opt = build_optimizer(sae.local_view(), name=cfg.optimizer, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps,
                                    state=cfg.optimizer_state, master=cfg.master_weights,
                                    unit_norm_decoder=cfg.use_unit_norm_decoder, catch_up=cfg.row_sparse_catch_up,
@@ -128,7 +149,11 @@ class Trainer:
             sample = sample[torch.isfinite(sample).all(1)]  # nonfinite="skip": use the clean rows
             if sample.shape[0] == 0:
                 raise InputError("every row of the initialisation sample holds NaN/inf: clean the activations")
-        sample = sae.normalize_input(sample.float())[0]  # init in the space the SAE encodes
+        inputs, targets = self._split(sample)
+        if targets is not None:  # a transcoder's b_dec is the target's centre
+            init_b_dec_(sae, targets.float(), cfg.b_dec_init)
+            return
+        sample = sae.normalize_input(inputs.float())[0]  # init in the space the SAE encodes
         init_b_dec_(sae, sample, cfg.b_dec_init)
         if cfg.init == "data":  # each shard draws its own latents' atoms
             gen = torch.Generator().manual_seed(cfg.seed + 1_000_003 * self.layout.shard)
@@ -142,13 +167,22 @@ class Trainer:
         """Each flag AND-ed over every rank: all ranks take the same branch."""
         return self.layout.agree(list(flags), device if device is not None else self.sae.device)
 
+    def _split(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(input, target) of a batch's rows: a transcoder's rows are [input | target], an SAE's
+        target is its input (None)."""
+        if not self.cfg.sae.transcoder:
+            return x, None
+        return x[:, :self.cfg.sae.d_in], x[:, self.cfg.sae.d_in:]
+
     def _check_batch(self, x: torch.Tensor, where: str, device=None) -> bool:
         """True if x is usable (on every rank); raises on a wrong dimension; on NaN/inf raises
         or returns False."""
-        if x.shape[-1] != self.cfg.sae.d_in:
+        if x.shape[-1] != self.row_width:
+            what = (f"d_in + d_out = {self.row_width} (input and target side by side)" if self.cfg.sae.transcoder
+                    else f"d_in={self.cfg.sae.d_in}")
             raise InputError(
                 f"{where} has activation dimension {x.shape[-1]} (shape {tuple(x.shape)}), but the SAE has "
-                f"d_in={self.cfg.sae.d_in}: train on the hook point the SAE was built for"
+                f"{what}: train on the hook point the SAE was built for"
             )
         bad = int((~torch.isfinite(x)).sum())
         if self._agree(bad == 0, device=device)[0]:
@@ -181,17 +215,19 @@ class Trainer:
         grads = [t.grad if t.grad is not None else torch.zeros_like(t) for t in leaves]
         return RowSparseGrads(u, *grads, self.sae.d_sae_local)
 
-    def _sparse_step(self, x: torch.Tensor, sf: float):
+    def _sparse_step(self, x: torch.Tensor, target: torch.Tensor | None, sf: float):
         sae = self.sae
         with torch.no_grad():
             x = sae.normalize_input(x)[0]  # losses in normalised space, as training_forward
+            target = x if target is None else target
             sel = sae.select(x, train=True)
-            x_hat = sae.decode_selection(sel)
-            err, mse, fvu = reconstruction_terms(x_hat, x)
+            x_hat = sae.decode_selection(sel, x)
+            err, mse, fvu = reconstruction_terms(x_hat, target)
+            recon, grad_out = sae.sparse_loss(sel, x_hat, target)
         aux, u, leaves = self._auxk(x, -err)
-        if not self._agree(bool(torch.isfinite(mse + aux.detach())))[0]:
+        if not self._agree(bool(torch.isfinite(recon + aux.detach())))[0]:
             return None
-        rows, db_dec = sae.sparse_backward(x, sel, (2.0 / x.shape[0]) * err)
+        rows, db_dec = sae.sparse_backward(x, sel, grad_out)
         aux_rows = self._auxk_grads(aux, u, leaves)
         if aux_rows is not None:
             rows = merge_row_sparse(rows, aux_rows)
@@ -200,18 +236,27 @@ class Trainer:
             self.opt.step(rows, db_dec)
         else:
             self.opt.step_row_sparse(rows, db_dec)
+        self._step_dense()
         acts = sel.acts
         l0 = float((acts.values > 0).sum(-1).float().mean())
         scalars = {"mse": float(mse), "fvu": float(fvu), "l0": l0, "auxk": float(aux.detach()),
-                   "sparsity": 0.0, "loss": float(mse) + float(aux.detach())}
-        return scalars, x_hat, x, acts.indices[acts.values > 0]
+                   "sparsity": 0.0, "loss": float(recon) + float(aux.detach())}
+        return scalars, x_hat, target, acts.indices[acts.values > 0]
 
-    def _autograd_step(self, x: torch.Tensor, sf: float):
+    def _step_dense(self) -> None:
+        """Step the dense parameters (the skip connection) from their .grad."""
+        if self.dense_opt is not None:
+            self.layout.reduce_gradients(self.dense_params)
+            self.dense_opt.step()
+            self.dense_opt.zero_grad()
+
+    def _autograd_step(self, x: torch.Tensor, target: torch.Tensor | None, sf: float):
         sae = self.sae
-        out = sae.training_forward(x)
-        xn = sae.normalize_input(x)[0].detach()  # what training_forward reconstructs
-        loss = out.mse + sf * out.sparsity
-        aux, u, leaves = self._auxk(xn, (xn.float() - out.x_hat.float()).detach())
+        out = sae.training_forward(x, target)
+        xn = sae.normalize_input(x)[0].detach()
+        yn = xn if target is None else target  # what training_forward reconstructs
+        loss = out.mse + out.aux + sf * out.sparsity
+        aux, u, leaves = self._auxk(xn, (yn.float() - out.x_hat.float()).detach())
         if not self._agree(bool(torch.isfinite(loss.detach() + aux.detach())))[0]:
             return None
         self.opt.zero_grad()
@@ -224,6 +269,9 @@ class Trainer:
         self.layout.reduce_gradients(sae)
         self.opt.step()
         self.opt.zero_grad()
+        if self.dense_opt is not None:
+            self.dense_opt.step()
+            self.dense_opt.zero_grad()
         acts = out.acts
         if isinstance(acts, SparseActs):
             fired = acts.indices[acts.values > 0]
@@ -232,7 +280,7 @@ class Trainer:
         scalars = {"mse": float(out.mse.detach()), "fvu": float(out.fvu.detach()), "l0": float(out.l0),
                    "sparsity": float(sf * out.sparsity.detach()), "auxk": float(aux.detach()),
                    "loss": float(loss.detach()) + float(aux.detach())}
-        return scalars, out.x_hat.detach(), xn, fired
+        return scalars, out.x_hat.detach(), yn, fired
 
     def train_step(self, x: torch.Tensor) -> dict | None:
         """One optimizer step on batch x [..., d_in] (this replica's batch; every rank calls
@@ -244,12 +292,15 @@ class Trainer:
         if not self._check_batch(x, f"batch {self.step + self.tracker.skipped_batches}"):
             self.tracker.skipped_batches += 1
             return None
-        x = x.to(device=self.sae.device, dtype=self.sae.dtype)
+        x, target = self._split(x.to(device=self.sae.device, dtype=self.sae.dtype))
         lr = cfg.lr * lr_factor(self.step, cfg.steps, cfg.warmup_steps, cfg.decay_start, cfg.decay,
                                 cfg.final_lr_fraction, cfg.lr_anchor)
         sf = sparsity_factor(self.step, cfg.sparsity_warmup_steps)
         self.opt.set_lr(lr)
-        result = self._sparse_step(x, sf) if cfg.use_sparse_backward else self._autograd_step(x, sf)
+        if self.dense_opt is not None:
+            self.dense_opt.set_lr(lr)
+        step = self._sparse_step if cfg.use_sparse_backward else self._autograd_step
+        result = step(x, target, sf)
         if result is None:  # finite input, non-finite loss: never let it reach the weights
             if cfg.nonfinite == "raise":
                 raise InputError(
@@ -341,6 +392,7 @@ class Trainer:
         return {
             "format": 1, "step": self.step, "tokens": self.tokens, "layout": self.layout.as_dict(),
             "optimizer": self.opt.state_dict(), "tracker": self.tracker.state_dict(),
+            "dense_optimizer": self.dense_opt.state_dict() if self.dense_opt is not None else None,
             "source": self.source.state_dict(), "data": self.source.fingerprint(), "rng": torch.get_rng_state(),
             "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
         }
@@ -348,6 +400,8 @@ class Trainer:
     def load_state_dict(self, state: dict) -> None:
         self.step, self.tokens = state["step"], state["tokens"]
         self.opt.load_state_dict(state["optimizer"])
+        if self.dense_opt is not None:
+            self.dense_opt.load_state_dict(state["dense_optimizer"])
         self.tracker.load_state_dict(state["tracker"])
         self.source.load_state_dict(state["source"])
         torch.set_rng_state(state["rng"])

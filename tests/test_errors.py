@@ -65,8 +65,8 @@ def test_check_finite_can_be_disabled():
 
 
 def test_bad_config_values():
-    with pytest.raises(ConfigError, match="unknown architecture 'gated'"):
-        fastsae.SAEConfig(d_in=8, d_sae=16, architecture="gated")
+    with pytest.raises(ConfigError, match="unknown architecture 'abstopk'"):
+        fastsae.SAEConfig(d_in=8, d_sae=16, architecture="abstopk")
     with pytest.raises(ConfigError, match="d_sae must be a positive integer"):
         fastsae.StandardSAE(d_in=8, d_sae=0)
     with pytest.raises(ConfigError, match="not a floating torch dtype"):

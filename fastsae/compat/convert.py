@@ -30,14 +30,15 @@ def _device(module: nn.Module):
 
 
 def from_saelens(sae: nn.Module, dtype=None, norm_scaling_factor: float | None = None):
-    """A SAELens SAE (inference or training class: standard, topk, jumprelu, batchtopk)."""
+    """A SAELens SAE (inference or training class: standard, topk, jumprelu, batchtopk, gated,
+    matryoshka_batchtopk, and the ReLU / JumpReLU (skip) transcoders)."""
     cfg = sae.cfg.to_dict()
     return saelens.from_state(cfg, _state(sae), _source(sae), device=_device(sae), dtype=dtype,
                               norm_scaling_factor=norm_scaling_factor)
 
 
 def from_sparsify(coder: nn.Module, dtype=None):
-    """A sparsify SparseCoder (activation='topk')."""
+    """A sparsify SparseCoder (activation='topk'; transcoders and skip connections included)."""
     if getattr(coder, "W_dec", None) is None:
         raise InputError(f"{_source(coder)} was built with decoder=False; fastsae needs its decoder")
     cfg = {**coder.cfg.to_dict(), "d_in": coder.d_in, "num_latents": coder.num_latents}
@@ -45,8 +46,9 @@ def from_sparsify(coder: nn.Module, dtype=None):
 
 
 def from_dictionary_learning(ae: nn.Module, dtype=None):
-    """A dictionary_learning AutoEncoder, AutoEncoderTopK, BatchTopKSAE, MatryoshkaBatchTopKSAE
-    or JumpReluAutoEncoder (its apply_b_dec_to_input attribute is honoured)."""
+    """A dictionary_learning AutoEncoder, AutoEncoderTopK, BatchTopKSAE, MatryoshkaBatchTopKSAE,
+    JumpReluAutoEncoder (its apply_b_dec_to_input attribute is honoured) or GatedAutoEncoder. A
+    live Matryoshka module does not know its trainer's group weights: they are left at 1."""
     return dictionary_learning.from_state(
         type(ae).__name__, _state(ae), _source(ae), device=_device(ae), dtype=dtype,
         apply_b_dec_to_input=getattr(ae, "apply_b_dec_to_input", None),

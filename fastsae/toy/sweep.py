@@ -4,27 +4,48 @@
         --ratios 0.5,1,2,4 --l1 0.03,0.1,0.3 --k 3,5,8 --steps 5000 --compare-init
 
 Every cell (architecture, ratio d_sae/G, coefficient: the L1 coefficient for ReLU SAEs, k for
-TopK) trains a fresh SAE on the same data stream and is scored against the ground truth
-(MMCS, fraction recovered, dead latents, L0, FVU, shrinkage). Results go to OUT/results.json
-after every cell, so an interrupted sweep re-run with the same settings skips finished cells.
---compare-init also trains one cell from random and from data-sample init and plots MMCS
-against steps.
+the TopK family) trains a fresh SAE on the same data stream and is scored against the ground
+truth (MMCS, fraction recovered, dead latents, L0, FVU, shrinkage). Results go to
+OUT/results.json after every cell, so an interrupted sweep re-run with the same settings skips
+finished cells. --compare-init also trains one cell from random and from data-sample init and
+plots MMCS against steps.
+
+With a feature hierarchy (--parents P --children C) every cell is also scored for feature
+absorption (`absorption`): TopK vs BatchTopK vs Matryoshka BatchTopK, e.g.
+
+    fastsae toy-sweep --out absorption --arch topk batchtopk matryoshka_batchtopk --ratios 1 --k 4 \
+        --d 64 --features 128 --parents 16 --children 4 --mean-active 4 --steps 3000
+
+With --d-out, the data is paired (fastsae.toy.ToyData's paired mode) and every cell trains a
+transcoder from x to y, scored against the output features; --skip on off trains skip
+transcoders beside plain ones (--target-linear adds the dense linear part a skip can take).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import time
 from pathlib import Path
 from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
+from .. import metrics
 from ..atomic import atomic_write
+from ..config import SAEConfig
+from ..constraints import normalize_rows_
 from ..errors import InputError
+from ..sae import BaseSAE, build_sae
 from .data import ToyData
-from .train import INITS, make_toy_sae, train_toy
+from .train import INITS, ToyRunResult, make_toy_sae, train_toy
+
+ARCHS = ("standard", "topk", "batchtopk", "matryoshka_batchtopk")
+K_ARCHS = ("topk", "batchtopk", "matryoshka_batchtopk")  # the coefficient is k
+ARCH_NAMES = {"standard": "ReLU + L1", "topk": "TopK", "batchtopk": "BatchTopK",
+              "matryoshka_batchtopk": "Matryoshka BatchTopK"}
+ABSORPTION_COS = 0.3  # a child's latent "carries" its parent when cos(its decoder row, parent) exceeds this
 
 RESULTS = "results.json"
 TABLE = "results.md"
@@ -52,11 +73,13 @@ def _ints(text: str) -> list[int]:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", type=Path, default=Path("toy_sweep"), help="output folder (results.json, PNGs)")
-    p.add_argument("--arch", nargs="+", choices=("standard", "topk"), default=["standard", "topk"],
-                   help="architectures to sweep: standard = ReLU + L1, topk")
+    p.add_argument("--arch", nargs="+", choices=ARCHS, default=["standard", "topk"],
+                   help="architectures to sweep: standard = ReLU + L1, topk, batchtopk, matryoshka_batchtopk")
     p.add_argument("--ratios", type=_floats, default=[0.5, 1.0, 2.0, 4.0], help="d_sae / G values")
     p.add_argument("--l1", type=_floats, default=[0.03, 0.1, 0.3, 1.0], help="L1 coefficients (standard)")
-    p.add_argument("--k", type=_ints, default=[3, 5, 8, 12], help="k values (topk)")
+    p.add_argument("--k", type=_ints, default=[3, 5, 8, 12], help="k values (topk, batchtopk, matryoshka)")
+    p.add_argument("--matryoshka-fractions", type=_floats, default=[0.125, 0.5, 1.0],
+                   help="Matryoshka levels as fractions of d_sae (the last must be 1)")
     p.add_argument("--steps", type=int, default=5000)
     p.add_argument("--batch", type=int, default=256)
     p.add_argument("--lr", type=float, default=1e-3)
@@ -81,6 +104,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--decay", type=float, default=0.99, help="probability decay per feature index")
     g.add_argument("--correlation", type=float, default=0.5, help="copula correlation strength in [0, 1)")
     g.add_argument("--correlation-rank", type=int, default=16)
+    g.add_argument("--parents", type=int, default=0, help="parent features of the hierarchy (0: none)")
+    g.add_argument("--children", type=int, default=0, help="children per parent")
+    g.add_argument("--child-probability", type=float, default=0.5,
+                   help="probability that one child fires when its parent does")
+    g.add_argument("--d-out", type=int, default=None, help="paired mode: train transcoders to this output width")
+    g.add_argument("--target-linear", type=float, default=0.0, help="paired mode: scale of the target's linear part")
+    p.add_argument("--skip", nargs="+", choices=("off", "on"), default=["off"],
+                   help="paired mode: transcoders without and/or with a skip connection")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
@@ -90,14 +121,143 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def _data_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     return dict(d=args.d, n_features=args.features, mean_active=args.mean_active, decay=args.decay,
                 correlation=args.correlation, correlation_rank=args.correlation_rank, seed=args.seed,
-                device=args.device)
+                device=args.device, parents=args.parents, children=args.children,
+                child_probability=args.child_probability, d_out=args.d_out, target_linear=args.target_linear)
 
 
 def _settings(args: argparse.Namespace, data: ToyData) -> dict[str, Any]:
     """What every cell shares: a results file is only resumed under the same settings."""
-    return {"data": data.config(), "steps": args.steps, "batch": args.batch, "lr": args.lr,
-            "lr_decay": args.lr_decay, "resample_every": args.resample_every,
-            "eval_samples": args.eval_samples, "optimizer": "adam"}
+    out = {"data": data.config(), "steps": args.steps, "batch": args.batch, "lr": args.lr,
+           "lr_decay": args.lr_decay, "resample_every": args.resample_every,
+           "eval_samples": args.eval_samples, "optimizer": "adam"}
+    if "matryoshka_batchtopk" in args.arch:
+        out["matryoshka_fractions"] = list(args.matryoshka_fractions)
+    return out
+
+
+def make_sae(arch: str, data: ToyData, ratio: float, coef: float, seed: int = 0,
+             matryoshka_fractions=(0.125, 0.5, 1.0), skip: bool = False) -> BaseSAE:
+    """make_toy_sae's SAE, and the BatchTopK family (coef = k; Matryoshka's levels at the given
+    fractions of d_sae); with paired data, the transcoder of that architecture (skip: with a
+    skip connection)."""
+    d_sae = max(1, int(round(ratio * data.n_features)))
+    extra: dict = {}
+    if data.d_out is not None:
+        extra = dict(transcoder=True, d_out=data.d_out, apply_b_dec_to_input=False, skip_connection=skip)
+    elif arch in ("standard", "topk"):
+        return make_toy_sae(arch, data, ratio, coef, seed=seed)
+    if arch == "standard":
+        extra["l1_coefficient"] = float(coef)
+    elif int(round(coef)) != coef:
+        raise InputError(f"{arch}'s sparsity coefficient is k, an integer: got {coef}")
+    else:
+        extra["k"] = int(coef)
+    if arch == "matryoshka_batchtopk":
+        if abs(matryoshka_fractions[-1] - 1.0) > 1e-9:
+            raise InputError(f"the last Matryoshka fraction must be 1 (the whole dictionary), got "
+                             f"{matryoshka_fractions}")
+        widths = sorted({max(1, int(round(f * d_sae))) for f in matryoshka_fractions})
+        extra["matryoshka_widths"] = widths
+    torch.manual_seed(seed)
+    return build_sae(SAEConfig(d_in=data.d, d_sae=d_sae, architecture=arch, device=data.device, **extra))
+
+
+def train_transcoder_toy(sae: BaseSAE, data: ToyData, steps: int, batch: int = 256, lr: float = 1e-3,
+                         lr_decay_fraction: float = 0.0, eval_samples: int = 16384, desc: str = "transcoder"):
+    """train_toy for a transcoder on paired toy data: Adam on training_forward(x, y), unit-norm
+    decoder rows; scored against the output features."""
+    normalize_rows_(sae.W_dec)
+    opt = torch.optim.Adam(sae.parameters(), lr=lr)
+    decay_start = int(steps * (1.0 - lr_decay_fraction))
+    start = time.perf_counter()
+    for step in tqdm(range(steps), desc=desc, unit="step", mininterval=1.0, leave=False):
+        if step >= decay_start:
+            for group in opt.param_groups:
+                group["lr"] = lr * (steps - step) / max(steps - decay_start, 1)
+        out = sae.training_forward(*data.sample_pair(batch))
+        opt.zero_grad(set_to_none=True)
+        out.loss.backward()
+        opt.step()
+        normalize_rows_(sae.W_dec)
+    elapsed = time.perf_counter() - start
+    return ToyRunResult(steps=steps, seconds=elapsed, metrics=evaluate_transcoder(sae, data, eval_samples))
+
+
+@torch.no_grad()
+def evaluate_transcoder(sae: BaseSAE, data: ToyData, n_samples: int = 16384, batch: int = 4096,
+                        threshold: float = 0.99, seed: int = 12345) -> dict[str, float]:
+    """toy.train.evaluate's numbers for a transcoder: FVU and shrinkage of the target, MMCS of
+    the decoder rows with the output features."""
+    gen = torch.Generator(device=data.device).manual_seed(seed)
+    fired = torch.zeros(sae.d_sae, dtype=torch.long, device=sae.device)
+    ys, y_hats, l0 = [], [], 0.0
+    for start in range(0, n_samples, batch):
+        x, y = data.sample_pair(min(batch, n_samples - start), generator=gen)
+        out = sae.training_forward(x.to(sae.dtype), y.to(sae.dtype))
+        fired += metrics.latent_fire_counts(out.acts, sae.d_sae)
+        l0 += metrics.l0(out.acts) * x.shape[0]
+        ys.append(y)
+        y_hats.append(out.x_hat)
+    y, y_hat = torch.cat(ys), torch.cat(y_hats)
+    cos = metrics.max_cosine_similarities(data.output_features, sae.W_dec)
+    dead = metrics.dead_latents(fired)
+    return {"mmcs": float(cos.mean()), "recovered": float((cos > threshold).float().mean()),
+            "recovery_threshold": threshold, "l0": l0 / n_samples, "fvu": metrics.fvu(y, y_hat),
+            "shrinkage": metrics.shrinkage(y, y_hat), "dead_latents": dead, "dead_fraction": dead / sae.d_sae,
+            "eval_samples": n_samples, "skip_norm": float(sae.W_skip.norm()) if sae.W_skip is not None else 0.0}
+
+
+@torch.no_grad()
+def absorption(sae: BaseSAE, data: ToyData, n_samples: int = 16384, batch: int = 4096,
+               seed: int = 12345, cos_threshold: float = ABSORPTION_COS) -> dict[str, float]:
+    """Feature absorption on a hierarchy (docs/architectures.md defines each number). Every true
+    feature g is matched to its latent ℓ_g = argmax_j cos(W_dec[j], f_g). On samples where a
+    parent p and one of its children c fire:
+        absorption: the fraction where ℓ_p stays silent while ℓ_c fires and carries the parent
+            (cos(W_dec[ℓ_c], f_p) > cos_threshold);
+        parent_recall_with_child / parent_recall_alone: how often ℓ_p fires when p fires with a
+            child / without one;
+        child_parent_cos: the mean cos(W_dec[ℓ_c], f_p) over children (0 for clean children);
+        mmcs_parents / mmcs_children: MMCS over each group."""
+    hier = data.hierarchy()
+    if not hier:
+        return {}
+    dev = sae.device
+    parents = torch.tensor([p for p, _ in hier], device=dev)
+    children = torch.tensor([c for _, c in hier], device=dev)  # [P, C]
+    W = torch.nn.functional.normalize(sae.W_dec.detach().float(), dim=1)
+    F = torch.nn.functional.normalize(data.features.float().to(dev), dim=1)
+    cos = F @ W.t()
+    match = cos.argmax(1)
+    carries = cos[parents.unsqueeze(1), match[children]] > cos_threshold  # [P, C]
+    gen = torch.Generator(device=data.device).manual_seed(seed)
+    with_child = alone = fires_with = fires_alone = absorbed = 0
+    for start in range(0, n_samples, batch):
+        x, codes = data.sample(min(batch, n_samples - start), return_codes=True, generator=gen)
+        acts = sae.encode(x.to(dev, sae.dtype), dense=True) if sae.takes_sparse_path else sae.encode(x.to(dev))
+        fired = acts > 0
+        codes = codes.to(dev)
+        p_on, c_on = codes[:, parents] > 0, codes[:, children] > 0
+        any_child = c_on.any(2)
+        lp = fired[:, match[parents]]
+        lc = fired[:, match[children]]
+        both = p_on & any_child
+        only = p_on & ~any_child
+        with_child += int(both.sum())
+        alone += int(only.sum())
+        fires_with += int((both & lp).sum())
+        fires_alone += int((only & lp).sum())
+        absorbed += int((both & ~lp & (c_on & lc & carries).any(2)).sum())
+    ratio = lambda a, b: a / b if b else float("nan")  # noqa: E731
+    return {
+        "absorption": ratio(absorbed, with_child),
+        "parent_recall_with_child": ratio(fires_with, with_child),
+        "parent_recall_alone": ratio(fires_alone, alone),
+        "child_parent_cos": float(cos[parents.unsqueeze(1), match[children]].mean()),
+        "mmcs_parents": float(metrics.max_cosine_similarities(data.features[parents.cpu()], sae.W_dec).mean()),
+        "mmcs_children": float(metrics.max_cosine_similarities(data.features[children.flatten().cpu()],
+                                                               sae.W_dec).mean()),
+    }
 
 
 def cell_key(arch: str, ratio: float, coef: float) -> str:
@@ -125,7 +285,13 @@ def save_results(out: Path, results: dict[str, Any]) -> None:
 
 def _train_cell(args, arch, ratio, coef, init="random", track_every=0, desc="cell"):
     data = ToyData(**_data_kwargs(args))  # every cell sees the same stream
-    sae = make_toy_sae(arch, data, ratio, coef, seed=args.seed)
+    base, skip = arch.removesuffix("+skip"), arch.endswith("+skip")
+    sae = make_sae(base, data, ratio, coef, seed=args.seed, matryoshka_fractions=args.matryoshka_fractions,
+                   skip=skip)
+    if data.d_out is not None:
+        run = train_transcoder_toy(sae, data, args.steps, batch=args.batch, lr=args.lr,
+                                   lr_decay_fraction=args.lr_decay, eval_samples=args.eval_samples, desc=desc)
+        return {"arch": arch, "ratio": ratio, "coefficient": coef, "d_sae": sae.d_sae, "init": init, **run.to_dict()}
     on_track = None
     if track_every and args.track_cells:
         progress_path = args.out / "progress.json"
@@ -139,8 +305,9 @@ def _train_cell(args, arch, ratio, coef, init="random", track_every=0, desc="cel
                     track_every=track_every, lr_decay_fraction=args.lr_decay,
                     resample_every=args.resample_every, eval_samples=args.eval_samples, desc=desc,
                     on_track=on_track)
-    return {"arch": arch, "ratio": ratio, "coefficient": coef, "d_sae": sae.d_sae, "init": init,
-            **run.to_dict()}
+    cell = {"arch": arch, "ratio": ratio, "coefficient": coef, "d_sae": sae.d_sae, "init": init, **run.to_dict()}
+    cell["metrics"].update(absorption(sae, data, n_samples=args.eval_samples))
+    return cell
 
 
 def run(args: argparse.Namespace) -> int:
@@ -148,8 +315,11 @@ def run(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     data = ToyData(**_data_kwargs(args))
     results = load_results(args.out, _settings(args, data))
-    coefs = {"standard": args.l1, "topk": [float(k) for k in args.k]}
-    grid = [(a, r, c) for a in args.arch for r in args.ratios for c in coefs[a]]
+    coefs = {"standard": args.l1, **{a: [float(k) for k in args.k] for a in K_ARCHS}}
+    archs = args.arch
+    if args.d_out is not None:  # transcoders, with and/or without a skip connection
+        archs = [a + ("+skip" if s == "on" else "") for a in args.arch for s in args.skip]
+    grid = [(a, r, c) for a in archs for r in args.ratios for c in coefs[a.removesuffix("+skip")]]
     todo = [cell for cell in grid if cell_key(*cell) not in results["cells"]]
     print(f"toy-sweep: {len(grid)} cells ({len(grid) - len(todo)} already in {args.out / RESULTS}), "
           f"{args.steps} steps each, G={data.n_features} features in d={data.d}")
@@ -160,8 +330,11 @@ def run(args: argparse.Namespace) -> int:
         save_results(args.out, results)
         m = cell["metrics"]
         tqdm.write(f"  {cell_key(arch, ratio, coef)}: MMCS {m['mmcs']:.4f}  recovered {m['recovered']:.1%}  "
-                   f"L0 {m['l0']:.1f}  FVU {m['fvu']:.4f}  dead {m['dead_latents']}  γ {m['shrinkage']:.3f}")
+                   f"L0 {m['l0']:.1f}  FVU {m['fvu']:.4f}  dead {m['dead_latents']}  γ {m['shrinkage']:.3f}"
+                   + (f"  absorption {m['absorption']:.3f}" if "absorption" in m else ""))
 
+    if args.compare_init and args.d_out is not None:
+        raise InputError("--compare-init is for SAEs; drop it (or --d-out)")
     if args.compare_init:
         mid = coefs[args.init_arch][len(coefs[args.init_arch]) // 2]
         coef = args.init_coef if args.init_coef is not None else mid
@@ -193,22 +366,37 @@ def markdown_table(results: dict[str, Any]) -> str:
     s = results["settings"]
     extras = (f", linear lr decay over the last {s['lr_decay']:.0%}" if s["lr_decay"] else "") + (
         f", dead latents resampled every {s['resample_every']} steps" if s["resample_every"] else "")
-    head = (f"{s['steps']} steps, batch {s['batch']}, Adam lr {s['lr']:g}{extras}; G={s['data']['n_features']} "
-            f"features in d={s['data']['d']}, m={s['data']['mean_active']:g}; metrics on "
-            f"{s['eval_samples']} fresh samples\n\n"
-            "| SAE | d_sae | coefficient | init | MMCS | recovered (cos > 0.99) | L0 | FVU | dead latents "
-            "| shrinkage γ |\n|---|---|---|---|---|---|---|---|---|---|\n")
+    d = s["data"]
+    hier = (f", {d['parents']} parents with {d['children']} children each (child probability "
+            f"{d['child_probability']:g})" if d.get("parents") else "")
+    if d.get("d_out"):
+        hier += (f"; transcoders to d_out={d['d_out']} (target linear part {d['target_linear']:g}), MMCS against "
+                 "the output features, FVU of the target")
+    head = (f"{s['steps']} steps, batch {s['batch']}, Adam lr {s['lr']:g}{extras}; G={d['n_features']} "
+            f"features in d={d['d']}, m={d['mean_active']:g}{hier}; metrics on "
+            f"{s['eval_samples']} fresh samples\n\n")
     rows = sorted(results["cells"].values(), key=lambda c: (c["arch"], c["ratio"], c["coefficient"]))
     comparison = results.get("init_comparison", {})
     rows += [comparison[i] for i in INITS if i in comparison]
-    lines = []
+    absorb = any("absorption" in c["metrics"] for c in rows)
+    cols = ["SAE", "d_sae", "coefficient", "init", "MMCS", "recovered (cos > 0.99)", "L0", "FVU", "dead latents",
+            "shrinkage γ"]
+    if absorb:
+        cols += ["absorption", "parent recall with / without child", "child–parent cos", "MMCS parents / children"]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for c in rows:
         m = c["metrics"]
-        name = "ReLU + L1" if c["arch"] == "standard" else "TopK"
-        coef = f"L1 = {c['coefficient']:g}" if c["arch"] == "standard" else f"k = {c['coefficient']:g}"
-        lines.append(f"| {name} | {c['d_sae']} ({c['ratio']:g}·G) | {coef} | {c['init']} | {m['mmcs']:.4f} "
-                     f"| {m['recovered']:.1%} | {m['l0']:.2f} | {m['fvu']:.4f} | {m['dead_latents']} "
-                     f"| {m['shrinkage']:.3f} |")
+        base = c["arch"].removesuffix("+skip")
+        coef = f"L1 = {c['coefficient']:g}" if base == "standard" else f"k = {c['coefficient']:g}"
+        name = ARCH_NAMES[base] + (" + skip" if c["arch"].endswith("+skip") else "")
+        row = (f"| {name} | {c['d_sae']} ({c['ratio']:g}·G) | {coef} | {c['init']} | {m['mmcs']:.4f} "
+               f"| {m['recovered']:.1%} | {m['l0']:.2f} | {m['fvu']:.4f} | {m['dead_latents']} "
+               f"| {m['shrinkage']:.3f} |")
+        if absorb:
+            row += (f" {m['absorption']:.3f} | {m['parent_recall_with_child']:.3f} / {m['parent_recall_alone']:.3f} "
+                    f"| {m['child_parent_cos']:.3f} | {m['mmcs_parents']:.3f} / {m['mmcs_children']:.3f} |"
+                    if "absorption" in m else " | | | |")
+        lines.append(row)
     return head + "\n".join(lines) + "\n"
 
 
@@ -246,7 +434,8 @@ def plot_results(results: dict[str, Any], out: Path) -> list[Path]:
             ax.set_yticks(range(len(ratios)), [f"{r:g}" for r in ratios])
             ax.set_xlabel("L1 coefficient" if arch == "standard" else "k")
             ax.set_ylabel("d_sae / G")
-            ax.set_title(f"{'ReLU + L1' if arch == 'standard' else 'TopK'}: {title}", fontsize=9)
+            base = arch.removesuffix("+skip")
+            ax.set_title(f"{ARCH_NAMES[base]}{' + skip' if base != arch else ''}: {title}", fontsize=9)
             fig.colorbar(im, ax=ax)
             fig.tight_layout()
             written.append(_save(fig, out / f"{arch}_{metric}.png"))

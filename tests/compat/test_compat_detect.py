@@ -109,9 +109,9 @@ def test_incomplete_two_file_checkpoints(tmp_path):
 
 
 def test_unsupported_saelens_architecture_and_normalisation(tmp_path):
-    saelens_dir(tmp_path / "gated", arch="gated")
-    with pytest.raises(CheckpointError, match="SAELens architecture 'gated' is not supported"):
-        fastsae.load(tmp_path / "gated")
+    saelens_dir(tmp_path / "abstopk", arch="abstopk")
+    with pytest.raises(CheckpointError, match="SAELens architecture 'abstopk' is not supported"):
+        fastsae.load(tmp_path / "abstopk")
     saelens_dir(tmp_path / "white", normalize_activations="covariance_whitening")
     with pytest.raises(CheckpointError, match="covariance_whitening.*fold_activation_whitening"):
         fastsae.load(tmp_path / "white")

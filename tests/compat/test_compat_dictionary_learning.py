@@ -68,7 +68,7 @@ def check_same(ae, ours, x):
 
 
 EXPECTED_ARCH = {"AutoEncoder": "standard", "AutoEncoderTopK": "topk", "BatchTopKSAE": "batchtopk",
-                 "MatryoshkaBatchTopKSAE": "batchtopk", "JumpReluAutoEncoder": "jumprelu"}
+                 "MatryoshkaBatchTopKSAE": "matryoshka_batchtopk", "JumpReluAutoEncoder": "jumprelu"}
 
 
 @pytest.mark.parametrize("dict_class", list(EXPECTED_ARCH))
@@ -125,6 +125,6 @@ def test_untrained_batchtopk_threshold_is_refused(tmp_path):
 
 
 def test_unsupported_class_is_named(tmp_path):
-    save_like_trainer(make("AutoEncoder"), tmp_path, "GatedAutoEncoder")
-    with pytest.raises(fastsae.CheckpointError, match="'GatedAutoEncoder' is not supported"):
+    save_like_trainer(make("AutoEncoder"), tmp_path, "PAnnealAutoEncoder")
+    with pytest.raises(fastsae.CheckpointError, match="'PAnnealAutoEncoder' is not supported"):
         fastsae.load(tmp_path)

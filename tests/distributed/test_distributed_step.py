@@ -24,7 +24,7 @@ from fastsae.ops import reference
 from fastsae.sae import latent_slice, sae_class
 from fastsae.sparse import SparseActs
 
-ARCHS = ("topk", "batchtopk", "standard", "jumprelu")
+ARCHS = ("topk", "batchtopk", "standard", "jumprelu", "gated", "matryoshka_batchtopk")
 TOL = {"float64": 1e-10, "float32": 2e-5}
 STEPS = 3
 
@@ -36,10 +36,15 @@ def make_case(arch: str, dtype: str = "float64", d_sae: int = 22, k: int = 4, se
               jumprelu_init_threshold=0.05, jumprelu_bandwidth=0.1)
     if sae_class(arch).needs_k:
         kw["k"] = k
+    if arch == "matryoshka_batchtopk":
+        kw["matryoshka_widths"] = [5, 12, d_sae]
     sae = fastsae.build_sae(fastsae.SAEConfig(**kw))
     with torch.no_grad():
         sae.b_enc.normal_(0, 0.1)
         sae.b_dec.normal_(0, 0.1)
+        if arch == "gated":
+            sae.r_mag.normal_(0, 0.1)
+            sae.b_mag.normal_(0, 0.1)
     batches = [torch.randn(8, 8, dtype=sae.dtype) for _ in range(STEPS)]
     return sae, batches
 

@@ -51,21 +51,28 @@ def build_from_tensors(
     metadata: dict[str, Any] | None = None,
     device=None,
     dtype=None,
+    extra_tensors: dict[str, torch.Tensor] | None = None,
+    config: dict[str, Any] | None = None,
 ) -> BaseSAE:
     """A fastsae SAE (in eval mode: foreign checkpoints are inference exports) from tensors in
-    fastsae's layout: W_enc [d_in, d_sae], b_enc [d_sae], W_dec [d_sae, d_in], b_dec [d_in],
-    threshold [d_sae] (jumprelu) or [] (batchtopk). dtype defaults to W_enc's."""
-    expected = {"W_enc": (d_in, d_sae), "b_enc": (d_sae,), "W_dec": (d_sae, d_in), "b_dec": (d_in,)}
+    fastsae's layout: W_enc [d_in, d_sae], b_enc [d_sae], W_dec [d_sae, d_out], b_dec [d_out],
+    threshold [d_sae] (jumprelu) or [] (batchtopk, matryoshka_batchtopk); the architecture's own
+    tensors (gated's r_mag, b_mag; a skip connection's W_skip [d_out, d_in]) in extra_tensors,
+    checked against the module's shapes; other SAEConfig fields (transcoder, d_out,
+    skip_connection, matryoshka_widths, ...) in `config`. dtype defaults to W_enc's."""
+    config = dict(config or {})
+    d_out = config.get("d_out") or d_in
+    expected = {"W_enc": (d_in, d_sae), "b_enc": (d_sae,), "W_dec": (d_sae, d_out), "b_dec": (d_out,)}
     tensors = {"W_enc": W_enc, "b_enc": b_enc, "W_dec": W_dec, "b_dec": b_dec}
     if architecture == "jumprelu":
         expected["threshold"], tensors["threshold"] = (d_sae,), threshold
-    elif architecture == "batchtopk":
+    elif architecture in ("batchtopk", "matryoshka_batchtopk"):
         expected["threshold"], tensors["threshold"] = (), threshold
     for name, shape in expected.items():
         got = tensors[name]
         if got is None:
             raise CheckpointError(f"{source}: a {architecture} SAE needs {name}, and none was found")
-        if name == "threshold" and architecture == "batchtopk" and got.numel() == 1:
+        if name == "threshold" and expected[name] == () and got.numel() == 1:
             got = tensors[name] = got.reshape(())
         if tuple(got.shape) != shape:
             raise CheckpointError(
@@ -82,15 +89,26 @@ def build_from_tensors(
             d_in=d_in, d_sae=d_sae, architecture=architecture, k=k, dtype=dtype,
             device=str(device) if device is not None else "cpu",
             apply_b_dec_to_input=bool(apply_b_dec_to_input),
-            normalize_activations=normalize_activations, metadata=jsonable(metadata or {}),
+            normalize_activations=normalize_activations, metadata=jsonable(metadata or {}), **config,
         )
     except ConfigError as e:
         raise CheckpointError(f"{source} does not describe a valid SAE: {e}") from e
     with torch.device("meta"):  # no point initialising weights that are about to be replaced
         sae = build_sae(cfg.replace(device="meta"))
+    shapes = {k: tuple(v.shape) for k, v in sae.state_dict().items()}
+    for name, got in (extra_tensors or {}).items():
+        if tuple(got.shape) != shapes.get(name):
+            raise CheckpointError(
+                f"{source}: {name} has shape {tuple(got.shape)}, but the config (d_in={d_in}, d_out={d_out}, "
+                f"d_sae={d_sae}) implies {shapes.get(name)}; the config and the weights disagree"
+            )
+        tensors[name] = got
+    missing = sorted(set(shapes) - set(tensors))
+    if missing:
+        raise CheckpointError(f"{source}: a {architecture} SAE with this config needs {missing}, and none was found")
     state = {name: t.detach().to(device=cfg.device, dtype=cfg.torch_dtype).contiguous()
              for name, t in tensors.items()}
-    if architecture == "batchtopk":  # fastsae keeps this scalar in float32 whatever the weights
+    if "threshold" in state and expected["threshold"] == ():  # kept in float32 whatever the weights
         state["threshold"] = state["threshold"].float()
     sae.load_state_dict(state, strict=True, assign=True)
     sae.cfg = cfg

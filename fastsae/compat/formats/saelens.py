@@ -9,10 +9,18 @@ the weights once, at load time (each fold is exact up to float rounding):
   b_dec/s, as SAELens's `fold_activation_norm_scaling_factor`. Without it the runtime step is
   the identity, as in SAELens's `load_from_disk`;
 - JumpReLU `log_threshold` (training checkpoints): threshold = exp(log_threshold);
-- BatchTopK training checkpoints (`topk_threshold`): a fastsae BatchTopKSAE with that threshold.
+- BatchTopK training checkpoints (`topk_threshold`): a fastsae BatchTopKSAE with that threshold;
+  Matryoshka BatchTopK training checkpoints (`matryoshka_widths`, `topk_threshold`) likewise;
+- Gated: b_gate is fastsae's b_enc; r_mag, b_mag as they are;
+- transcoders (`transcoder`, `skip_transcoder`, `jumprelu_transcoder`,
+  `jumprelu_skip_transcoder`): a ReLU / JumpReLU fastsae SAE with transcoder=True, d_out and
+  (skip) W_skip [d_out, d_in].
 `layer_norm` and `constant_norm_rescale` are per-row, so they stay a runtime step
 (SAEConfig.normalize_activations). Saving writes SAELens 6's inference format: BatchTopK is
-exported as JumpReLU with a per-latent copy of its threshold, as SAELens does.
+exported as JumpReLU with a per-latent copy of its threshold, as SAELens does. SAELens has
+Matryoshka SAEs only as a training class, so a Matryoshka SAE is written in that class's
+format (`MatryoshkaBatchTopKTrainingSAE.load_from_disk` reads it; level weights other than 1,
+which SAELens does not have, ride in its metadata).
 """
 
 from __future__ import annotations
@@ -34,7 +42,10 @@ LOOKS_LIKE = "SAELens"
 CFG_NAME = "cfg.json"
 WEIGHTS_NAME = "sae_weights.safetensors"
 DESCRIPTION = f"SAELens: a directory with {CFG_NAME} + {WEIGHTS_NAME} (W_enc, b_enc, W_dec, b_dec[, threshold])"
-SUPPORTED = ("standard", "topk", "jumprelu", "batchtopk")
+SUPPORTED = ("standard", "topk", "jumprelu", "batchtopk", "gated", "matryoshka_batchtopk")
+# SAELens transcoder architecture -> (fastsae architecture, skip connection)
+TRANSCODERS = {"transcoder": ("standard", False), "skip_transcoder": ("standard", True),
+               "jumprelu_transcoder": ("jumprelu", False), "jumprelu_skip_transcoder": ("jumprelu", True)}
 _RUNTIME_NORMS = ("none", "layer_norm", "constant_norm_rescale")
 # SAELens 6 reads cfgs without a version >= 6 through its pre-6.0 path; we write its format.
 _WRITTEN_VERSION = "6.0.0"
@@ -67,10 +78,17 @@ def from_state(cfg: dict[str, Any], state: dict[str, torch.Tensor], source: str,
     """A fastsae module from a SAELens cfg dict and state dict (a file's or a live SAE's)."""
     cfg = _upgrade_pre_6_cfg(cfg)
     arch = cfg.get("architecture", "standard")
-    if arch not in SUPPORTED:
+    config: dict[str, Any] = {}
+    if arch in TRANSCODERS:
+        arch, skip = TRANSCODERS[arch]
+        config = {"transcoder": True, "d_out": cfg.get("d_out"), "skip_connection": skip}
+        if not isinstance(config["d_out"], int):
+            raise CheckpointError(f"{source}: the SAELens transcoder config needs an integer 'd_out', "
+                                  f"got {config['d_out']!r}")
+    elif arch not in SUPPORTED:
         raise CheckpointError(
             f"{source}: SAELens architecture {arch!r} is not supported; fastsae loads "
-            f"{', '.join(SUPPORTED)}"
+            f"{', '.join((*SUPPORTED, *TRANSCODERS))}"
         )
     for key in ("d_in", "d_sae"):
         if not isinstance(cfg.get(key), int):
@@ -78,8 +96,12 @@ def from_state(cfg: dict[str, Any], state: dict[str, torch.Tensor], source: str,
     state = {k: v.detach() for k, v in state.items()}
     if arch == "jumprelu" and "threshold" not in state and "log_threshold" in state:
         state["threshold"] = state.pop("log_threshold").exp()
-    needed = ["W_enc", "b_enc", "W_dec", "b_dec"] + (["threshold"] if arch == "jumprelu" else [])
-    require_keys(state, needed, source, f"{LOOKS_LIKE} {arch}")
+    if arch == "gated":  # SAELens's gate bias is fastsae's b_enc
+        require_keys(state, ["b_gate", "r_mag", "b_mag"], source, f"{LOOKS_LIKE} gated")
+        state["b_enc"] = state.pop("b_gate")
+    needed = ["W_enc", "b_enc", "W_dec", "b_dec"] + (["threshold"] if arch == "jumprelu" else []) + (
+        ["W_skip"] if config.get("skip_connection") else [])
+    require_keys(state, needed, source, f"{LOOKS_LIKE} {cfg.get('architecture')}")
     compute = torch.promote_types(state["W_enc"].dtype, torch.float32)  # folds in >= fp32
     W_enc, b_enc, W_dec, b_dec = (state[k].to(compute) for k in ("W_enc", "b_enc", "W_dec", "b_dec"))
     threshold = state.get("threshold")
@@ -92,10 +114,15 @@ def from_state(cfg: dict[str, Any], state: dict[str, torch.Tensor], source: str,
     if sae_class(arch).takes_sparse_path and cfg.get("rescale_acts_by_decoder_norm"):
         norms = W_dec.norm(dim=-1)
         W_enc, b_enc, W_dec = W_enc * norms, b_enc * norms, W_dec / norms.unsqueeze(1)
-    if arch == "batchtopk":
+    if arch in ("batchtopk", "matryoshka_batchtopk"):
         threshold = state.get("topk_threshold", torch.tensor(-1.0))
+    extra = {k: state[k].to(compute) for k in ("r_mag", "b_mag", "W_skip") if k in needed or
+             (arch == "gated" and k != "W_skip")}
 
     norm = cfg.get("normalize_activations") or "none"
+    if config.get("transcoder") and norm != "none":
+        raise CheckpointError(f"{source}: a transcoder with normalize_activations={norm!r} is not supported; "
+                              "fastsae's transcoders take activations as they are")
     if norm == "expected_average_only_in":
         if norm_scaling_factor is not None:
             s = float(norm_scaling_factor)
@@ -111,7 +138,15 @@ def from_state(cfg: dict[str, Any], state: dict[str, torch.Tensor], source: str,
         meta["reshape_activations"] = cfg["reshape_activations"]  # facades.SAE flattens heads
     meta["source_format"] = NAME
     k = cfg.get("k")
-    if k is not None and arch == "batchtopk" and not float(k).is_integer():
+    if arch == "matryoshka_batchtopk":
+        widths = [int(w) for w in cfg.get("matryoshka_widths") or []]
+        if widths and widths[-1] != cfg["d_sae"]:
+            widths.append(cfg["d_sae"])  # SAELens adds the whole dictionary as the last level too
+        config["matryoshka_widths"] = widths
+        config["matryoshka_weights"] = meta.pop("fastsae_matryoshka_weights", None)
+    if "topk_threshold_lr" in cfg and arch in ("batchtopk", "matryoshka_batchtopk"):
+        config["batchtopk_threshold_momentum"] = 1.0 - float(cfg["topk_threshold_lr"])
+    if k is not None and arch in ("batchtopk", "matryoshka_batchtopk") and not float(k).is_integer():
         # SAELens's BatchTopK k is a per-row average; fastsae's is an integer (inference uses
         # the threshold, not k): round up, and keep SAELens's value.
         meta["saelens_k"], k = k, math.ceil(k)
@@ -122,6 +157,7 @@ def from_state(cfg: dict[str, Any], state: dict[str, torch.Tensor], source: str,
         apply_b_dec_to_input=cfg.get("apply_b_dec_to_input", True), normalize_activations=norm,
         metadata=meta, device=device,
         dtype=dtype if dtype is not None else cfg.get("dtype") or state["W_enc"].dtype,
+        extra_tensors=extra, config=config,
     )
 
 
@@ -134,10 +170,27 @@ def load(path: str | os.PathLike, device=None, dtype=None, norm_scaling_factor: 
 
 
 def to_state(sae) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """SAELens 6 inference cfg dict and state dict of a fastsae module."""
+    """SAELens 6 inference cfg dict and state dict of a fastsae module (a Matryoshka SAE's in
+    SAELens's training format, the only one it has)."""
     c = sae.cfg
     arch = "jumprelu" if c.architecture == "batchtopk" else c.architecture
     tensors = {k: getattr(sae, k).detach() for k in ("W_enc", "b_enc", "W_dec", "b_dec")}
+    if c.transcoder:
+        if c.architecture not in ("standard", "jumprelu"):
+            raise CheckpointError(
+                f"SAELens has ReLU and JumpReLU transcoders only; this one is {c.architecture!r}: save it with "
+                + ("format='sparsify'" if c.architecture == "topk" and c.output_dim == c.d_in else "format='fastsae'")
+            )
+        arch = {"standard": "transcoder", "jumprelu": "jumprelu_transcoder"}[c.architecture]
+        if c.skip_connection:
+            arch = arch.replace("transcoder", "skip_transcoder")
+            tensors["W_skip"] = sae.W_skip.detach()
+    elif c.skip_connection:
+        raise CheckpointError("SAELens has skip connections on transcoders only: save this SAE with format='fastsae' "
+                              "(or format='sparsify' for a TopK SAE)")
+    if c.architecture == "gated":
+        tensors["b_gate"] = tensors.pop("b_enc")
+        tensors.update(r_mag=sae.r_mag.detach(), b_mag=sae.b_mag.detach())
     if c.architecture == "jumprelu":
         tensors["threshold"] = sae.threshold.detach()
     elif c.architecture == "batchtopk":
@@ -157,6 +210,15 @@ def to_state(sae) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     }
     if arch == "topk":
         cfg.update(k=c.k, rescale_acts_by_decoder_norm=False)
+    if c.transcoder:
+        cfg["d_out"] = c.output_dim
+    if arch == "matryoshka_batchtopk":
+        tensors["topk_threshold"] = sae.threshold.detach().double()
+        cfg.update(k=float(meta.get("saelens_k", c.k)), matryoshka_widths=list(c.matryoshka_widths),
+                   rescale_acts_by_decoder_norm=False, topk_threshold_lr=1.0 - c.batchtopk_threshold_momentum)
+        if c.matryoshka_weights is not None and any(w != 1 for w in c.matryoshka_weights):
+            meta["fastsae_matryoshka_weights"] = list(c.matryoshka_weights)
+        meta.pop("saelens_k", None)
     return cfg, tensors
 
 

@@ -4,8 +4,9 @@ Weights: encoder.weight [n, d], encoder.bias [n], W_dec [n, d], b_dec [d]. A tra
 directory holds one such folder per hookpoint (`layers.6`, `layers.6.mlp`, ...).
 sparsify encodes top-k of relu(x·Wᵀ + b) after subtracting b_dec (not for transcoders);
 fastsae's TopK gives the same values and latents. Transcoders (transcode=True) load as a
-TopK SAE that does not subtract b_dec; groupmax activations and skip connections have no
-fastsae equivalent and are refused.
+TopK SAE with transcoder=True (b_dec not subtracted; sparsify's output has the input's
+width); a skip connection (skip_connection=True, W_skip [d, d] applied as x·W_skipᵀ) is
+fastsae's W_skip as it is. groupmax activations have no fastsae equivalent and are refused.
 """
 
 from __future__ import annotations
@@ -51,20 +52,22 @@ def from_state(cfg: dict[str, Any], state: dict[str, torch.Tensor], source: str,
             f"{source}: sparsify activation {cfg.get('activation')!r} is not supported; fastsae loads "
             "activation='topk' coders"
         )
-    if cfg.get("skip_connection") or "W_skip" in state:
-        raise CheckpointError(f"{source}: sparsify skip connections (W_skip) have no fastsae equivalent")
-    require_keys(state, KEYS, source, LOOKS_LIKE)
+    skip = bool(cfg.get("skip_connection")) or "W_skip" in state
+    require_keys(state, KEYS + (("W_skip",) if skip else ()), source, LOOKS_LIKE)
     d_in = cfg.get("d_in")
     if not isinstance(d_in, int):
         raise CheckpointError(f"{source}: the sparsify config needs an integer 'd_in', got {d_in!r}")
     n = cfg.get("num_latents") or d_in * int(cfg.get("expansion_factor", 32))
     enc = state["encoder.weight"]
+    transcode = bool(cfg.get("transcode", False))
     return build_from_tensors(
         source=source, architecture="topk", d_in=d_in, d_sae=int(n),
         W_enc=enc.t(), b_enc=state["encoder.bias"], W_dec=state["W_dec"], b_dec=state["b_dec"],
-        k=int(cfg.get("k", 32)), apply_b_dec_to_input=not cfg.get("transcode", False),
+        k=int(cfg.get("k", 32)), apply_b_dec_to_input=not transcode,
         metadata={"source_format": NAME, "sparsify_cfg": cfg}, device=device,
         dtype=dtype if dtype is not None else enc.dtype,
+        extra_tensors={"W_skip": state["W_skip"]} if skip else None,
+        config={"transcoder": transcode, "skip_connection": skip},
     )
 
 
@@ -112,18 +115,26 @@ def to_state(sae) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
             f"sparsify has no input normalisation, and this SAE uses normalize_activations="
             f"{c.normalize_activations!r}: save it with format='saelens' instead"
         )
+    if c.output_dim != c.d_in:
+        raise CheckpointError(
+            f"sparsify's transcoders write activations of their input's width; this one maps d_in={c.d_in} to "
+            f"d_out={c.output_dim}: save it with format='fastsae'"
+        )
     W_enc, b_enc = sae.W_enc.detach(), sae.b_enc.detach()
-    if not c.apply_b_dec_to_input:  # x·W + b == (x - b_dec)·W + (b + b_dec·W): keep it an SAE
+    if not c.apply_b_dec_to_input and not c.transcoder:  # x·W + b == (x - b_dec)·W + (b + b_dec·W)
         b_enc = b_enc + sae.b_dec.detach() @ W_enc
     tensors = {"encoder.weight": W_enc.t(), "encoder.bias": b_enc,
                "W_dec": sae.W_dec.detach(), "b_dec": sae.b_dec.detach()}
+    if c.skip_connection:
+        tensors["W_skip"] = sae.W_skip.detach()
     cfg = {"activation": "topk", "expansion_factor": max(1, c.d_sae // c.d_in), "normalize_decoder": True,
-           "num_latents": c.d_sae, "k": c.k, "multi_topk": False, "skip_connection": False,
-           "transcode": False, "d_in": c.d_in}
+           "num_latents": c.d_sae, "k": c.k, "multi_topk": False, "skip_connection": c.skip_connection,
+           "transcode": c.transcoder, "d_in": c.d_in}
     return cfg, tensors
 
 
 def save(sae, path: str | os.PathLike) -> Path:
-    """Write a TopK `sae` as sparsify does; `SparseCoder.load_from_disk(path)` reads it."""
+    """Write a TopK `sae` (or TopK transcoder, with or without skip connection) as sparsify does;
+    `SparseCoder.load_from_disk(path)` reads it."""
     cfg, tensors = to_state(sae)
     return write_checkpoint(path, WEIGHTS_NAME, tensors, CFG_NAME, cfg)
