@@ -8,8 +8,9 @@
     sae.save_pretrained("ckpt"); sae = fastsae.load("ckpt")
 """
 
-from .architectures import BatchTopKSAE, JumpReLUSAE, StandardSAE, TopKSAE
+from .architectures import BatchTopKSAE, GatedSAE, JumpReLUSAE, MatryoshkaBatchTopKSAE, StandardSAE, TopKSAE
 from .config import SAEConfig, TrainConfig
+from .data import PairedSource
 from .errors import CheckpointError, ConfigError, FastSAEError, InputError
 from .sae import SAE_CLASSES, BaseSAE, TrainOutput, build_sae, sae_class, sparse_architectures
 from .sparse import SparseActs
@@ -40,7 +41,8 @@ def load(path, format=None, device=None, dtype=None, **options) -> BaseSAE:
 
 
 __all__ = [
-    "SAEConfig", "BaseSAE", "StandardSAE", "TopKSAE", "BatchTopKSAE", "JumpReLUSAE",
+    "SAEConfig", "BaseSAE", "StandardSAE", "TopKSAE", "BatchTopKSAE", "JumpReLUSAE", "GatedSAE",
+    "MatryoshkaBatchTopKSAE", "PairedSource",
     "TrainOutput", "SparseActs", "SAE_CLASSES", "sae_class", "sparse_architectures", "build_sae", "load",
     "FastSAEError", "InputError", "ConfigError", "CheckpointError", "__version__",
 ]

@@ -20,26 +20,28 @@ import tomllib
 
 from .cli import check_device
 from .config import RESUMABLE, SAEConfig, TrainConfig
-from .data import ShardSource
+from .data import PairedSource, ShardSource
 from .errors import ConfigError
 from .run_dir import RunDir
 from .trainer import Trainer
 
 # flag -> (TrainConfig or SAEConfig field, type); None type means a boolean switch
 SAE_FLAGS = {"d_in": int, "d_sae": int, "architecture": str, "k": int, "dtype": str, "device": str,
-             "l1_coefficient": float, "l0_coefficient": float, "backend": str}
+             "l1_coefficient": float, "l0_coefficient": float, "backend": str, "d_out": int}
 TRAIN_FLAGS = {"steps": int, "batch_size": int, "lr": float, "optimizer": str, "optimizer_state": str,
                "master_weights": str, "warmup_steps": int,
                "decay": str, "decay_start": float, "sparsity_warmup_steps": int, "auxk_coefficient": float,
                "k_aux": int, "dead_tokens": int, "init": str, "b_dec_init": str, "nonfinite": str,
                "log_every": int, "checkpoint_every": int, "keep_checkpoints": int, "out_dir": str, "seed": int}
-DATA_KEYS = ("path", "buffer_rows", "chunk_rows", "shuffle")
+DATA_KEYS = ("path", "targets", "buffer_rows", "chunk_rows", "shuffle")
 HELP = {
     "d_in": "activation size (default: read from the shards)", "d_sae": "number of latents",
-    "architecture": "topk, batchtopk, standard (ReLU + L1), jumprelu, or another registered one",
+    "architecture": "topk, batchtopk, standard (ReLU + L1), jumprelu, gated, matryoshka_batchtopk, or another "
+                    "registered one",
     "k": "active latents per row (topk/batchtopk)", "dtype": "weights' dtype: float32 or bfloat16",
     "device": "cpu or cuda[:N]", "l1_coefficient": "weight of the L1 penalty (standard)",
     "l0_coefficient": "weight of the L0 penalty (jumprelu)", "backend": "auto, cpp, triton or reference",
+    "d_out": "a transcoder's output width (default: the targets' width)",
     "steps": "optimizer steps", "batch_size": "rows per batch (per replica)",
     "optimizer": "adam, row_sparse_adam (sparse architectures: updates only the latents that fired), signum "
                  "or row_sparse_signum",
@@ -75,6 +77,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--buffer-rows", type=int, help="shuffle buffer size in rows (default 262144)")
     p.add_argument("--chunk-rows", type=int, help="rows read contiguously from a shard (default 4096)")
     p.add_argument("--expansion", type=int, help="d_sae = expansion * d_in (instead of --d-sae)")
+    p.add_argument("--targets", help="train a transcoder: the target activations (shards paired row for row with "
+                                     "--data, e.g. two hooks of one `fastsae harvest --hook A --hook B`)")
+    p.add_argument("--skip-connection", action="store_true", help="a transcoder with a linear skip (W_skip)")
+    p.add_argument("--matryoshka-widths", help="comma-separated nested widths ending at d_sae "
+                                               "(matryoshka_batchtopk), e.g. 1024,4096,16384")
     for name, typ in {**SAE_FLAGS, **TRAIN_FLAGS}.items():
         default = _default(name)
         shown = "" if default is None or "default" in HELP[name] else f" (default: {default})"
@@ -133,6 +140,18 @@ def build(args: argparse.Namespace) -> tuple[dict, dict]:
             train[key] = json.loads(value)
         except json.JSONDecodeError:
             train[key] = value
+    if args.skip_connection:
+        sae["skip_connection"] = True
+    if args.matryoshka_widths:
+        try:
+            sae["matryoshka_widths"] = [int(w) for w in args.matryoshka_widths.split(",")]
+        except ValueError:
+            raise ConfigError(f"--matryoshka-widths {args.matryoshka_widths!r}: write whole numbers separated by "
+                              "commas, e.g. 1024,4096,16384") from None
+    if args.targets:
+        data["targets"] = args.targets
+        sae.setdefault("transcoder", True)
+        sae.setdefault("apply_b_dec_to_input", False)
     for key, flag in (("path", "data"), ("buffer_rows", "buffer_rows"), ("chunk_rows", "chunk_rows")):
         if getattr(args, flag) is not None:
             data[key] = getattr(args, flag)
@@ -148,22 +167,32 @@ def build(args: argparse.Namespace) -> tuple[dict, dict]:
     return {"sae": sae, **train}, data
 
 
+def _source(data: dict, batch_size: int, seed: int) -> ShardSource | PairedSource:
+    """The activation source the [data] settings describe: shards, or inputs paired with targets."""
+    opts = {k: data[k] for k in ("buffer_rows", "chunk_rows", "shuffle") if k in data}
+    if "targets" in data:
+        return PairedSource(data["path"], data["targets"], batch_size, seed=seed, **opts)
+    return ShardSource(data["path"], batch_size=batch_size, seed=seed, **opts)
+
+
 def prepare(args: argparse.Namespace) -> tuple[dict, ShardSource]:
     """(TrainConfig dict with its "sae" dict completed, the shard source) from the parsed flags:
     d_in comes from the shards, d_sae from --expansion, metadata from the harvest manifest."""
     train, data = build(args)
     if "device" in train["sae"]:
         check_device(train["sae"]["device"])
-    opts = {k: data[k] for k in ("buffer_rows", "chunk_rows", "shuffle") if k in data}
-    source = ShardSource(data["path"], batch_size=int(train.get("batch_size", 4096)),
-                         seed=int(train.get("seed", 0)), **opts)
+    source = _source(data, int(train.get("batch_size", _default("batch_size"))), int(train.get("seed", 0)))
     sae = train["sae"]
-    sae.setdefault("d_in", source.d_in)
+    if isinstance(source, PairedSource):
+        sae.setdefault("d_in", source.widths[0])
+        sae.setdefault("d_out", source.widths[1])
+    else:
+        sae.setdefault("d_in", source.d_in)
     if args.expansion:
         sae.setdefault("d_sae", args.expansion * sae["d_in"])
     if "d_sae" not in sae:
         raise ConfigError("say how wide the SAE is: --d-sae N or --expansion E")
-    manifest = source.manifest
+    manifest = getattr(source, "manifest", None) or getattr(getattr(source, "inputs", None), "manifest", None)
     if manifest:
         sae.setdefault("metadata", {}).update(
             {k: manifest[k] for k in ("model", "hook", "dataset") if k in manifest})
@@ -186,9 +215,7 @@ def prepare_resume(args: argparse.Namespace) -> tuple[str, dict, ShardSource]:
         raise ConfigError(f"{out_dir} trained an SAE with " + ", ".join(f"{k}={sae_saved.get(k)!r}" for k in changed)
                           + ": a resumed run keeps its SAE; drop " + ", ".join("--" + k.replace("_", "-")
                                                                               for k in changed))
-    opts = {k: data[k] for k in ("buffer_rows", "chunk_rows", "shuffle") if k in data}
-    source = ShardSource(data["path"], batch_size=int(saved.get("batch_size", _default("batch_size"))),
-                         seed=int(saved.get("seed", 0)), **opts)
+    source = _source(data, int(saved.get("batch_size", _default("batch_size"))), int(saved.get("seed", 0)))
     return out_dir, train, source
 
 

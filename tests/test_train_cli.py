@@ -84,3 +84,25 @@ def test_train_cli_errors_say_what_to_do(shards, tmp_path):
         main(["train", "--config", str(bad)])
     with pytest.raises(ConfigError, match="start it with torchrun --nproc-per-node N"):
         main(["train", "--data", str(shards), "--d-sae", "8", "--shards", "2"])
+
+
+def test_train_a_transcoder_and_a_matryoshka_sae_from_the_command_line(tmp_path, capsys):
+    """--targets pairs two shard folders row for row (a transcoder), --matryoshka-widths nests."""
+    toy = ToyData(d=16, n_features=32, seed=0, d_out=12)
+    x, y = toy.sample_pair(600)
+    for name, t in (("in", x), ("out", y)):
+        (tmp_path / name).mkdir()
+        np.save(tmp_path / name / "0.npy", t.numpy())
+    out = tmp_path / "tc"
+    assert main(["train", "--data", str(tmp_path / "in"), "--targets", str(tmp_path / "out"), "--d-sae", "48",
+                 "--k", "3", "--steps", "6", "--batch-size", "32", "--skip-connection", "--out-dir", str(out),
+                 "--no-progress", "--set", "plot=false"]) == 0
+    sae = fastsae.load(_last_json(capsys.readouterr().out)["final"])
+    assert sae.cfg.transcoder and (sae.cfg.d_in, sae.cfg.d_out) == (16, 12) and sae.cfg.skip_connection
+    assert main(["train", "--data", str(tmp_path / "in"), "--architecture", "matryoshka_batchtopk",
+                 "--matryoshka-widths", "8,24,48", "--d-sae", "48", "--k", "3", "--steps", "4", "--batch-size", "32",
+                 "--out-dir", str(tmp_path / "m"), "--no-progress", "--set", "plot=false"]) == 0
+    sae = fastsae.load(_last_json(capsys.readouterr().out)["final"])
+    assert sae.cfg.architecture == "matryoshka_batchtopk" and sae.cfg.matryoshka_widths == [8, 24, 48]
+    with pytest.raises(ConfigError, match="matryoshka-widths 'a,b'"):
+        main(["train", "--data", str(tmp_path / "in"), "--matryoshka-widths", "a,b", "--d-sae", "48"])
