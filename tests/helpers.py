@@ -152,3 +152,18 @@ class IdentitySAE(torch.nn.Module):
 
     def forward(self, x):
         return x
+
+
+def randomize_(module, seed=0, fan_in=None):
+    """Random weights of every scale a trained SAE has (thresholds in [0, 0.5), matrices scaled
+    by 1/sqrt(fan_in or their last dimension), vectors ~0.2), in place; returns the module."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if name == "threshold":
+                p.copy_(torch.rand(p.shape, generator=g) * 0.5)
+            elif p.dim() == 2:
+                p.copy_(torch.randn(p.shape, generator=g) / (fan_in or p.shape[-1]) ** 0.5)
+            else:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+    return module

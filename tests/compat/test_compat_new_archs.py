@@ -9,7 +9,7 @@ import fastsae
 from fastsae import SAEConfig, build_sae
 from fastsae.compat import convert
 from fastsae.errors import CheckpointError
-from helpers import require
+from helpers import randomize_, require
 
 sae_lens = require("sae_lens", "compat")
 dl_dict = require("dictionary_learning.dictionary", "compat")
@@ -19,19 +19,6 @@ sparsify_config = require("sparsify.config", "compat")
 
 D, N, K = 16, 48, 4
 TOL = dict(rtol=1e-5, atol=1e-5)
-
-
-def randomize_(module, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in module.named_parameters():
-            if name == "threshold":
-                p.copy_(torch.rand(p.shape, generator=g) * 0.5)
-            elif p.dim() == 2:
-                p.copy_(torch.randn(p.shape, generator=g) / p.shape[-1] ** 0.5)
-            else:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.2)
-    return module
 
 
 def inputs(rows=9, d=D, seed=1):

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import fastsae
+import helpers
 from fastsae.compat import convert, facades
 from fastsae.compat.formats import saelens as saelens_format
 from fastsae.sae import sae_class
@@ -17,16 +18,7 @@ TOL = dict(rtol=1e-5, atol=1e-5)
 
 
 def randomize_(module, seed):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in module.named_parameters():
-            if name == "threshold":
-                p.copy_(torch.rand(p.shape, generator=g) * 0.5)
-            elif p.dim() == 2:
-                p.copy_(torch.randn(p.shape, generator=g) / D ** 0.5)
-            else:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.2)
-    return module
+    return helpers.randomize_(module, seed, fan_in=D)
 
 
 def make_saelens(arch, seed=0, **cfg):
