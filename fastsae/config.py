@@ -13,6 +13,7 @@ from .errors import ConfigError
 from .schedules import DECAY_SHAPES
 
 NORMALIZATIONS = ("none", "layer_norm", "constant_norm_rescale")
+DEAD_TOKENS_CAP = 10_000_000  # the usual fixed dead window (OpenAI, sparsify): the cap of the relative one
 
 
 def dtype_from_str(name: str | torch.dtype) -> torch.dtype:
@@ -133,8 +134,22 @@ class TrainConfig:
         at every width. Weighting by the decoder norm makes it invariant to trading scale
         between f_j and W_dec[j] (otherwise the SAE can shrink f and grow W_dec to dodge
         it); the unweighted form needs unit_norm_decoder=True for the same reason.
-    auxk_coefficient, k_aux: AuxK for the sparse architectures (0 disables; k_aux None = d_in // 2).
-    dead_tokens: a latent is dead after this many tokens without firing.
+    auxk_coefficient, k_aux: AuxK for the sparse architectures (0 disables; k_aux None = d_in // 2):
+        on whenever latents are dead.
+    dead_tokens: a latent is dead after this many tokens without firing. None = relative to the
+        run: a tenth of its tokens, at most 10M (see `dead_window`), so AuxK and resampling start
+        in a 1000-step toy run as in a billion-token one.
+    resample_dead: resample dead latents as Anthropic's 2023 recipe (decoder row = the normalised
+        residual of an input drawn with probability ∝ its squared error, encoder column the same
+        direction at the mean live encoder norm, zero bias, fresh optimizer state). None = on for
+        the architectures AuxK cannot revive (the dense ones: a dead ReLU has no gradient).
+    resample_every: steps between resamplings (None: the dead window in steps); resampling
+        stops when the lr decay starts, so the last latents settle.
+    finetune_steps: after `steps`, this many steps of the shrinkage fix (Wright & Sharkey
+        2024): the encoder (and so which latents fire, and how strongly) is frozen, and the
+        decoder rows are refit by MSE alone, without the sparsity penalty or the unit-norm
+        constraint, so each row's norm absorbs its latent's shrinkage. finetune_lr: its peak
+        lr (None: lr), decayed as the main run.
     unit_norm_decoder: None = on for the sparse architectures and unweighted L1 (keep decoder rows unit-norm, with the
         gradient's parallel component removed).
     init: "tied" (random unit decoder rows, W_enc = W_decᵀ) or "data" (a data_init_fraction
@@ -163,7 +178,11 @@ class TrainConfig:
     l1_decoder_norm: bool = True
     auxk_coefficient: float = 1 / 32
     k_aux: int | None = None
-    dead_tokens: int = 10_000_000
+    dead_tokens: int | None = None
+    resample_dead: bool | None = None
+    resample_every: int | None = None
+    finetune_steps: int = 0
+    finetune_lr: float | None = None
     dense_threshold: float = 0.1
     unit_norm_decoder: bool | None = None
     init: str = "tied"
@@ -203,6 +222,16 @@ class TrainConfig:
              f"b_dec_init {self.b_dec_init!r} is unknown: use 'geometric_median', 'mean' or 'zeros'"),
             (self.nonfinite in ("raise", "skip"), f"nonfinite {self.nonfinite!r} is unknown: use 'raise' or 'skip'"),
             (self.keep_checkpoints >= 1, f"keep_checkpoints must be >= 1, got {self.keep_checkpoints}"),
+            (self.dead_tokens is None or self.dead_tokens >= 1,
+             f"dead_tokens must be >= 1 (or None: relative to the run), got {self.dead_tokens}"),
+            (self.resample_every is None or self.resample_every >= 1,
+             f"resample_every must be >= 1 step (or None: the dead window), got {self.resample_every}"),
+            (self.finetune_steps >= 0, f"finetune_steps must be >= 0, got {self.finetune_steps}"),
+            (self.finetune_lr is None or self.finetune_lr > 0,
+             f"finetune_lr must be > 0 (or None: lr), got {self.finetune_lr}"),
+            (0.0 <= self.decay_start <= 1.0,
+             f"decay_start is a fraction of the steps in [0, 1], got {self.decay_start}"),
+            (self.warmup_steps >= 0, f"warmup_steps must be >= 0, got {self.warmup_steps}"),
         ]
         for ok, msg in checks:
             if not ok:
@@ -230,6 +259,31 @@ class TrainConfig:
     @property
     def use_sparse_backward(self) -> bool:
         return self.sae_class.takes_sparse_path and self.sparse_backward is not False
+
+    @property
+    def total_steps(self) -> int:
+        """The main run plus the fine-tuning stage."""
+        return self.steps + self.finetune_steps
+
+    def dead_window(self, replicas: int = 1) -> int:
+        """Tokens without firing after which a latent is dead: dead_tokens, or a tenth of the
+        run's tokens capped at 10M (the common fixed window, which a short run never reaches)."""
+        if self.dead_tokens is not None:
+            return self.dead_tokens
+        run_tokens = self.steps * self.batch_size * replicas
+        return max(self.batch_size * replicas, min(DEAD_TOKENS_CAP, run_tokens // 10))
+
+    @property
+    def use_resampling(self) -> bool:
+        if self.resample_dead is None:
+            return not self.sae_class.takes_sparse_path
+        return self.resample_dead
+
+    def resample_interval(self, replicas: int = 1) -> int:
+        """Steps between resamplings of dead latents."""
+        if self.resample_every is not None:
+            return self.resample_every
+        return max(1, -(-self.dead_window(replicas) // (self.batch_size * replicas)))
 
     @property
     def use_unit_norm_decoder(self) -> bool:

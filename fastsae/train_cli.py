@@ -28,7 +28,8 @@ SAE_FLAGS = {"d_in": int, "d_sae": int, "architecture": str, "k": int, "dtype": 
              "l1_coefficient": float, "l0_coefficient": float, "backend": str}
 TRAIN_FLAGS = {"steps": int, "batch_size": int, "lr": float, "optimizer": str, "warmup_steps": int,
                "decay": str, "decay_start": float, "sparsity_warmup_steps": int, "auxk_coefficient": float,
-               "k_aux": int, "dead_tokens": int, "init": str, "b_dec_init": str, "nonfinite": str,
+               "k_aux": int, "dead_tokens": int, "resample_every": int, "finetune_steps": int, "finetune_lr": float,
+               "init": str, "b_dec_init": str, "nonfinite": str,
                "log_every": int, "checkpoint_every": int, "keep_checkpoints": int, "out_dir": str, "seed": int}
 DATA_KEYS = ("path", "buffer_rows", "chunk_rows", "shuffle")
 HELP = {
@@ -38,7 +39,20 @@ HELP = {
     "optimizer": "adam (default) or row_sparse_adam (TopK family: updates only the latents that fired)",
     "lr": "peak learning rate (default 2e-4)", "decay": "linear (default), cosine or constant",
     "decay_start": "fraction of the steps after which the lr decays (default 0.8)",
-    "dead_tokens": "tokens without firing after which a latent counts as dead (default 1e7)",
+    "dead_tokens": "tokens without firing after which a latent counts as dead (default: a tenth of the run's "
+                   "tokens, at most 1e7)",
+    "resample_every": "steps between resamplings of dead latents (default: the dead window; see --resample-dead)",
+    "finetune_steps": "after --steps, this many steps refitting the decoder without the sparsity penalty, the "
+                      "encoder frozen: the shrinkage fix (default 0)",
+    "finetune_lr": "peak lr of the fine-tuning stage (default: --lr)",
+    "steps": "optimizer steps (default 1000)", "batch_size": "rows per step and replica (default 4096)",
+    "warmup_steps": "linear lr warmup steps (default 0)",
+    "sparsity_warmup_steps": "steps over which the L1/L0 penalty ramps up from 0 (default 0)",
+    "auxk_coefficient": "weight of AuxK, on while latents are dead (TopK family; default 1/32; 0 disables)",
+    "k_aux": "latents AuxK uses per row (default d_in // 2)", "seed": "seeds the init and the data order",
+    "log_every": "steps between log lines (default 100)", "keep_checkpoints": "checkpoints kept (default 3)",
+    "l1_coefficient": "L1 penalty weight (standard)", "l0_coefficient": "L0 penalty weight (jumprelu)",
+    "device": "cpu (default) or cuda[:N]", "backend": "auto (default), reference, cpp or triton",
     "init": "tied (default) or data (decoder atoms from activation samples)",
     "b_dec_init": "geometric_median (default), mean or zeros",
     "nonfinite": "raise (default) or skip batches holding NaN/inf (counted in the log)",
@@ -57,6 +71,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--expansion", type=int, help="d_sae = expansion * d_in (instead of --d-sae)")
     for name, typ in {**SAE_FLAGS, **TRAIN_FLAGS}.items():
         p.add_argument("--" + name.replace("_", "-"), type=typ, dest=name, default=None, help=HELP.get(name))
+    dead = p.add_mutually_exclusive_group()
+    dead.add_argument("--resample-dead", dest="resample_dead", action="store_const", const=True, default=None,
+                      help="resample dead latents (default: on for standard/jumprelu, whose dead latents AuxK "
+                           "cannot revive)")
+    dead.add_argument("--no-resample-dead", dest="resample_dead", action="store_const", const=False,
+                      help="never resample dead latents")
     p.add_argument("--set", action="append", default=[], metavar="FIELD=JSON",
                    help="any other TrainConfig field, value as JSON (e.g. --set final_lr_fraction=0.1)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out-dir from its latest checkpoint")
@@ -92,6 +112,8 @@ def build(args: argparse.Namespace) -> tuple[dict, dict]:
     for name in TRAIN_FLAGS:
         if getattr(args, name) is not None:
             train[name] = getattr(args, name)
+    if getattr(args, "resample_dead", None) is not None:
+        train["resample_dead"] = args.resample_dead
     for item in args.set:
         key, sep, value = item.partition("=")
         if not sep:

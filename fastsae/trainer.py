@@ -13,6 +13,13 @@ layout only through one parallel context (fastsae.parallel): the same code train
 or, given a fastsae.distributed layout, a torchrun job of replicas x shards. A single-process
 run loads nothing of fastsae.distributed. The run's files are fastsae.run_dir's.
 
+The recipe, the same for every architecture: dead latents are those that have not fired for
+`cfg.dead_window()` tokens (relative to the run by default); AuxK revives them in the sparse
+architectures and, where AuxK cannot (a dead ReLU has no gradient), they are resampled
+(`cfg.use_resampling`); the lr decays linearly over the last 20 % of the steps; an optional
+fine-tuning stage (`cfg.finetune_steps`) refits the decoder without the penalty to undo
+shrinkage.
+
 `Trainer.resume(out_dir, source)` continues a run: same data position, optimizer state,
 tracker state and RNG, so on CPU the loss curve after a resume equals the uninterrupted one.
 """
@@ -29,7 +36,7 @@ from .config import TrainConfig
 from .constraints import normalize_rows_
 from .data import ActivationSource, as_source
 from .errors import CheckpointError, ConfigError, InputError
-from .init import init_b_dec_, init_from_data_
+from .init import init_b_dec_, init_from_data_, resample_latents_
 from .optim import DenseAdam, RowSparseAdam, merge_row_sparse
 from .parallel import LOCAL, ParallelContext
 from .run_dir import CONSOLIDATE_MAX_BYTES, RunDir, is_complete, latest_checkpoint, list_checkpoints
@@ -67,7 +74,10 @@ class Trainer:
 
     consolidate_max_bytes = CONSOLIDATE_MAX_BYTES
 
-    def __init__(self, cfg: TrainConfig, data, sae: BaseSAE | None = None, layout: ParallelContext | None = None):
+    def __init__(self, cfg: TrainConfig, data, sae: BaseSAE | None = None, layout: ParallelContext | None = None,
+                 initialise: bool | None = None):
+        """initialise: apply cfg's data-dependent init (b_dec_init, init) to the SAE; None = only
+        to an SAE built here (a given SAE is trained as it is, e.g. one being resumed)."""
         self.cfg = cfg
         if layout is None:
             layout = sae.context if sae is not None else LOCAL
@@ -84,13 +94,16 @@ class Trainer:
         self.step = 0
         self.tokens = 0
         self._resumed = False  # set by resume(): keep the log and config already in out_dir
+        if initialise is None:
+            initialise = sae is None
         if sae is None:
             sae = self._build_sae()
-            self._init_from_data(sae)
         elif layout.shards > 1 and not sae.sharded:
             from .distributed.sharded_sae import shard_of
 
             sae = shard_of(sae, layout)  # every rank passed the same whole SAE
+        if initialise:
+            self._init_from_data(sae)
         layout.broadcast_parameters(sae, sae.latent_dims)  # replicas start identical, whatever each read
         sae.l1_decoder_norm = cfg.l1_decoder_norm
         self.sae = sae
@@ -101,8 +114,10 @@ class Trainer:
         else:
             self.opt = DenseAdam(dict(sae.named_parameters()), cfg.lr, cfg.betas, cfg.eps,
                                  unit_norm_rows=("W_dec",) if cfg.use_unit_norm_decoder else ())
+        self.finetune_opt: DenseAdam | None = None  # the fine-tuning stage's, from its first step
+        self.resampled = 0  # latents resampled so far
         self.tracker = Tracker(cfg.sae.d_sae, sae.device, self.run.log_path if self.is_main else None,
-                               cfg.log_every, cfg.dead_tokens, cfg.dense_threshold,
+                               cfg.log_every, cfg.dead_window(layout.replicas), cfg.dense_threshold,
                                console=tqdm.write if (cfg.console and self.is_main) else None)
         self.last_checkpoint: Path | None = None
 
@@ -236,9 +251,96 @@ class Trainer:
                    "loss": float(loss.detach()) + float(aux.detach())}
         return scalars, out.x_hat.detach(), xn, fired
 
+    def _finetune_step(self, x: torch.Tensor, lr: float):
+        """The shrinkage fix (Wright & Sharkey 2024): the encoder, b_dec included, is frozen, so
+        which latents fire and how strongly is fixed; the decoder rows are refit by MSE alone
+        (no penalty, no unit-norm constraint), so a row's norm absorbs its latent's shrinkage."""
+        sae = self.sae
+        if self.finetune_opt is None:
+            self._start_finetune()
+        with torch.no_grad():
+            x = sae.normalize_input(x)[0]
+            acts = sae.encode_prepared(x)
+        x_hat = sae.decode(acts)
+        _, mse, fvu = reconstruction_terms(x_hat, x)
+        if not self._agree(bool(torch.isfinite(mse.detach())))[0]:
+            return None
+        self.finetune_opt.set_lr(lr)
+        self.finetune_opt.zero_grad()
+        sae.zero_grad(set_to_none=True)
+        mse.backward()
+        self.layout.reduce_gradients(sae)
+        self.finetune_opt.step()
+        sae.zero_grad(set_to_none=True)
+        if isinstance(acts, SparseActs):
+            fired, l0 = acts.indices[acts.values > 0], float((acts.values > 0).sum(-1).float().mean())
+        else:
+            fired, l0 = torch.nonzero(acts)[:, 1], float((acts != 0).sum(-1).float().mean())
+        scalars = {"mse": float(mse.detach()), "fvu": float(fvu.detach()), "l0": l0, "auxk": 0.0, "sparsity": 0.0,
+                   "loss": float(mse.detach())}
+        return scalars, x_hat.detach(), x, fired
+
+    def _start_finetune(self, resumed: bool = False) -> None:
+        if isinstance(self.opt, RowSparseAdam) and not resumed:
+            self.opt.flush()  # the main run's pending momentum lands before the decoder is refit
+        self.finetune_opt = DenseAdam({"W_dec": self.sae.W_dec}, self.cfg.finetune_lr or self.cfg.lr,
+                                      self.cfg.betas, self.cfg.eps)
+
+    @torch.no_grad()
+    def resample_dead_latents(self) -> int:
+        """Resample the dead latents (cfg.resample_dead): each gets, as decoder row, the
+        normalised residual x - x̂ of an input drawn with probability ∝ its squared error, as
+        encoder column the same direction at the mean norm of the live columns, a zero bias and
+        fresh optimizer state (Bricken et al. 2023, with the residual in place of the input).
+        The inputs are the next init_sample_rows rows of the source (its position is kept).
+        Returns how many latents were resampled (over every shard)."""
+        sae, cfg = self.sae, self.cfg
+        dead = self.tracker.dead_latents()  # global ids, the same on every rank
+        if dead.numel() == 0:
+            return 0
+        sample = self.source.sample(cfg.init_sample_rows).to(sae.device, sae.dtype)
+        sample = sample[torch.isfinite(sample).all(1)]
+        x = sae.normalize_input(sample)[0]
+        residual = (x - sae.decode(sae.encode_prepared(x))).float()
+        err = residual.pow(2).sum(1)
+        local = dead[(dead >= sae.shard_start) & (dead < sae.shard_end)] - sae.shard_start
+        if local.numel() and float(err.sum()) > 0:
+            gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + self.step * 7919 + self.layout.shard)
+            pick = torch.multinomial(err.cpu(), local.numel(), replacement=True, generator=gen).to(sae.device)
+            resample_latents_(sae.local_view(), local, residual[pick])
+            self._reset_optimizer_rows(local)
+        self.layout.broadcast_parameters(sae, sae.latent_dims)
+        self.tracker.revive(dead)  # a fresh window to fire in
+        self.resampled += int(dead.numel())
+        return int(dead.numel())
+
+    def _reset_optimizer_rows(self, u: torch.Tensor) -> None:
+        """Forget the optimizer's moments of local latents u (and refresh low-precision masters)."""
+        opt = self.opt
+        if isinstance(opt, RowSparseAdam):
+            for m, v in opt.state.values():
+                m[u], v[u] = 0, 0
+            opt.row_steps[u] = opt.t if opt.catch_up else 0
+            if opt.master is not None:
+                for name in opt.master:
+                    weight = getattr(self.sae, name)
+                    opt.master[name][u] = (weight[:, u].t() if name == "W_enc" else weight[u]).float()
+            return
+        for name, dim in self.sae.latent_dims.items():
+            master = opt.master.get(name)
+            if master is None:
+                continue
+            state = opt.opt.state.get(master, {})
+            for buf in ("exp_avg", "exp_avg_sq"):
+                if buf in state:
+                    state[buf].index_fill_(dim, u, 0)
+            if master is not opt.params[name]:
+                master.index_copy_(dim, u, opt.params[name].index_select(dim, u).float())
+
     def train_step(self, x: torch.Tensor) -> dict | None:
         """One optimizer step on batch x [..., d_in] (this replica's batch; every rank calls
-        it); None if the batch was skipped (NaN/inf with nonfinite="skip", or no rows)."""
+        it); None if the batch was skipped (NaN/inf with nonfinite="skip", or no rows). Past
+        cfg.steps, a step of the fine-tuning stage."""
         cfg = self.cfg
         x = x.reshape(-1, x.shape[-1])
         if not self._agree(x.shape[0] > 0)[0]:  # an empty batch has nothing to learn from
@@ -247,11 +349,18 @@ class Trainer:
             self.tracker.skipped_batches += 1
             return None
         x = x.to(device=self.sae.device, dtype=self.sae.dtype)
-        lr = cfg.lr * lr_factor(self.step, cfg.steps, cfg.warmup_steps, cfg.decay_start, cfg.decay,
-                                cfg.final_lr_fraction)
-        sf = sparsity_factor(self.step, cfg.sparsity_warmup_steps)
-        self.opt.set_lr(lr)
-        result = self._sparse_step(x, sf) if cfg.use_sparse_backward else self._autograd_step(x, sf)
+        finetune = self.step >= cfg.steps
+        if finetune:
+            lr = (cfg.finetune_lr or cfg.lr) * lr_factor(self.step - cfg.steps, cfg.finetune_steps, 0, cfg.decay_start,
+                                                         cfg.decay, cfg.final_lr_fraction)
+            sf = 0.0
+            result = self._finetune_step(x, lr)
+        else:
+            lr = cfg.lr * lr_factor(self.step, cfg.steps, cfg.warmup_steps, cfg.decay_start, cfg.decay,
+                                    cfg.final_lr_fraction)
+            sf = sparsity_factor(self.step, cfg.sparsity_warmup_steps)
+            self.opt.set_lr(lr)
+            result = self._sparse_step(x, sf) if cfg.use_sparse_backward else self._autograd_step(x, sf)
         if result is None:  # finite input, non-finite loss: never let it reach the weights
             if cfg.nonfinite == "raise":
                 raise InputError(
@@ -267,15 +376,27 @@ class Trainer:
         self.tracker.record(self.layout.gather_fired(fired), n_tokens, scalars, x_hat, x_target)
         self.step += 1
         self.tokens += n_tokens
+        if not finetune and self._resample_due():
+            scalars["resampled"] = self.resample_dead_latents()
         scalars.update(lr=lr, sparsity_factor=sf)
         return scalars
 
+    def _resample_due(self) -> bool:
+        cfg = self.cfg
+        if not cfg.use_resampling or self.step % cfg.resample_interval(self.layout.replicas):
+            return False
+        decay_from = max(int(cfg.decay_start * cfg.steps), cfg.warmup_steps) if cfg.decay != "constant" else cfg.steps
+        return self.step < decay_from  # the last latents settle while the lr decays
+
     # ------------------------------------------------------------------ loop
-    def fit(self, max_steps: int | None = None) -> TrainResult:
-        """Train until cfg.steps (or stop after max_steps total steps, leaving a checkpoint to
-        resume from). Prints where the results went."""
+    def fit(self, max_steps: int | None = None, callback=None) -> TrainResult:
+        """Train until cfg.steps (+ cfg.finetune_steps), or stop after max_steps total steps,
+        leaving a checkpoint to resume from. callback(trainer, scalars), if given, runs after
+        every step; returning True ends the run there (as finished). Prints where the results
+        went."""
         cfg, main = self.cfg, self.is_main
-        stop = cfg.steps if max_steps is None else min(max_steps, cfg.steps)
+        total = cfg.total_steps
+        stop = total if max_steps is None else min(max_steps, total)
         if not self._resumed:
             saved = cfg.to_dict()
             if self.layout.world_size > 1:
@@ -283,14 +404,14 @@ class Trainer:
             self.run.start(saved)
         batches = self.layout.batches(self.source, self.sae.device, self.sae.dtype)
         saved_at = -1
-        bar = tqdm(total=cfg.steps, initial=self.step, desc="training", unit="step",
+        bar = tqdm(total=total, initial=self.step, desc="training", unit="step",
                    disable=not (cfg.progress and main))
         try:
             while self.step < stop:
                 x = next(batches, None)
                 if x is None:
                     if main:
-                        tqdm.write(f"the activation source ran out after {self.step} steps (asked for {cfg.steps})")
+                        tqdm.write(f"the activation source ran out after {self.step} steps (asked for {total})")
                     break
                 scalars = self.train_step(x)
                 if scalars is None:
@@ -300,12 +421,14 @@ class Trainer:
                 if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
                     self.save_checkpoint()
                     saved_at = self.step
+                if callback is not None and callback(self, scalars):
+                    break
         finally:
             bar.close()
-        finished = self.step >= cfg.steps or max_steps is None
+        finished = self.step >= total or max_steps is None
         if finished:
             self.tracker.flush(self.step, self.tokens)
-            if isinstance(self.opt, RowSparseAdam):
+            if isinstance(self.opt, RowSparseAdam) and self.finetune_opt is None:
                 self.opt.flush()  # the final weights include every latent's pending momentum
         if saved_at != self.step:
             self.save_checkpoint()
@@ -331,7 +454,8 @@ class Trainer:
         """Everything but the SAE's weights that a resumed run needs."""
         return {
             "format": 1, "step": self.step, "tokens": self.tokens, "layout": self.layout.as_dict(),
-            "optimizer": self.opt.state_dict(), "tracker": self.tracker.state_dict(),
+            "optimizer": self.opt.state_dict(), "tracker": self.tracker.state_dict(), "resampled": self.resampled,
+            "finetune_optimizer": self.finetune_opt.state_dict() if self.finetune_opt is not None else None,
             "source": self.source.state_dict(), "rng": torch.get_rng_state(),
             "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
         }
@@ -339,6 +463,10 @@ class Trainer:
     def load_state_dict(self, state: dict) -> None:
         self.step, self.tokens = state["step"], state["tokens"]
         self.opt.load_state_dict(state["optimizer"])
+        self.resampled = state.get("resampled", 0)
+        if state.get("finetune_optimizer") is not None:
+            self._start_finetune(resumed=True)
+            self.finetune_opt.load_state_dict(state["finetune_optimizer"])
         self.tracker.load_state_dict(state["tracker"])
         self.source.load_state_dict(state["source"])
         torch.set_rng_state(state["rng"])

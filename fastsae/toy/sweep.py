@@ -26,6 +26,8 @@ from ..errors import InputError
 from .data import ToyData
 from .train import INITS, make_toy_sae, train_toy
 
+ARCH_NAMES = {"standard": "ReLU + L1", "topk": "TopK", "batchtopk": "BatchTopK", "jumprelu": "JumpReLU"}
+COEF_NAMES = {"standard": "L1", "topk": "k", "batchtopk": "k", "jumprelu": "L0"}
 RESULTS = "results.json"
 TABLE = "results.md"
 HEATMAP_METRICS = {  # metric -> (title, colour map, fixed colour range or None)
@@ -52,21 +54,27 @@ def _ints(text: str) -> list[int]:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", type=Path, default=Path("toy_sweep"), help="output folder (results.json, PNGs)")
-    p.add_argument("--arch", nargs="+", choices=("standard", "topk"), default=["standard", "topk"],
-                   help="architectures to sweep: standard = ReLU + L1, topk")
+    p.add_argument("--arch", nargs="+", choices=("standard", "topk", "batchtopk", "jumprelu"),
+                   default=["standard", "topk"],
+                   help="architectures to sweep: standard = ReLU + L1, topk, batchtopk, jumprelu")
     p.add_argument("--ratios", type=_floats, default=[0.5, 1.0, 2.0, 4.0], help="d_sae / G values")
     p.add_argument("--l1", type=_floats, default=[0.03, 0.1, 0.3, 1.0], help="L1 coefficients (standard)")
-    p.add_argument("--k", type=_ints, default=[3, 5, 8, 12], help="k values (topk)")
-    p.add_argument("--steps", type=int, default=5000)
-    p.add_argument("--batch", type=int, default=256)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--lr-decay", type=float, default=0.0, help="decay lr linearly to 0 over this last fraction")
-    p.add_argument("--resample-every", type=int, default=0,
-                   help="resample latents dead for this many steps (0 = never; see toy_train)")
+    p.add_argument("--k", type=_ints, default=[3, 5, 8, 12], help="k values (topk, batchtopk)")
+    p.add_argument("--l0", type=_floats, default=[0.03, 0.1, 0.3], help="L0 coefficients (jumprelu)")
+    p.add_argument("--steps", type=int, default=5000, help="training steps per cell (default 5000)")
+    p.add_argument("--batch", type=int, default=256, help="rows per step (default 256)")
+    p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (default 1e-3)")
+    p.add_argument("--lr-decay", type=float, default=None,
+                   help="decay lr linearly to 0 over this last fraction (default: the Trainer's; 0 = none)")
+    p.add_argument("--resample-every", type=int, default=None,
+                   help="steps between resamplings of dead latents (default: the Trainer's; 0 = never)")
+    p.add_argument("--finetune-steps", type=int, default=0,
+                   help="steps of the Trainer's shrinkage fix after each cell's training (default 0)")
     p.add_argument("--eval-samples", type=int, default=16384)
     p.add_argument("--compare-init", action="store_true",
                    help="also train one cell from random and from data-sample init, plot MMCS vs steps")
-    p.add_argument("--init-arch", choices=("standard", "topk"), default="standard")
+    p.add_argument("--init-arch", choices=("standard", "topk", "batchtopk", "jumprelu"), default="standard",
+                   help="architecture of the init comparison cell")
     p.add_argument("--init-ratio", type=float, default=2.0)
     p.add_argument("--init-coef", type=float, default=None,
                    help="coefficient of the init comparison cell (default: the middle of --l1 / --k)")
@@ -97,6 +105,7 @@ def _settings(args: argparse.Namespace, data: ToyData) -> dict[str, Any]:
     """What every cell shares: a results file is only resumed under the same settings."""
     return {"data": data.config(), "steps": args.steps, "batch": args.batch, "lr": args.lr,
             "lr_decay": args.lr_decay, "resample_every": args.resample_every,
+            "finetune_steps": args.finetune_steps, "trainer": "fastsae.Trainer",
             "eval_samples": args.eval_samples, "optimizer": "adam"}
 
 
@@ -138,7 +147,7 @@ def _train_cell(args, arch, ratio, coef, init="random", track_every=0, desc="cel
     run = train_toy(sae, data, args.steps, batch=args.batch, lr=args.lr, init=init,
                     track_every=track_every, lr_decay_fraction=args.lr_decay,
                     resample_every=args.resample_every, eval_samples=args.eval_samples, desc=desc,
-                    on_track=on_track)
+                    on_track=on_track, seed=args.seed, finetune_steps=args.finetune_steps)
     return {"arch": arch, "ratio": ratio, "coefficient": coef, "d_sae": sae.d_sae, "init": init,
             **run.to_dict()}
 
@@ -148,7 +157,8 @@ def run(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     data = ToyData(**_data_kwargs(args))
     results = load_results(args.out, _settings(args, data))
-    coefs = {"standard": args.l1, "topk": [float(k) for k in args.k]}
+    coefs = {"standard": args.l1, "topk": [float(k) for k in args.k], "batchtopk": [float(k) for k in args.k],
+             "jumprelu": args.l0}
     grid = [(a, r, c) for a in args.arch for r in args.ratios for c in coefs[a]]
     todo = [cell for cell in grid if cell_key(*cell) not in results["cells"]]
     print(f"toy-sweep: {len(grid)} cells ({len(grid) - len(todo)} already in {args.out / RESULTS}), "
@@ -192,7 +202,9 @@ def markdown_table(results: dict[str, Any]) -> str:
     """One row per cell (and per init of the comparison), ready for a README."""
     s = results["settings"]
     extras = (f", linear lr decay over the last {s['lr_decay']:.0%}" if s["lr_decay"] else "") + (
-        f", dead latents resampled every {s['resample_every']} steps" if s["resample_every"] else "")
+        f", dead latents resampled every {s['resample_every']} steps" if s["resample_every"] else "") + (
+        f", {s['finetune_steps']} fine-tuning steps" if s.get("finetune_steps") else "") + (
+        "; fastsae's Trainer with its defaults otherwise" if s.get("trainer") else "")
     head = (f"{s['steps']} steps, batch {s['batch']}, Adam lr {s['lr']:g}{extras}; G={s['data']['n_features']} "
             f"features in d={s['data']['d']}, m={s['data']['mean_active']:g}; metrics on "
             f"{s['eval_samples']} fresh samples\n\n"
@@ -204,8 +216,8 @@ def markdown_table(results: dict[str, Any]) -> str:
     lines = []
     for c in rows:
         m = c["metrics"]
-        name = "ReLU + L1" if c["arch"] == "standard" else "TopK"
-        coef = f"L1 = {c['coefficient']:g}" if c["arch"] == "standard" else f"k = {c['coefficient']:g}"
+        name = ARCH_NAMES[c["arch"]]
+        coef = f"{COEF_NAMES[c['arch']]} = {c['coefficient']:g}"
         lines.append(f"| {name} | {c['d_sae']} ({c['ratio']:g}·G) | {coef} | {c['init']} | {m['mmcs']:.4f} "
                      f"| {m['recovered']:.1%} | {m['l0']:.2f} | {m['fvu']:.4f} | {m['dead_latents']} "
                      f"| {m['shrinkage']:.3f} |")
@@ -244,9 +256,9 @@ def plot_results(results: dict[str, Any], out: Path) -> list[Path]:
                                 color="white" if _dark(im, float(grid[i, j])) else "black")
             ax.set_xticks(range(len(coefs)), [f"{c:g}" for c in coefs])
             ax.set_yticks(range(len(ratios)), [f"{r:g}" for r in ratios])
-            ax.set_xlabel("L1 coefficient" if arch == "standard" else "k")
+            ax.set_xlabel(COEF_NAMES[arch] + (" coefficient" if COEF_NAMES[arch] != "k" else ""))
             ax.set_ylabel("d_sae / G")
-            ax.set_title(f"{'ReLU + L1' if arch == 'standard' else 'TopK'}: {title}", fontsize=9)
+            ax.set_title(f"{ARCH_NAMES[arch]}: {title}", fontsize=9)
             fig.colorbar(im, ax=ax)
             fig.tight_layout()
             written.append(_save(fig, out / f"{arch}_{metric}.png"))
