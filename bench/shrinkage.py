@@ -29,11 +29,12 @@ from .report import RESULTS, git_info, machine_info
 KEYS = ("shrinkage", "fvu", "mmcs", "recovered", "l0")
 
 
-def run(data: ToyData, sae: dict, steps: int, finetune: int, batch: int, lr: float, seed: int) -> dict:
+def run(data: ToyData, sae: dict, steps: int, finetune: int, batch: int, lr: float, seed: int,
+        mode: str = "scale") -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         cfg = TrainConfig(sae=SAEConfig(d_in=data.d, d_sae=2 * data.n_features, **sae), steps=steps,
-                          finetune_steps=finetune, batch_size=batch, lr=lr, seed=seed, out_dir=tmp, progress=False,
-                          console=False, plot=False, checkpoint_every=0)
+                          finetune_steps=finetune, finetune=mode, batch_size=batch, lr=lr, seed=seed, out_dir=tmp,
+                          progress=False, console=False, plot=False, checkpoint_every=0)
         tr = Trainer(cfg, data.source(batch))
         tr.fit(max_steps=steps)
         before = evaluate(tr.sae, data)
@@ -50,6 +51,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--k", type=int, nargs="*", default=[5], help="TopK rows (k values)")
     p.add_argument("--steps", type=int, default=3000, help="training steps (default 3000)")
     p.add_argument("--finetune-steps", type=int, default=1000, help="fine-tuning steps (default 1000)")
+    p.add_argument("--finetune", choices=("scale", "decoder"), default="scale",
+                   help="what the stage refits (TrainConfig.finetune; default scale)")
     p.add_argument("--batch", type=int, default=256, help="rows per step (default 256)")
     p.add_argument("--lr", type=float, default=1e-3, help="peak lr (default 1e-3)")
     p.add_argument("--seed", type=int, default=0, help="seeds data and SAE")
@@ -62,11 +65,12 @@ def main(argv: list[str] | None = None) -> int:
         [dict(architecture="topk", k=k) for k in args.k]
     rows = []
     for sae in configs:
-        r = run(data, sae, args.steps, args.finetune_steps, args.batch, args.lr, args.seed)
+        r = run(data, sae, args.steps, args.finetune_steps, args.batch, args.lr, args.seed, args.finetune)
         rows.append(r)
         print(json.dumps(r), flush=True)
     lines = [f"Toy data d={args.d}, G={args.features}, d_sae=2G; {args.steps} steps with the Trainer's defaults "
-             f"(batch {args.batch}, lr {args.lr:g}), then {args.finetune_steps} fine-tuning steps; metrics on "
+             f"(batch {args.batch}, lr {args.lr:g}), then {args.finetune_steps} fine-tuning steps "
+             f"(finetune={args.finetune!r}); metrics on "
              "16 384 fresh samples.", "",
              "| SAE | γ before → after | FVU before → after | MMCS before → after | recovered before → after "
              "| L0 |", "|---|---|---|---|---|---|"]

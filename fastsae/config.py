@@ -147,9 +147,11 @@ class TrainConfig:
         stops when the lr decay starts, so the last latents settle.
     finetune_steps: after `steps`, this many steps of the shrinkage fix (Wright & Sharkey
         2024): the encoder (and so which latents fire, and how strongly) is frozen, and the
-        decoder rows are refit by MSE alone, without the sparsity penalty or the unit-norm
-        constraint, so each row's norm absorbs its latent's shrinkage. finetune_lr: its peak
-        lr (None: lr), decayed as the main run.
+        decoder is refit by MSE alone, without the sparsity penalty or the unit-norm constraint.
+        finetune: "scale" refits each decoder row's norm only, so the directions (the learned
+        features) stay as trained and the norms absorb each latent's shrinkage; "decoder" refits
+        the whole rows, as Wright & Sharkey (lower MSE, but the directions move too).
+        finetune_lr: its peak lr (None: lr), decayed as the main run.
     unit_norm_decoder: None = on for the sparse architectures and unweighted L1 (keep decoder rows unit-norm, with the
         gradient's parallel component removed).
     init: "tied" (random unit decoder rows, W_enc = W_decᵀ) or "data" (a data_init_fraction
@@ -182,6 +184,7 @@ class TrainConfig:
     resample_dead: bool | None = None
     resample_every: int | None = None
     finetune_steps: int = 0
+    finetune: str = "scale"
     finetune_lr: float | None = None
     dense_threshold: float = 0.1
     unit_norm_decoder: bool | None = None
@@ -227,6 +230,8 @@ class TrainConfig:
             (self.resample_every is None or self.resample_every >= 1,
              f"resample_every must be >= 1 step (or None: the dead window), got {self.resample_every}"),
             (self.finetune_steps >= 0, f"finetune_steps must be >= 0, got {self.finetune_steps}"),
+            (self.finetune in ("scale", "decoder"),
+             f"finetune {self.finetune!r} is unknown: use 'scale' (row norms only) or 'decoder' (whole rows)"),
             (self.finetune_lr is None or self.finetune_lr > 0,
              f"finetune_lr must be > 0 (or None: lr), got {self.finetune_lr}"),
             (0.0 <= self.decay_start <= 1.0,

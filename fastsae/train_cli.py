@@ -28,7 +28,8 @@ SAE_FLAGS = {"d_in": int, "d_sae": int, "architecture": str, "k": int, "dtype": 
              "l1_coefficient": float, "l0_coefficient": float, "backend": str}
 TRAIN_FLAGS = {"steps": int, "batch_size": int, "lr": float, "optimizer": str, "warmup_steps": int,
                "decay": str, "decay_start": float, "sparsity_warmup_steps": int, "auxk_coefficient": float,
-               "k_aux": int, "dead_tokens": int, "resample_every": int, "finetune_steps": int, "finetune_lr": float,
+               "k_aux": int, "dead_tokens": int, "resample_every": int, "finetune_steps": int, "finetune": str,
+               "finetune_lr": float,
                "init": str, "b_dec_init": str, "nonfinite": str,
                "log_every": int, "checkpoint_every": int, "keep_checkpoints": int, "out_dir": str, "seed": int}
 DATA_KEYS = ("path", "buffer_rows", "chunk_rows", "shuffle")
@@ -45,6 +46,8 @@ HELP = {
     "finetune_steps": "after --steps, this many steps refitting the decoder without the sparsity penalty, the "
                       "encoder frozen: the shrinkage fix (default 0)",
     "finetune_lr": "peak lr of the fine-tuning stage (default: --lr)",
+    "finetune": "what the fine-tuning stage refits: scale (default: each decoder row's norm, directions kept) or "
+                "decoder (whole rows)",
     "steps": "optimizer steps (default 1000)", "batch_size": "rows per step and replica (default 4096)",
     "warmup_steps": "linear lr warmup steps (default 0)",
     "sparsity_warmup_steps": "steps over which the L1/L0 penalty ramps up from 0 (default 0)",

@@ -115,6 +115,7 @@ class Trainer:
             self.opt = DenseAdam(dict(sae.named_parameters()), cfg.lr, cfg.betas, cfg.eps,
                                  unit_norm_rows=("W_dec",) if cfg.use_unit_norm_decoder else ())
         self.finetune_opt: DenseAdam | None = None  # the fine-tuning stage's, from its first step
+        self.finetune_gain: torch.nn.Parameter | None = None  # finetune="scale": log of each decoder row's norm
         self.resampled = 0  # latents resampled so far
         self.tracker = Tracker(cfg.sae.d_sae, sae.device, self.run.log_path if self.is_main else None,
                                cfg.log_every, cfg.dead_window(layout.replicas), cfg.dense_threshold,
@@ -253,8 +254,9 @@ class Trainer:
 
     def _finetune_step(self, x: torch.Tensor, lr: float):
         """The shrinkage fix (Wright & Sharkey 2024): the encoder, b_dec included, is frozen, so
-        which latents fire and how strongly is fixed; the decoder rows are refit by MSE alone
-        (no penalty, no unit-norm constraint), so a row's norm absorbs its latent's shrinkage."""
+        which latents fire and how strongly is fixed; the decoder is refit by MSE alone (no
+        penalty, no unit-norm constraint): each row's norm only (cfg.finetune="scale", the
+        directions kept) or the whole row ("decoder")."""
         sae = self.sae
         if self.finetune_opt is None:
             self._start_finetune()
@@ -270,7 +272,14 @@ class Trainer:
         sae.zero_grad(set_to_none=True)
         mse.backward()
         self.layout.reduce_gradients(sae)
+        if self.finetune_gain is not None:  # W_dec[j] = exp(s_j) · direction_j: dL/ds_j
+            self.finetune_gain.grad = (sae.W_dec.grad.float() * self._finetune_dirs).sum(1) * self.finetune_gain.exp()
         self.finetune_opt.step()
+        if self.finetune_gain is not None:
+            with torch.no_grad():
+                norms = self.finetune_gain.exp().unsqueeze(1)
+                sae.W_dec.copy_((norms * self._finetune_dirs).to(sae.W_dec.dtype))
+            self.finetune_gain.grad = None
         sae.zero_grad(set_to_none=True)
         if isinstance(acts, SparseActs):
             fired, l0 = acts.indices[acts.values > 0], float((acts.values > 0).sum(-1).float().mean())
@@ -280,11 +289,18 @@ class Trainer:
                    "loss": float(mse.detach())}
         return scalars, x_hat.detach(), x, fired
 
-    def _start_finetune(self, resumed: bool = False) -> None:
+    def _start_finetune(self, resumed: bool = False, gain: torch.Tensor | None = None) -> None:
         if isinstance(self.opt, RowSparseAdam) and not resumed:
             self.opt.flush()  # the main run's pending momentum lands before the decoder is refit
-        self.finetune_opt = DenseAdam({"W_dec": self.sae.W_dec}, self.cfg.finetune_lr or self.cfg.lr,
-                                      self.cfg.betas, self.cfg.eps)
+        lr = self.cfg.finetune_lr or self.cfg.lr
+        if self.cfg.finetune == "scale":  # the log of each row's norm, so lr is a relative step
+            W = self.sae.W_dec.detach().float()
+            log_norm = W.norm(dim=1).clamp_min(1e-12).log() if gain is None else gain.to(W.device).float()
+            self.finetune_gain = torch.nn.Parameter(log_norm.clone())
+            self._finetune_dirs = W / log_norm.exp().unsqueeze(1)
+            self.finetune_opt = DenseAdam({"gain": self.finetune_gain}, lr, self.cfg.betas, self.cfg.eps)
+        else:
+            self.finetune_opt = DenseAdam({"W_dec": self.sae.W_dec}, lr, self.cfg.betas, self.cfg.eps)
 
     @torch.no_grad()
     def resample_dead_latents(self) -> int:
@@ -456,6 +472,7 @@ class Trainer:
             "format": 1, "step": self.step, "tokens": self.tokens, "layout": self.layout.as_dict(),
             "optimizer": self.opt.state_dict(), "tracker": self.tracker.state_dict(), "resampled": self.resampled,
             "finetune_optimizer": self.finetune_opt.state_dict() if self.finetune_opt is not None else None,
+            "finetune_gain": self.finetune_gain.detach().cpu() if self.finetune_gain is not None else None,
             "source": self.source.state_dict(), "rng": torch.get_rng_state(),
             "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
         }
@@ -465,7 +482,7 @@ class Trainer:
         self.opt.load_state_dict(state["optimizer"])
         self.resampled = state.get("resampled", 0)
         if state.get("finetune_optimizer") is not None:
-            self._start_finetune(resumed=True)
+            self._start_finetune(resumed=True, gain=state.get("finetune_gain"))
             self.finetune_opt.load_state_dict(state["finetune_optimizer"])
         self.tracker.load_state_dict(state["tracker"])
         self.source.load_state_dict(state["source"])

@@ -107,13 +107,15 @@ def test_resampling_runs_on_schedule_and_stops_when_the_lr_decays(tmp_path):
     assert tr.resampled > 0
 
 
-def test_finetune_stage_freezes_the_encoder_and_undoes_shrinkage(tmp_path):
+@pytest.mark.parametrize("mode", ["scale", "decoder"])
+def test_finetune_stage_freezes_the_encoder_and_undoes_shrinkage(tmp_path, mode):
     data = ToyData(d=8, n_features=16, mean_active=2, seed=0)
     sae = dict(d_in=8, d_sae=32, architecture="standard", l1_coefficient=1.0)
-    cfg = _cfg(tmp_path, sae=sae, steps=150, finetune_steps=100, lr=1e-2, log_every=10)
+    cfg = _cfg(tmp_path, sae=sae, steps=150, finetune_steps=100, finetune=mode, lr=1e-2, log_every=10)
     tr = Trainer(cfg, data.source(64))
     tr.fit(max_steps=150)
     enc = {k: tr.sae.state_dict()[k].clone() for k in ("W_enc", "b_enc", "b_dec")}
+    directions = torch.nn.functional.normalize(tr.sae.W_dec.detach().clone(), dim=1)
     x = data.sample(2048, generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
         before = fastsae.metrics.shrinkage(x, tr.sae(x)), fastsae.metrics.fvu(x, tr.sae(x))
@@ -128,16 +130,20 @@ def test_finetune_stage_freezes_the_encoder_and_undoes_shrinkage(tmp_path):
     log = [json.loads(line) for line in open(res.log_path)]
     assert log[-1]["sparsity"] == 0 and log[-1]["step"] == 250
     assert fastsae.load(res.final_dir).W_dec.norm(dim=1).max() > 1.0  # rows grew to absorb shrinkage
+    moved = (torch.nn.functional.normalize(tr.sae.W_dec.detach(), dim=1) - directions).abs().max()
+    assert (moved < 1e-5) if mode == "scale" else (moved > 1e-3)  # "scale" keeps the learned directions
 
 
 def test_finetune_stage_resumes(tmp_path):
     data = ToyData(d=8, n_features=16, mean_active=2, seed=0)
-    cfg = _cfg(tmp_path, steps=10, finetune_steps=10, checkpoint_every=15)
-    tr = Trainer(cfg, data.source(32))
-    tr.fit(max_steps=15)
-    resumed = Trainer.resume(tmp_path, data.source(32))
+    cfg = _cfg(tmp_path / "a", steps=10, finetune_steps=10, checkpoint_every=15)
+    Trainer(cfg, data.source(32)).fit(max_steps=15)
+    resumed = Trainer.resume(tmp_path / "a", data.source(32))
     assert resumed.finetune_opt is not None and resumed.step == 15
     assert resumed.fit().steps == 20
+    straight = Trainer(cfg.replace(out_dir=str(tmp_path / "b")), data.source(32))
+    straight.fit()
+    torch.testing.assert_close(resumed.sae.W_dec, straight.sae.W_dec)  # the same run, interrupted or not
 
 
 def test_toy_source_resumes_where_it_stopped():
@@ -158,6 +164,8 @@ def test_train_cli_flags_all_have_help_and_reach_the_config():
     train_cli.add_arguments(p)
     missing = [a.dest for a in p._actions if not a.help and a.dest != "help"]
     assert missing == []
-    args = p.parse_args(["--data", "x", "--finetune-steps", "7", "--resample-dead", "--resample-every", "3"])
+    args = p.parse_args(["--data", "x", "--finetune-steps", "7", "--finetune", "decoder", "--resample-dead",
+                         "--resample-every", "3"])
     train, _ = train_cli.build(args)
-    assert (train["finetune_steps"], train["resample_dead"], train["resample_every"]) == (7, True, 3)
+    assert (train["finetune_steps"], train["finetune"], train["resample_dead"], train["resample_every"]) == \
+        (7, "decoder", True, 3)
