@@ -13,6 +13,7 @@ from .errors import ConfigError
 from .schedules import DECAY_SHAPES
 
 NORMALIZATIONS = ("none", "layer_norm", "constant_norm_rescale")
+INITS = ("tied", "data", "data_decoder")
 DEAD_TOKENS_CAP = 10_000_000  # the usual fixed dead window (OpenAI, sparsify): the cap of the relative one
 
 
@@ -154,8 +155,10 @@ class TrainConfig:
         finetune_lr: its peak lr (None: lr), decayed as the main run.
     unit_norm_decoder: None = on for the sparse architectures and unweighted L1 (keep decoder rows unit-norm, with the
         gradient's parallel component removed).
-    init: "tied" (random unit decoder rows, W_enc = W_decᵀ) or "data" (a data_init_fraction
-        of decoder rows from activation samples, then tied). b_dec_init: "geometric_median",
+    init: "tied" (random unit decoder rows, W_enc = W_decᵀ), "data" (a data_init_fraction of
+        decoder rows from centred activation samples, then tied) or "data_decoder" (decoder rows
+        from samples, the encoder left random: keeps the early lead of a sample start on ReLU +
+        L1, where the tied one falls behind; see docs/init_study.md). b_dec_init: "geometric_median",
         "mean" or "zeros", from init_sample_rows rows of the data.
     nonfinite: "raise" (stop with an error naming the batch) or "skip" (drop the batch and
         count it in the log's skipped_batches) for a batch holding NaN/inf.
@@ -220,7 +223,7 @@ class TrainConfig:
             (self.optimizer in ("adam", "row_sparse_adam"),
              f"optimizer {self.optimizer!r} is unknown: use 'adam' or 'row_sparse_adam'"),
             (self.decay in DECAY_SHAPES, f"decay {self.decay!r} is unknown: use one of {', '.join(DECAY_SHAPES)}"),
-            (self.init in ("tied", "data"), f"init {self.init!r} is unknown: use 'tied' or 'data'"),
+            (self.init in INITS, f"init {self.init!r} is unknown: use one of {', '.join(INITS)}"),
             (self.b_dec_init in ("geometric_median", "mean", "zeros"),
              f"b_dec_init {self.b_dec_init!r} is unknown: use 'geometric_median', 'mean' or 'zeros'"),
             (self.nonfinite in ("raise", "skip"), f"nonfinite {self.nonfinite!r} is unknown: use 'raise' or 'skip'"),

@@ -56,7 +56,8 @@ HELP = {
     "log_every": "steps between log lines (default 100)", "keep_checkpoints": "checkpoints kept (default 3)",
     "l1_coefficient": "L1 penalty weight (standard)", "l0_coefficient": "L0 penalty weight (jumprelu)",
     "device": "cpu (default) or cuda[:N]", "backend": "auto (default), reference, cpp or triton",
-    "init": "tied (default) or data (decoder atoms from activation samples)",
+    "init": "tied (default), data (decoder atoms from activation samples, tied encoder) or data_decoder "
+            "(atoms from samples, random encoder)",
     "b_dec_init": "geometric_median (default), mean or zeros",
     "nonfinite": "raise (default) or skip batches holding NaN/inf (counted in the log)",
     "checkpoint_every": "steps between checkpoints (0: only at the end)",

@@ -148,9 +148,13 @@ class Trainer:
                 raise InputError("every row of the initialisation sample holds NaN/inf: clean the activations")
         sample = sae.normalize_input(sample.float())[0]  # init in the space the SAE encodes
         init_b_dec_(sae, sample, cfg.b_dec_init)
-        if cfg.init == "data":  # each shard draws its own latents' atoms
+        if cfg.init in ("data", "data_decoder"):  # each shard draws its own latents' atoms
             gen = torch.Generator().manual_seed(cfg.seed + 1_000_003 * self.layout.shard)
+            encoder = sae.W_enc.detach().clone() if cfg.init == "data_decoder" else None
             init_from_data_(sae.local_view(), sample, cfg.data_init_fraction, generator=gen)
+            if encoder is not None:  # untied: the encoder keeps its random init
+                with torch.no_grad():
+                    sae.W_enc.copy_(encoder)
         # the unit-norm constraint holds from step 0
         if cfg.use_unit_norm_decoder:
             normalize_rows_(sae.W_dec)

@@ -169,3 +169,16 @@ def test_train_cli_flags_all_have_help_and_reach_the_config():
     train, _ = train_cli.build(args)
     assert (train["finetune_steps"], train["finetune"], train["resample_dead"], train["resample_every"]) == \
         (7, "decoder", True, 3)
+
+
+def test_data_decoder_init_leaves_the_encoder_random(tmp_path):
+    x = ToyData(d=8, n_features=16, mean_active=2, seed=0).sample(512)
+    sae = dict(d_in=8, d_sae=16, architecture="standard")
+    rand = Trainer(_cfg(tmp_path / "r", sae=sae, init="tied"), x)
+    data = Trainer(_cfg(tmp_path / "d", sae=sae, init="data_decoder"), x)
+    tied = Trainer(_cfg(tmp_path / "t", sae=sae, init="data"), x)
+    assert torch.equal(data.sae.W_enc, rand.sae.W_enc)  # the same seed's random encoder, untouched
+    assert torch.equal(data.sae.W_dec, tied.sae.W_dec)  # the same sample atoms as the tied data init
+    assert torch.equal(tied.sae.W_enc, tied.sae.W_dec.t())
+    with pytest.raises(ConfigError, match="data_decoder"):
+        _cfg(tmp_path, init="samples")
