@@ -40,6 +40,13 @@ def tied_init_(sae, directions: torch.Tensor) -> None:
     sae.b_dec.zero_()
 
 
+# The TopK family's encoder starts at W_decᵀ/√3: the scale of an nn.Linear's default init rows
+# (sparsify's), at which a plain user loop reached a lower held-out FVU than with W_enc = W_decᵀ
+# on a sentence model's activations (docs/dropin_quality.md). TopK selects by the encoder's
+# ranking, which a common scale leaves unchanged; only the starting magnitudes shrink.
+TOPK_ENCODER_INIT_SCALE = 3 ** -0.5
+
+
 @torch.no_grad()
 def tie_encoder_(sae) -> None:
     """W_enc = W_decᵀ."""
