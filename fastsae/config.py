@@ -15,6 +15,8 @@ from .schedules import DECAY_SHAPES
 OPTIMIZERS = ("adam", "row_sparse_adam", "signum", "row_sparse_signum")
 
 NORMALIZATIONS = ("none", "layer_norm", "constant_norm_rescale")
+INITS = ("tied", "data", "data_decoder")
+DEAD_TOKENS_CAP = 10_000_000  # the usual fixed dead window (OpenAI, sparsify): the cap of the relative one
 
 
 def dtype_from_str(name: str | torch.dtype) -> torch.dtype:
@@ -183,12 +185,30 @@ class TrainConfig:
         at every width. Weighting by the decoder norm makes it invariant to trading scale
         between f_j and W_dec[j] (otherwise the SAE can shrink f and grow W_dec to dodge
         it); the unweighted form needs unit_norm_decoder=True for the same reason.
-    auxk_coefficient, k_aux: AuxK for the sparse architectures (0 disables; k_aux None = d_in // 2).
-    dead_tokens: a latent is dead after this many tokens without firing.
+    auxk_coefficient, k_aux: AuxK for the sparse architectures (0 disables; k_aux None = d_in // 2):
+        on whenever latents are dead.
+    dead_tokens: a latent is dead after this many tokens without firing. None = relative to the
+        run: a tenth of its tokens, at most 10M (see `dead_window`), so AuxK and resampling start
+        in a 1000-step toy run as in a billion-token one.
+    resample_dead: resample dead latents as Anthropic's 2023 recipe (decoder row = the normalised
+        residual of an input drawn with probability ∝ its squared error, encoder column the same
+        direction at the mean live encoder norm, zero bias, fresh optimizer state). None = on for
+        the architectures AuxK cannot revive (the dense ones: a dead ReLU has no gradient).
+    resample_every: steps between resamplings (None: the dead window in steps); resampling
+        stops when the lr decay starts, so the last latents settle.
+    finetune_steps: after `steps`, this many steps of the shrinkage fix (Wright & Sharkey
+        2024): the encoder (and so which latents fire, and how strongly) is frozen, and the
+        decoder is refit by MSE alone, without the sparsity penalty or the unit-norm constraint.
+        finetune: "scale" refits each decoder row's norm only, so the directions (the learned
+        features) stay as trained and the norms absorb each latent's shrinkage; "decoder" refits
+        the whole rows, as Wright & Sharkey (lower MSE, but the directions move too).
+        finetune_lr: its peak lr (None: lr), decayed as the main run.
     unit_norm_decoder: None = on for the sparse architectures and unweighted L1 (keep decoder rows unit-norm, with the
         gradient's parallel component removed).
-    init: "tied" (random unit decoder rows, W_enc = W_decᵀ) or "data" (a data_init_fraction
-        of decoder rows from activation samples, then tied). b_dec_init: "geometric_median",
+    init: "tied" (random unit decoder rows, W_enc = W_decᵀ), "data" (a data_init_fraction of
+        decoder rows from centred activation samples, then tied) or "data_decoder" (decoder rows
+        from samples, the encoder left random: keeps the early lead of a sample start on ReLU +
+        L1, where the tied one falls behind; see docs/init_study.md). b_dec_init: "geometric_median",
         "mean" or "zeros", from init_sample_rows rows of the data.
     nonfinite: "raise" (stop with an error naming the batch) or "skip" (drop the batch and
         count it in the log's skipped_batches) for a batch holding NaN/inf.
@@ -221,7 +241,12 @@ class TrainConfig:
     l1_decoder_norm: bool = True
     auxk_coefficient: float = 1 / 32
     k_aux: int | None = None
-    dead_tokens: int = 10_000_000
+    dead_tokens: int | None = None
+    resample_dead: bool | None = None
+    resample_every: int | None = None
+    finetune_steps: int = 0
+    finetune: str = "scale"
+    finetune_lr: float | None = None
     dense_threshold: float = 0.1
     unit_norm_decoder: bool | None = None
     init: str = "tied"
@@ -259,11 +284,23 @@ class TrainConfig:
             (self.optimizer in OPTIMIZERS,
              f"optimizer {self.optimizer!r} is unknown: use one of {', '.join(OPTIMIZERS)}"),
             (self.decay in DECAY_SHAPES, f"decay {self.decay!r} is unknown: use one of {', '.join(DECAY_SHAPES)}"),
-            (self.init in ("tied", "data"), f"init {self.init!r} is unknown: use 'tied' or 'data'"),
+            (self.init in INITS, f"init {self.init!r} is unknown: use one of {', '.join(INITS)}"),
             (self.b_dec_init in ("geometric_median", "mean", "zeros"),
              f"b_dec_init {self.b_dec_init!r} is unknown: use 'geometric_median', 'mean' or 'zeros'"),
             (self.nonfinite in ("raise", "skip"), f"nonfinite {self.nonfinite!r} is unknown: use 'raise' or 'skip'"),
             (self.keep_checkpoints >= 1, f"keep_checkpoints must be >= 1, got {self.keep_checkpoints}"),
+            (self.dead_tokens is None or self.dead_tokens >= 1,
+             f"dead_tokens must be >= 1 (or None: relative to the run), got {self.dead_tokens}"),
+            (self.resample_every is None or self.resample_every >= 1,
+             f"resample_every must be >= 1 step (or None: the dead window), got {self.resample_every}"),
+            (self.finetune_steps >= 0, f"finetune_steps must be >= 0, got {self.finetune_steps}"),
+            (self.finetune in ("scale", "decoder"),
+             f"finetune {self.finetune!r} is unknown: use 'scale' (row norms only) or 'decoder' (whole rows)"),
+            (self.finetune_lr is None or self.finetune_lr > 0,
+             f"finetune_lr must be > 0 (or None: lr), got {self.finetune_lr}"),
+            (0.0 <= self.decay_start <= 1.0,
+             f"decay_start is a fraction of the steps in [0, 1], got {self.decay_start}"),
+            (self.warmup_steps >= 0, f"warmup_steps must be >= 0, got {self.warmup_steps}"),
         ]
         for ok, msg in checks:
             if not ok:
@@ -300,11 +337,17 @@ class TrainConfig:
                 f"the trainer's sparse path needs d_out == d_in (its row-sparse gradient helpers assume one width); "
                 f"this transcoder maps d_in={sae.d_in} to d_out={sae.output_dim}: use sparse_backward=False (or None)"
             )
-        if self.init == "data" and sae.transcoder:
+        if self.init in ("data", "data_decoder") and sae.transcoder:
             raise ConfigError(
-                "init='data' ties the encoder to decoder atoms drawn from the data, which a transcoder's two "
-                "activations do not share: use init='tied'"
+                f"init={self.init!r} draws decoder atoms from the input activations, which a transcoder's target "
+                "does not share: use init='tied'"
             )
+        if sae.transcoder and self.resample_dead:
+            raise ConfigError("resampling sets a dead latent's encoder and decoder to one residual direction, which "
+                              "a transcoder's input and target do not share: use resample_dead=False")
+        if sae.transcoder and self.finetune_steps:
+            raise ConfigError("the fine-tuning stage refits an SAE's reconstruction of its input; transcoders do not "
+                              "have it yet: use finetune_steps=0")
 
     @property
     def sae_class(self):
@@ -317,6 +360,31 @@ class TrainConfig:
         # a transcoder with d_out != d_in trains on the autograd path (see validate)
         return (self.sae_class.takes_sparse_path and self.sparse_backward is not False
                 and self.sae.output_dim == self.sae.d_in)
+
+    @property
+    def total_steps(self) -> int:
+        """The main run plus the fine-tuning stage."""
+        return self.steps + self.finetune_steps
+
+    def dead_window(self, replicas: int = 1) -> int:
+        """Tokens without firing after which a latent is dead: dead_tokens, or a tenth of the
+        run's tokens capped at 10M (the common fixed window, which a short run never reaches)."""
+        if self.dead_tokens is not None:
+            return self.dead_tokens
+        run_tokens = self.steps * self.batch_size * replicas
+        return max(self.batch_size * replicas, min(DEAD_TOKENS_CAP, run_tokens // 10))
+
+    @property
+    def use_resampling(self) -> bool:
+        if self.resample_dead is None:  # AuxK revives the sparse family's dead latents
+            return not self.sae_class.takes_sparse_path and not self.sae.transcoder
+        return self.resample_dead
+
+    def resample_interval(self, replicas: int = 1) -> int:
+        """Steps between resamplings of dead latents."""
+        if self.resample_every is not None:
+            return self.resample_every
+        return max(1, -(-self.dead_window(replicas) // (self.batch_size * replicas)))
 
     @property
     def use_unit_norm_decoder(self) -> bool:

@@ -40,6 +40,13 @@ def tied_init_(sae, directions: torch.Tensor) -> None:
     sae.b_dec.zero_()
 
 
+# The TopK family's encoder starts at W_decᵀ/√3: the scale of an nn.Linear's default init rows
+# (sparsify's), at which a plain user loop reached a lower held-out FVU than with W_enc = W_decᵀ
+# on a sentence model's activations (docs/dropin_quality.md). TopK selects by the encoder's
+# ranking, which a common scale leaves unchanged; only the starting magnitudes shrink.
+TOPK_ENCODER_INIT_SCALE = 3 ** -0.5
+
+
 @torch.no_grad()
 def tie_encoder_(sae) -> None:
     """W_enc = W_decᵀ."""
@@ -84,3 +91,23 @@ def init_from_data_(sae, sample: torch.Tensor, fraction: float = 1.0,
     normalize_rows_(sae.W_dec, rows)
     tie_encoder_(sae)
     return m
+
+
+@torch.no_grad()
+def resample_latents_(sae, latents: torch.Tensor, directions: torch.Tensor,
+                      encoder_norm: float | torch.Tensor | None = None) -> None:
+    """Point latents `latents` (ids of sae's own latents) at `directions` [len(latents), d_in]:
+    decoder rows = the normalised directions, encoder columns the same directions scaled to
+    `encoder_norm` (default: the mean norm of the other latents' encoder columns, so a revived
+    latent competes on equal terms), zero encoder bias (Bricken et al. 2023)."""
+    if latents.numel() == 0:
+        return
+    unit = torch.nn.functional.normalize(directions.float(), dim=1)
+    if encoder_norm is None:
+        live = torch.ones(sae.W_enc.shape[1], dtype=torch.bool, device=latents.device)
+        live[latents] = False
+        norms = sae.W_enc.float().norm(dim=0)
+        encoder_norm = norms[live].mean() if bool(live.any()) else norms.mean()
+    sae.W_dec.index_copy_(0, latents, unit.to(sae.W_dec.dtype))
+    sae.W_enc.index_copy_(1, latents, (unit.t() * encoder_norm).to(sae.W_enc.dtype))
+    sae.b_enc.index_fill_(0, latents, 0)

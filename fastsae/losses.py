@@ -76,6 +76,73 @@ def top_dead_latents(x_in: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tenso
     return best_i
 
 
+@torch.no_grad()
+def top_dead_preacts(x_in: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, dead: torch.Tensor, k: int,
+                     topk_encode, chunk_bytes: int = 1 << 24) -> tuple[torch.Tensor, torch.Tensor]:
+    """(values, ids) [B, k'] (k' = min(k, #dead)): each row's k' largest ReLU'd pre-activations
+    among the `dead` latent ids, and which. The dead latents' encoder columns are gathered a
+    chunk at a time (at most `chunk_bytes`) and scanned by the `topk_encode` op (fastsae.ops
+    signature), so the work is the encoder GEMM over the dead columns only and no [B, #dead]
+    tensor is held."""
+    k = min(k, dead.numel())
+    best_v = x_in.new_empty(x_in.shape[0], 0)
+    best_i = dead.new_empty(x_in.shape[0], 0)
+    if k == 0:
+        return best_v, best_i
+    step = max(k, chunk_bytes // max(1, W_enc.shape[0] * W_enc.element_size()))
+    for start in range(0, dead.numel(), step):
+        ids = dead[start:start + step]
+        v, pos = topk_encode(x_in, W_enc[:, ids], b_enc[ids], None, min(k, ids.numel()))
+        if start == 0 and ids.numel() == dead.numel():
+            return v, ids[pos]
+        best_v, keep = torch.cat([best_v, v], 1).topk(min(k, best_v.shape[1] + v.shape[1]), dim=1)
+        best_i = torch.cat([best_i, ids[pos]], 1).gather(1, keep)
+    return best_v, best_i
+
+
+def _native_op(name: str, device: torch.device):
+    """torch.ops.fastsae.<name> where the C++ extension has a kernel for `device`, else None."""
+    try:
+        from .ops import cpp
+    except Exception:  # no extension: the plain-PyTorch formula
+        return None
+    return getattr(torch.ops.fastsae, name) if cpp.has_kernel(name, device) else None
+
+
+def _selected_preacts_grads(grad, values, slots, x_in, W):
+    """topk_encode's gradient formula for W [d, u] and b [u] given the selection (values, slots)."""
+    op = _native_op("topk_encode_backward", W.device)
+    if op is not None:
+        _, dW, db, _ = op(grad.to(W.dtype), values.to(W.dtype), slots, x_in.to(W.dtype), W, None, False)
+        return dW, db
+    dpre = (grad * (values > 0)).to(W.dtype)
+    db = W.new_zeros(W.shape[1]).index_add_(0, slots.reshape(-1), dpre.reshape(-1))
+    dW = W.new_zeros(W.shape[1], W.shape[0])
+    rows = max(1, (1 << 22) // max(1, slots.shape[1] * W.shape[0]))  # bound the [rows·k, d] products
+    for r in range(0, slots.shape[0], rows):
+        s, g = slots[r:r + rows], dpre[r:r + rows]
+        prod = g.unsqueeze(-1) * x_in[r:r + rows].to(W.dtype).unsqueeze(1)
+        dW.index_add_(0, s.reshape(-1), prod.reshape(-1, W.shape[0]))
+    return dW.t(), db
+
+
+class SelectedPreacts(torch.autograd.Function):
+    """The ReLU'd pre-activations a top-k scan selected, values [B, k] of columns `slots` of
+    W [d, u] (+ b [u]) for constant input x_in, made differentiable with respect to W and b by
+    topk_encode's formula: AuxK's values without a second encoder pass."""
+
+    @staticmethod
+    def forward(ctx, values, slots, x_in, W, b):
+        ctx.save_for_backward(values, slots, x_in, W)
+        return values.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        values, slots, x_in, W = ctx.saved_tensors
+        dW, db = _selected_preacts_grads(grad, values, slots, x_in, W)
+        return None, None, None, dW, db
+
+
 def auxk_loss(x_in: torch.Tensor, residual: torch.Tensor, idx: torch.Tensor, W_enc: torch.Tensor,
               b_enc: torch.Tensor, W_dec: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
     """AuxK: reconstruct the main model's (detached) residual from the chosen dead latents.

@@ -143,6 +143,22 @@ class DenseAdam:
         for m in self.master.values():
             m.grad = None
 
+    @torch.no_grad()
+    def reset_latents(self, u: torch.Tensor, latent_dims: dict[str, int]) -> None:
+        """Forget the moments of latents u (their weights were re-drawn outside the optimizer,
+        e.g. resampled) and re-read those weights into the fp32 masters. latent_dims: the
+        latent axis of each latent-indexed parameter (BaseSAE.latent_dims)."""
+        for name, dim in latent_dims.items():
+            master = self.master.get(name)
+            if master is None:
+                continue
+            state = self.opt.state.get(master, {})
+            for buf in ("exp_avg", "exp_avg_sq"):
+                if buf in state:
+                    state[buf].index_fill_(dim, u, 0)
+            if master is not self.params[name]:
+                master.index_copy_(dim, u, self.params[name].detach().index_select(dim, u).float())
+
     def _apply(self) -> None:
         self.opt.step()
         for name in self.unit_norm_rows:
@@ -300,6 +316,18 @@ class CompactAdam:
                 w = w / w.norm(dim=1, keepdim=True).clamp_min(1e-12)
             weights.put(sl, w)
 
+    @torch.no_grad()
+    def reset_latents(self, u: torch.Tensor, latent_dims: dict[str, int]) -> None:
+        """DenseAdam.reset_latents: zero latents u's moments, re-read their weights."""
+        for name, dim in latent_dims.items():
+            if name not in self.params:
+                continue
+            axis = dim if self.params[name].dim() >= 2 else 1  # a vector is one row: its latents are columns
+            cols = _as_rows(self.params[name].detach()).shape[1]
+            for m in self.moments[name]:
+                m.zero_(u, axis, chunk_rows=max(1, self.chunk_elems // max(cols, 1)))
+            self.weights[name].refresh_(u, axis)
+
     def state_nbytes(self) -> dict[str, int]:
         """Bytes of the moments and of the master/compensation copies."""
         return {"moments": sum(m.nbytes for ms in self.moments.values() for m in ms),
@@ -455,6 +483,17 @@ class RowSparseAdam:
             self.sae.b_dec.grad = db_dec.to(self.sae.b_dec.dtype)
             self.dense.step()
             self.sae.b_dec.grad = None
+
+    @torch.no_grad()
+    def reset_latents(self, u: torch.Tensor, latent_dims: dict[str, int] | None = None) -> None:
+        """Forget latents u's moments (their weights were re-drawn, e.g. resampled): no catch-up
+        for them, fresh moments, masters re-read from the weights. The state is latent-major,
+        so latent_dims is not needed."""
+        for name in self.LATENT_PARAMS:
+            for m in self.moments[name]:
+                m.zero_(u, 0)
+            self.weights[name].refresh_(u, 0)
+        self.row_steps[u] = self.t if self.catch_up else 0
 
     def _rows_per_chunk(self) -> int:
         return max(1, self.chunk_elems // self.sae.d_in)

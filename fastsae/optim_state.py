@@ -90,6 +90,17 @@ class Moments:
         else:
             self.put(rows, self.get(rows) * factor, gen)
 
+    def zero_(self, ids: torch.Tensor, axis: int, chunk_rows: int = 4096) -> None:
+        """Zero rows (axis 0) or columns (axis 1) `ids`; columns a chunk of rows at a time."""
+        if axis == 0:
+            self.put(ids, torch.zeros(ids.numel(), self.shape[1], device=ids.device), None)
+            return
+        for a in range(0, self.shape[0], chunk_rows):
+            sl = slice(a, min(self.shape[0], a + chunk_rows))
+            vals = self.get(sl)
+            vals[:, ids] = 0
+            self.put(sl, vals, None)
+
     def state_dict(self) -> dict:
         return {"form": self.form, "tensors": self.tensors()}
 
@@ -153,6 +164,16 @@ class WeightRows:
         if self.comp is not None:
             _assign(self.comp, rows, (vals - low.float()).to(self.param.dtype))
         _assign(dst, rows, low)
+
+    @torch.no_grad()
+    def refresh_(self, ids: torch.Tensor, axis: int) -> None:
+        """Re-read rows (axis 0) or columns (axis 1) `ids` from the parameter, after it was
+        written outside the optimizer (a resampled latent): its master copy, no compensation."""
+        if self.master is not None:
+            w = self.view(self.param.detach())
+            self.master.index_copy_(axis, ids, w.index_select(axis, ids).float())
+        if self.comp is not None:
+            self.comp.index_fill_(axis, ids, 0)
 
     def state_dict(self) -> dict:
         return {"mode": self.mode, "master": self.master, "comp": self.comp}

@@ -49,7 +49,7 @@ from .checkpoint import CFG_NAME, WEIGHTS_NAME, read_checkpoint, save_sae
 from .config import SAEConfig
 from .errors import CheckpointError, ConfigError, InputError
 from .init import tied_init_
-from .losses import top_dead_latents, total_variance
+from .losses import SelectedPreacts, top_dead_preacts, total_variance
 from .parallel import LOCAL, ParallelContext
 from .sparse import RowSparseGrads, Selection, SparseActs
 
@@ -579,31 +579,29 @@ class BaseSAE(nn.Module):
         """AuxK (Gao et al. 2024): each row's k_aux largest pre-activations among the `dead`
         global latent ids reconstruct the (detached) residual; the loss is normalised by the
         residual's variance and scaled by `scale`. The gradient goes to leaf copies of the few
-        local latents that were candidates, so nothing of the dictionary's size is allocated:
-        returns (loss, local latent ids u, (W_enc[:, u], b_enc[u], W_dec[u]) leaves); after
-        loss.backward() their .grad are AuxK's gradients of latents u. Every shard must call it
-        with the same `dead`."""
+        local latents that were picked, so nothing of the dictionary's size is allocated: returns
+        (loss, local latent ids u, (W_enc[:, u], b_enc[u], W_dec[u]) leaves); after loss.backward()
+        their .grad are AuxK's gradients of latents u. The work is the encoder GEMM over the dead
+        latents' columns plus O(rows·k_aux·d_in). Every shard must call it with the same `dead`."""
         x_in = self.encoder_input(x2).detach()
         mine = dead[(dead >= self.shard_start) & (dead < self.shard_end)] - self.shard_start
         k_here = min(k_aux, mine.numel())
-        if k_here:
-            idx = top_dead_latents(x_in, self.W_enc.detach(), self.b_enc.detach(), mine, k_here,
-                                   topk_encode=self.op("topk_encode"))
-        else:
-            idx = mine.new_zeros((x_in.shape[0], 0))
-        u, local = torch.unique(idx, return_inverse=True)
+        # each row's k_here largest ReLU'd pre-activations among this module's dead latents (a
+        # scan of their encoder columns only), then leaf copies of the few latents picked: the
+        # gradient goes to them, so nothing of the dictionary's size is allocated
+        vals, ids = top_dead_preacts(x_in, self.W_enc.detach(), self.b_enc.detach(), mine, k_here,
+                                     self.op("topk_encode"))
+        u, slots = torch.unique(ids, return_inverse=True)
         We = self.W_enc.detach()[:, u].clone().requires_grad_()
         be = self.b_enc.detach()[u].clone().requires_grad_()
         Wd = self.W_dec.detach()[u].clone().requires_grad_()
-        pre = torch.einsum("bd,dbk->bk", x_in.to(We.dtype), We[:, local]) + be[local]
+        vals = SelectedPreacts.apply(vals, slots, x_in, We, be)
         width = min(k_aux, max(int(((dead >= s) & (dead < e)).sum()) for s, e in
                                (self.context.shard_range(self.d_sae, i) for i in range(self.context.shards))))
-        # candidates are numbered by their slot in u, so the merge's local ids are slots
-        sel = self.context.merge_topk(pre, local, min(k_aux, dead.numel()), self.shard_start, width, self.d_sae,
+        sel = self.context.merge_topk(vals, slots, min(k_aux, dead.numel()), self.shard_start, width, self.d_sae,
                                       what="AuxK")
-        acts = sel.values.relu()
-        partial = torch.einsum("bk,bkd->bd", acts, Wd[sel.indices]) if u.numel() else \
-            acts.new_zeros((x_in.shape[0], self.d_out))
+        partial = self.op("sparse_decode")(sel.values, sel.indices, Wd, None) if u.numel() \
+            else vals.new_zeros((x_in.shape[0], self.d_out))
         recon = self.context.sum_shards(partial.to(self.dtype), "the AuxK reconstruction")
         residual = residual.detach().float()
         loss = scale * (recon.float() - residual).pow(2).sum() / total_variance(residual)

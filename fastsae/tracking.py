@@ -66,6 +66,10 @@ class Tracker:
         """Ids of latents that have not fired for `dead_tokens` tokens."""
         return torch.nonzero(self.tokens_since_fired >= self.dead_tokens).flatten()
 
+    def revive(self, latents: torch.Tensor) -> None:
+        """Give latents (e.g. just resampled) a fresh dead window."""
+        self.tokens_since_fired[latents] = 0
+
     def dead_fraction(self) -> float:
         return float((self.tokens_since_fired >= self.dead_tokens).float().mean())
 

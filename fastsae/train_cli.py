@@ -31,7 +31,9 @@ SAE_FLAGS = {"d_in": int, "d_sae": int, "architecture": str, "k": int, "dtype": 
 TRAIN_FLAGS = {"steps": int, "batch_size": int, "lr": float, "optimizer": str, "optimizer_state": str,
                "master_weights": str, "warmup_steps": int,
                "decay": str, "decay_start": float, "sparsity_warmup_steps": int, "auxk_coefficient": float,
-               "k_aux": int, "dead_tokens": int, "init": str, "b_dec_init": str, "nonfinite": str,
+               "k_aux": int, "dead_tokens": int, "resample_every": int, "finetune_steps": int, "finetune": str,
+               "finetune_lr": float,
+               "init": str, "b_dec_init": str, "nonfinite": str,
                "log_every": int, "checkpoint_every": int, "keep_checkpoints": int, "out_dir": str, "seed": int}
 DATA_KEYS = ("path", "targets", "buffer_rows", "chunk_rows", "shuffle")
 HELP = {
@@ -50,9 +52,18 @@ HELP = {
     "lr": "peak learning rate", "warmup_steps": "linear lr warmup steps", "decay": "linear, cosine or constant",
     "decay_start": "fraction of the steps after which the lr decays",
     "sparsity_warmup_steps": "steps over which the L1/L0 penalty ramps up from 0",
-    "auxk_coefficient": "weight of the AuxK loss (0: off)", "k_aux": "dead latents AuxK uses per row "
-    "(default d_in/2)", "dead_tokens": "tokens without firing after which a latent counts as dead",
-    "init": "tied or data (decoder atoms from activation samples)",
+    "auxk_coefficient": "weight of AuxK, on while latents are dead (TopK family; 0 disables)",
+    "k_aux": "dead latents AuxK uses per row (default d_in // 2)",
+    "dead_tokens": "tokens without firing after which a latent counts as dead (default: a tenth of the run's "
+                   "tokens, at most 1e7)",
+    "resample_every": "steps between resamplings of dead latents (default: the dead window; see --resample-dead)",
+    "finetune_steps": "after --steps, this many steps refitting the decoder without the sparsity penalty, the "
+                      "encoder frozen: the shrinkage fix",
+    "finetune_lr": "peak lr of the fine-tuning stage (default: --lr)",
+    "finetune": "what the fine-tuning stage refits: scale (each decoder row's norm, directions kept) or "
+                "decoder (whole rows)",
+    "init": "tied, data (decoder atoms from activation samples, tied encoder) or data_decoder (atoms from "
+            "samples, random encoder)",
     "b_dec_init": "geometric_median, mean or zeros",
     "nonfinite": "raise, or skip batches holding NaN/inf (counted in the log)",
     "log_every": "steps between log lines", "checkpoint_every": "steps between checkpoints (0: only at the end)",
@@ -86,6 +97,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default = _default(name)
         shown = "" if default is None or "default" in HELP[name] else f" (default: {default})"
         p.add_argument("--" + name.replace("_", "-"), type=typ, dest=name, default=None, help=HELP[name] + shown)
+    dead = p.add_mutually_exclusive_group()
+    dead.add_argument("--resample-dead", dest="resample_dead", action="store_const", const=True, default=None,
+                      help="resample dead latents (default: on for standard/jumprelu, whose dead latents AuxK "
+                           "cannot revive)")
+    dead.add_argument("--no-resample-dead", dest="resample_dead", action="store_const", const=False,
+                      help="never resample dead latents")
     p.add_argument("--set", action="append", default=[], metavar="FIELD=JSON",
                    help="any other TrainConfig field, value as JSON (e.g. --set final_lr_fraction=0.1)")
     p.add_argument("--resume", action="store_true",
@@ -132,6 +149,8 @@ def build(args: argparse.Namespace) -> tuple[dict, dict]:
     for name in TRAIN_FLAGS:
         if getattr(args, name) is not None:
             train[name] = getattr(args, name)
+    if getattr(args, "resample_dead", None) is not None:
+        train["resample_dead"] = args.resample_dead
     for item in args.set:
         key, sep, value = item.partition("=")
         if not sep:

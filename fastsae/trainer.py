@@ -16,6 +16,13 @@ layout only through one parallel context (fastsae.parallel): the same code train
 or, given a fastsae.distributed layout, a torchrun job of replicas x shards. A single-process
 run loads nothing of fastsae.distributed. The run's files are fastsae.run_dir's.
 
+The recipe, the same for every architecture: dead latents are those that have not fired for
+`cfg.dead_window()` tokens (relative to the run by default); AuxK revives them in the sparse
+architectures and, where AuxK cannot (a dead ReLU has no gradient), they are resampled
+(`cfg.use_resampling`); the lr decays linearly over the last 20 % of the steps; an optional
+fine-tuning stage (`cfg.finetune_steps`) refits the decoder without the penalty to undo
+shrinkage.
+
 `Trainer.resume(out_dir, source)` continues a run: same data position, optimizer state,
 tracker state and RNG, so on CPU the loss curve after a resume equals the uninterrupted one.
 """
@@ -33,7 +40,7 @@ from .config import RESUMABLE, TrainConfig
 from .constraints import normalize_rows_
 from .data import ActivationSource, as_source, fingerprint_changes
 from .errors import ConfigError, InputError
-from .init import init_b_dec_, init_from_data_
+from .init import init_b_dec_, init_from_data_, resample_latents_
 from .optim import DenseAdam, RowSparseAdam, build_optimizer, merge_row_sparse
 from .parallel import LOCAL, ParallelContext
 from .run_dir import CONSOLIDATE_MAX_BYTES, RunDir, latest_checkpoint, list_checkpoints
@@ -71,7 +78,10 @@ class Trainer:
 
     consolidate_max_bytes = CONSOLIDATE_MAX_BYTES
 
-    def __init__(self, cfg: TrainConfig, data, sae: BaseSAE | None = None, layout: ParallelContext | None = None):
+    def __init__(self, cfg: TrainConfig, data, sae: BaseSAE | None = None, layout: ParallelContext | None = None,
+                 initialise: bool | None = None):
+        """initialise: apply cfg's data-dependent init (b_dec_init, init) to the SAE; None = only
+        to an SAE built here (a given SAE is trained as it is, e.g. one being resumed)."""
         self.cfg = cfg
         if layout is None:
             layout = sae.context if sae is not None else LOCAL
@@ -100,13 +110,16 @@ class Trainer:
         self.step = 0
         self.tokens = 0
         self._resumed = False  # set by resume(): keep the log and config already in out_dir
+        if initialise is None:
+            initialise = sae is None
         if sae is None:
             sae = self._build_sae()
-            self._init_from_data(sae)
         elif layout.shards > 1 and not sae.sharded:
             from .distributed.sharded_sae import shard_of
 
             sae = shard_of(sae, layout)  # every rank passed the same whole SAE
+        if initialise:
+            self._init_from_data(sae)
         layout.broadcast_parameters(sae, sae.latent_dims)  # replicas start identical, whatever each read
         sae.l1_decoder_norm = cfg.l1_decoder_norm
         self.sae = sae
@@ -120,8 +133,11 @@ class Trainer:
                                    state=cfg.optimizer_state, master=cfg.master_weights,
                                    unit_norm_decoder=cfg.use_unit_norm_decoder, catch_up=cfg.row_sparse_catch_up,
                                    seed=cfg.seed)
+        self.finetune_opt: DenseAdam | None = None  # the fine-tuning stage's, from its first step
+        self.finetune_gain: torch.nn.Parameter | None = None  # finetune="scale": log of each decoder row's norm
+        self.resampled = 0  # latents resampled so far
         self.tracker = Tracker(cfg.sae.d_sae, sae.device, self.run.log_path if self.is_main else None,
-                               cfg.log_every, cfg.dead_tokens, cfg.dense_threshold,
+                               cfg.log_every, cfg.dead_window(layout.replicas), cfg.dense_threshold,
                                console=tqdm.write if (cfg.console and self.is_main) else None)
         self.last_checkpoint: Path | None = None
 
@@ -155,9 +171,13 @@ class Trainer:
             return
         sample = sae.normalize_input(inputs.float())[0]  # init in the space the SAE encodes
         init_b_dec_(sae, sample, cfg.b_dec_init)
-        if cfg.init == "data":  # each shard draws its own latents' atoms
+        if cfg.init in ("data", "data_decoder"):  # each shard draws its own latents' atoms
             gen = torch.Generator().manual_seed(cfg.seed + 1_000_003 * self.layout.shard)
+            encoder = sae.W_enc.detach().clone() if cfg.init == "data_decoder" else None
             init_from_data_(sae.local_view(), sample, cfg.data_init_fraction, generator=gen)
+            if encoder is not None:  # untied: the encoder keeps its random init
+                with torch.no_grad():
+                    sae.W_enc.copy_(encoder)
         # the unit-norm constraint holds from step 0
         if cfg.use_unit_norm_decoder:
             normalize_rows_(sae.W_dec)
@@ -282,9 +302,88 @@ class Trainer:
                    "loss": float(loss.detach()) + float(aux.detach())}
         return scalars, out.x_hat.detach(), yn, fired
 
+    def _finetune_step(self, x: torch.Tensor, lr: float):
+        """The shrinkage fix (Wright & Sharkey 2024): the encoder, b_dec included, is frozen, so
+        which latents fire and how strongly is fixed; the decoder is refit by MSE alone (no
+        penalty, no unit-norm constraint): each row's norm only (cfg.finetune="scale", the
+        directions kept) or the whole row ("decoder")."""
+        sae = self.sae
+        if self.finetune_opt is None:
+            self._start_finetune()
+        with torch.no_grad():
+            x = sae.normalize_input(x)[0]
+            acts = sae.encode_prepared(x)
+        x_hat = sae.decode(acts)
+        _, mse, fvu = reconstruction_terms(x_hat, x)
+        if not self._agree(bool(torch.isfinite(mse.detach())))[0]:
+            return None
+        self.finetune_opt.set_lr(lr)
+        self.finetune_opt.zero_grad()
+        sae.zero_grad(set_to_none=True)
+        mse.backward()
+        self.layout.reduce_gradients(sae)
+        if self.finetune_gain is not None:  # W_dec[j] = exp(s_j) · direction_j: dL/ds_j
+            self.finetune_gain.grad = (sae.W_dec.grad.float() * self._finetune_dirs).sum(1) * self.finetune_gain.exp()
+        self.finetune_opt.step()
+        if self.finetune_gain is not None:
+            with torch.no_grad():
+                norms = self.finetune_gain.exp().unsqueeze(1)
+                sae.W_dec.copy_((norms * self._finetune_dirs).to(sae.W_dec.dtype))
+            self.finetune_gain.grad = None
+        sae.zero_grad(set_to_none=True)
+        if isinstance(acts, SparseActs):
+            fired, l0 = acts.indices[acts.values > 0], float((acts.values > 0).sum(-1).float().mean())
+        else:
+            fired, l0 = torch.nonzero(acts)[:, 1], float((acts != 0).sum(-1).float().mean())
+        scalars = {"mse": float(mse.detach()), "fvu": float(fvu.detach()), "l0": l0, "auxk": 0.0, "sparsity": 0.0,
+                   "loss": float(mse.detach())}
+        return scalars, x_hat.detach(), x, fired
+
+    def _start_finetune(self, resumed: bool = False, gain: torch.Tensor | None = None) -> None:
+        if not resumed:
+            self.opt.flush()  # the main run's pending momentum lands before the decoder is refit
+        lr = self.cfg.finetune_lr or self.cfg.lr
+        if self.cfg.finetune == "scale":  # the log of each row's norm, so lr is a relative step
+            W = self.sae.W_dec.detach().float()
+            log_norm = W.norm(dim=1).clamp_min(1e-12).log() if gain is None else gain.to(W.device).float()
+            self.finetune_gain = torch.nn.Parameter(log_norm.clone())
+            self._finetune_dirs = W / log_norm.exp().unsqueeze(1)
+            self.finetune_opt = DenseAdam({"gain": self.finetune_gain}, lr, self.cfg.betas, self.cfg.eps)
+        else:
+            self.finetune_opt = DenseAdam({"W_dec": self.sae.W_dec}, lr, self.cfg.betas, self.cfg.eps)
+
+    @torch.no_grad()
+    def resample_dead_latents(self) -> int:
+        """Resample the dead latents (cfg.resample_dead): each gets, as decoder row, the
+        normalised residual x - x̂ of an input drawn with probability ∝ its squared error, as
+        encoder column the same direction at the mean norm of the live columns, a zero bias and
+        fresh optimizer state (Bricken et al. 2023, with the residual in place of the input).
+        The inputs are the next init_sample_rows rows of the source (its position is kept).
+        Returns how many latents were resampled (over every shard)."""
+        sae, cfg = self.sae, self.cfg
+        dead = self.tracker.dead_latents()  # global ids, the same on every rank
+        if dead.numel() == 0:
+            return 0
+        sample = self.source.sample(cfg.init_sample_rows).to(sae.device, sae.dtype)
+        sample = sample[torch.isfinite(sample).all(1)]
+        x = sae.normalize_input(sample)[0]
+        residual = (x - sae.decode(sae.encode_prepared(x))).float()
+        err = residual.pow(2).sum(1)
+        local = dead[(dead >= sae.shard_start) & (dead < sae.shard_end)] - sae.shard_start
+        if local.numel() and float(err.sum()) > 0:
+            gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + self.step * 7919 + self.layout.shard)
+            pick = torch.multinomial(err.cpu(), local.numel(), replacement=True, generator=gen).to(sae.device)
+            resample_latents_(sae.local_view(), local, residual[pick])
+            self.opt.reset_latents(local, sae.latent_dims)
+        self.layout.broadcast_parameters(sae, sae.latent_dims)
+        self.tracker.revive(dead)  # a fresh window to fire in
+        self.resampled += int(dead.numel())
+        return int(dead.numel())
+
     def train_step(self, x: torch.Tensor) -> dict | None:
         """One optimizer step on batch x [..., d_in] (this replica's batch; every rank calls
-        it); None if the batch was skipped (NaN/inf with nonfinite="skip", or no rows)."""
+        it); None if the batch was skipped (NaN/inf with nonfinite="skip", or no rows). Past
+        cfg.steps, a step of the fine-tuning stage."""
         cfg = self.cfg
         x = x.reshape(-1, x.shape[-1])
         if not self._agree(x.shape[0] > 0)[0]:  # an empty batch has nothing to learn from
@@ -293,14 +392,21 @@ class Trainer:
             self.tracker.skipped_batches += 1
             return None
         x, target = self._split(x.to(device=self.sae.device, dtype=self.sae.dtype))
-        lr = cfg.lr * lr_factor(self.step, cfg.steps, cfg.warmup_steps, cfg.decay_start, cfg.decay,
-                                cfg.final_lr_fraction, cfg.lr_anchor)
-        sf = sparsity_factor(self.step, cfg.sparsity_warmup_steps)
-        self.opt.set_lr(lr)
-        if self.dense_opt is not None:
-            self.dense_opt.set_lr(lr)
-        step = self._sparse_step if cfg.use_sparse_backward else self._autograd_step
-        result = step(x, target, sf)
+        finetune = self.step >= cfg.steps
+        if finetune:
+            lr = (cfg.finetune_lr or cfg.lr) * lr_factor(self.step - cfg.steps, cfg.finetune_steps, 0, cfg.decay_start,
+                                                         cfg.decay, cfg.final_lr_fraction)
+            sf = 0.0
+            result = self._finetune_step(x, lr)
+        else:
+            lr = cfg.lr * lr_factor(self.step, cfg.steps, cfg.warmup_steps, cfg.decay_start, cfg.decay,
+                                    cfg.final_lr_fraction, cfg.lr_anchor)
+            sf = sparsity_factor(self.step, cfg.sparsity_warmup_steps)
+            self.opt.set_lr(lr)
+            if self.dense_opt is not None:
+                self.dense_opt.set_lr(lr)
+            step = self._sparse_step if cfg.use_sparse_backward else self._autograd_step
+            result = step(x, target, sf)
         if result is None:  # finite input, non-finite loss: never let it reach the weights
             if cfg.nonfinite == "raise":
                 raise InputError(
@@ -316,21 +422,32 @@ class Trainer:
         self.tracker.record(self.layout.gather_fired(fired), n_tokens, scalars, x_hat, x_target)
         self.step += 1
         self.tokens += n_tokens
+        if not finetune and self._resample_due():
+            scalars["resampled"] = self.resample_dead_latents()
         scalars.update(lr=lr, sparsity_factor=sf)
         return scalars
 
-    # ------------------------------------------------------------------ loop
-    def fit(self, max_steps: int | None = None) -> TrainResult:
-        """Train until cfg.steps (or stop after max_steps total steps, leaving a checkpoint to
-        resume from). Prints where the results went."""
+    def _resample_due(self) -> bool:
         cfg = self.cfg
-        stop = cfg.steps if max_steps is None else min(max_steps, cfg.steps)
+        if not cfg.use_resampling or self.step % cfg.resample_interval(self.layout.replicas):
+            return False
+        decay_from = max(int(cfg.decay_start * cfg.steps), cfg.warmup_steps) if cfg.decay != "constant" else cfg.steps
+        return self.step < decay_from  # the last latents settle while the lr decays
+
+    # ------------------------------------------------------------------ loop
+    def fit(self, max_steps: int | None = None, callback=None) -> TrainResult:
+        """Train until cfg.steps (+ cfg.finetune_steps), or stop after max_steps total steps,
+        leaving a checkpoint to resume from. callback(trainer, scalars), if given, runs after
+        every step; returning True ends the run there (as finished). Prints where the results
+        went."""
+        cfg = self.cfg
+        stop = cfg.total_steps if max_steps is None else min(max_steps, cfg.total_steps)
         self.run.lock()
         try:
             if not self._resumed:
                 self.run.start(self._saved_config(), overwrite=cfg.overwrite)
                 self._resumed = True  # a second fit() continues this run
-            return self._fit(stop, max_steps)
+            return self._fit(stop, max_steps, callback)
         finally:
             self.run.unlock()
 
@@ -340,18 +457,19 @@ class Trainer:
             saved["layout"] = self.layout.as_dict()
         return saved
 
-    def _fit(self, stop: int, max_steps: int | None) -> TrainResult:
+    def _fit(self, stop: int, max_steps: int | None, callback) -> TrainResult:
         cfg, main = self.cfg, self.is_main
+        total = cfg.total_steps
         batches = self.layout.batches(self.source, self.sae.device, self.sae.dtype)
         saved_at = -1
-        bar = tqdm(total=cfg.steps, initial=self.step, desc="training", unit="step",
+        bar = tqdm(total=total, initial=self.step, desc="training", unit="step",
                    disable=not (cfg.progress and main))
         try:
             while self.step < stop:
                 x = next(batches, None)
                 if x is None:
                     if main:
-                        tqdm.write(f"the activation source ran out after {self.step} steps (asked for {cfg.steps})")
+                        tqdm.write(f"the activation source ran out after {self.step} steps (asked for {total})")
                     break
                 scalars = self.train_step(x)
                 if scalars is None:
@@ -361,12 +479,15 @@ class Trainer:
                 if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
                     self.save_checkpoint()
                     saved_at = self.step
+                if callback is not None and callback(self, scalars):
+                    break
         finally:
             bar.close()
-        finished = self.step >= cfg.steps or max_steps is None
+        finished = self.step >= total or max_steps is None
         if finished:
             self.tracker.flush(self.step, self.tokens)
-            self.opt.flush()  # the final weights include every latent's pending momentum (row-sparse Adam)
+            if self.finetune_opt is None:
+                self.opt.flush()  # the final weights include every latent's pending momentum (row-sparse Adam)
         if saved_at != self.step:
             self.save_checkpoint()
         final_dir = sharded_dir = plot_path = None
@@ -391,8 +512,10 @@ class Trainer:
         """Everything but the SAE's weights that a resumed run needs."""
         return {
             "format": 1, "step": self.step, "tokens": self.tokens, "layout": self.layout.as_dict(),
-            "optimizer": self.opt.state_dict(), "tracker": self.tracker.state_dict(),
+            "optimizer": self.opt.state_dict(), "tracker": self.tracker.state_dict(), "resampled": self.resampled,
             "dense_optimizer": self.dense_opt.state_dict() if self.dense_opt is not None else None,
+            "finetune_optimizer": self.finetune_opt.state_dict() if self.finetune_opt is not None else None,
+            "finetune_gain": self.finetune_gain.detach().cpu() if self.finetune_gain is not None else None,
             "source": self.source.state_dict(), "data": self.source.fingerprint(), "rng": torch.get_rng_state(),
             "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
         }
@@ -402,6 +525,10 @@ class Trainer:
         self.opt.load_state_dict(state["optimizer"])
         if self.dense_opt is not None:
             self.dense_opt.load_state_dict(state["dense_optimizer"])
+        self.resampled = state.get("resampled", 0)
+        if state.get("finetune_optimizer") is not None:
+            self._start_finetune(resumed=True, gain=state.get("finetune_gain"))
+            self.finetune_opt.load_state_dict(state["finetune_optimizer"])
         self.tracker.load_state_dict(state["tracker"])
         self.source.load_state_dict(state["source"])
         torch.set_rng_state(state["rng"])
@@ -459,8 +586,11 @@ class Trainer:
                 "shard); the weights alone load into any layout with fastsae.load / load_sharded")
         cfg = saved.replace(**{k: v for k, v in overrides.items() if k in RESUMABLE})
         step = int(state["step"])
-        if cfg.steps < step:
+        if cfg.total_steps < step:
             raise ConfigError(f"{ckpt} is at step {step}, past steps={cfg.steps}: ask for at least {step} steps")
+        if step > saved.steps and cfg.steps != saved.steps:
+            raise ConfigError(f"{ckpt} is in its fine-tuning stage (step {step}, after steps={saved.steps}): resume "
+                              f"with steps={saved.steps}")
         if cfg.steps != saved.steps:  # keep the lr decay where it was, if it had begun
             f = lr_factor(step, saved.steps, saved.warmup_steps, saved.decay_start, saved.decay,
                           saved.final_lr_fraction, saved.lr_anchor)

@@ -146,7 +146,9 @@ def test_construct_from_config_and_keywords_agree():
     assert a.W_enc.shape == (D, N) and a.W_dec.shape == (N, D)
     assert a.b_enc.shape == (N,) and a.b_dec.shape == (D,)
     torch.testing.assert_close(a.W_dec.norm(dim=1), torch.ones(N))  # unit-norm rows
-    torch.testing.assert_close(a.W_enc, a.W_dec.t())  # tied init
+    torch.testing.assert_close(a.W_enc, a.W_dec.t() * 3 ** -0.5)  # tied init, TopK's encoder scale
+    relu = fastsae.StandardSAE(d_in=D, d_sae=N)
+    torch.testing.assert_close(relu.W_enc, relu.W_dec.t())
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])

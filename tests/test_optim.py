@@ -144,7 +144,7 @@ def test_bf16_weights_keep_fp32_masters_and_learn(tmp_path):
     x = ToyData(d=16, n_features=32, seed=4).sample(2048)
     for opt in ("adam", "row_sparse_adam"):
         sae = dict(d_in=16, d_sae=32, architecture="topk", k=4, dtype="bfloat16")
-        tr = Trainer(_cfg(tmp_path / opt, sae=sae, optimizer=opt, steps=60, lr=1e-3), x)
+        tr = Trainer(_cfg(tmp_path / opt, sae=sae, optimizer=opt, steps=60, lr=3e-3), x)
         res = tr.fit()
         assert tr.sae.W_enc.dtype == torch.bfloat16
         state = tr.opt.state_dict()

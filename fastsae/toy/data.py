@@ -31,6 +31,7 @@ from typing import Any
 import torch
 
 from ..config import dtype_from_str
+from ..data import ActivationSource
 from ..errors import InputError
 
 
@@ -226,7 +227,44 @@ class ToyData:
         return out
 
     def __iter__(self):
-        raise TypeError("ToyData streams by size: call data.sample(batch)")
+        raise TypeError("ToyData streams by size: call data.sample(batch), or data.source(batch) for a Trainer")
+
+    def source(self, batch_size: int, seed: int | None = None) -> ToySource:
+        """An endless activation source of fresh batches for `fastsae.Trainer` (resumable)."""
+        return ToySource(self, batch_size, seed)
+
+
+class ToySource(ActivationSource):
+    """Fresh batches of a ToyData generator as a Trainer's activation source. It draws from
+    its own generator (seeded by `seed`, default the data's stream seed), whose state is the
+    source's position: a resumed run sees the batches the uninterrupted one would have. In
+    the paired mode (d_out) each row is an input beside its target, as fastsae.data.PairedSource
+    yields them: a transcoder's training data."""
+
+    def __init__(self, data: ToyData, batch_size: int, seed: int | None = None):
+        if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+            raise InputError(f"batch_size must be a positive integer, got {batch_size!r}")
+        self.data, self.batch_size = data, batch_size
+        if data.d_out is not None:
+            self.widths = (data.d, data.d_out)
+        self.d_in = data.d if data.d_out is None else data.d + data.d_out
+        self.gen = torch.Generator(device=data.device).manual_seed(data.seed + 1 if seed is None else seed)
+
+    def __iter__(self):
+        while True:
+            if self.data.d_out is None:
+                yield self.data.sample(self.batch_size, generator=self.gen)
+            else:
+                yield torch.cat(self.data.sample_pair(self.batch_size, generator=self.gen), dim=1)
+
+    def state_dict(self) -> dict:
+        return {"generator": self.gen.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.gen.set_state(state["generator"])
+
+    def fingerprint(self) -> dict:
+        return {**super().fingerprint(), "toy": self.data.config(), "batch_size": self.batch_size}
 
 
 def _rescale_to_mean(p: torch.Tensor, mean_active: float, weight: torch.Tensor | None = None) -> torch.Tensor:

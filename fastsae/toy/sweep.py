@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 from pathlib import Path
 from typing import Any
 
@@ -35,16 +34,17 @@ from tqdm.auto import tqdm
 from .. import metrics
 from ..atomic import atomic_write
 from ..config import SAEConfig
-from ..constraints import normalize_rows_
 from ..errors import InputError
 from ..sae import BaseSAE, build_sae
 from .data import ToyData
-from .train import INITS, ToyRunResult, make_toy_sae, train_toy
+from .train import COEFFICIENTS as TOY_ARCHS
+from .train import INITS, make_toy_sae, train_toy
 
-ARCHS = ("standard", "topk", "batchtopk", "matryoshka_batchtopk")
+ARCHS = ("standard", "topk", "batchtopk", "jumprelu", "matryoshka_batchtopk")
 K_ARCHS = ("topk", "batchtopk", "matryoshka_batchtopk")  # the coefficient is k
-ARCH_NAMES = {"standard": "ReLU + L1", "topk": "TopK", "batchtopk": "BatchTopK",
+ARCH_NAMES = {"standard": "ReLU + L1", "topk": "TopK", "batchtopk": "BatchTopK", "jumprelu": "JumpReLU",
               "matryoshka_batchtopk": "Matryoshka BatchTopK"}
+COEF_NAMES = {"standard": "L1", "jumprelu": "L0", **dict.fromkeys(K_ARCHS, "k")}
 ABSORPTION_COS = 0.3  # a child's latent "carries" its parent when cos(its decoder row, parent) exceeds this
 
 RESULTS = "results.json"
@@ -74,22 +74,27 @@ def _ints(text: str) -> list[int]:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", type=Path, default=Path("toy_sweep"), help="output folder (results.json, PNGs)")
     p.add_argument("--arch", nargs="+", choices=ARCHS, default=["standard", "topk"],
-                   help="architectures to sweep: standard = ReLU + L1, topk, batchtopk, matryoshka_batchtopk")
+                   help="architectures to sweep: standard = ReLU + L1, topk, batchtopk, jumprelu, matryoshka_batchtopk")
     p.add_argument("--ratios", type=_floats, default=[0.5, 1.0, 2.0, 4.0], help="d_sae / G values")
     p.add_argument("--l1", type=_floats, default=[0.03, 0.1, 0.3, 1.0], help="L1 coefficients (standard)")
     p.add_argument("--k", type=_ints, default=[3, 5, 8, 12], help="k values (topk, batchtopk, matryoshka)")
     p.add_argument("--matryoshka-fractions", type=_floats, default=[0.125, 0.5, 1.0],
                    help="Matryoshka levels as fractions of d_sae (the last must be 1)")
-    p.add_argument("--steps", type=int, default=5000)
-    p.add_argument("--batch", type=int, default=256)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--lr-decay", type=float, default=0.0, help="decay lr linearly to 0 over this last fraction")
-    p.add_argument("--resample-every", type=int, default=0,
-                   help="resample latents dead for this many steps (0 = never; see toy_train)")
+    p.add_argument("--l0", type=_floats, default=[0.03, 0.1, 0.3], help="L0 coefficients (jumprelu)")
+    p.add_argument("--steps", type=int, default=5000, help="training steps per cell (default 5000)")
+    p.add_argument("--batch", type=int, default=256, help="rows per step (default 256)")
+    p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (default 1e-3)")
+    p.add_argument("--lr-decay", type=float, default=None,
+                   help="decay lr linearly to 0 over this last fraction (default: the Trainer's; 0 = none)")
+    p.add_argument("--resample-every", type=int, default=None,
+                   help="steps between resamplings of dead latents (default: the Trainer's; 0 = never)")
+    p.add_argument("--finetune-steps", type=int, default=0,
+                   help="steps of the Trainer's shrinkage fix after each cell's training (default 0)")
     p.add_argument("--eval-samples", type=int, default=16384)
     p.add_argument("--compare-init", action="store_true",
                    help="also train one cell from random and from data-sample init, plot MMCS vs steps")
-    p.add_argument("--init-arch", choices=("standard", "topk"), default="standard")
+    p.add_argument("--init-arch", choices=("standard", "topk", "batchtopk", "jumprelu"), default="standard",
+                   help="architecture of the init comparison cell")
     p.add_argument("--init-ratio", type=float, default=2.0)
     p.add_argument("--init-coef", type=float, default=None,
                    help="coefficient of the init comparison cell (default: the middle of --l1 / --k)")
@@ -129,6 +134,7 @@ def _settings(args: argparse.Namespace, data: ToyData) -> dict[str, Any]:
     """What every cell shares: a results file is only resumed under the same settings."""
     out = {"data": data.config(), "steps": args.steps, "batch": args.batch, "lr": args.lr,
            "lr_decay": args.lr_decay, "resample_every": args.resample_every,
+           "finetune_steps": args.finetune_steps, "trainer": "fastsae.Trainer",
            "eval_samples": args.eval_samples, "optimizer": "adam"}
     if "matryoshka_batchtopk" in args.arch:
         out["matryoshka_fractions"] = list(args.matryoshka_fractions)
@@ -144,10 +150,12 @@ def make_sae(arch: str, data: ToyData, ratio: float, coef: float, seed: int = 0,
     extra: dict = {}
     if data.d_out is not None:
         extra = dict(transcoder=True, d_out=data.d_out, apply_b_dec_to_input=False, skip_connection=skip)
-    elif arch in ("standard", "topk"):
+    elif arch in TOY_ARCHS:
         return make_toy_sae(arch, data, ratio, coef, seed=seed)
     if arch == "standard":
         extra["l1_coefficient"] = float(coef)
+    elif arch == "jumprelu":
+        extra["l0_coefficient"] = float(coef)
     elif int(round(coef)) != coef:
         raise InputError(f"{arch}'s sparsity coefficient is k, an integer: got {coef}")
     else:
@@ -160,51 +168,6 @@ def make_sae(arch: str, data: ToyData, ratio: float, coef: float, seed: int = 0,
         extra["matryoshka_widths"] = widths
     torch.manual_seed(seed)
     return build_sae(SAEConfig(d_in=data.d, d_sae=d_sae, architecture=arch, device=data.device, **extra))
-
-
-def train_transcoder_toy(sae: BaseSAE, data: ToyData, steps: int, batch: int = 256, lr: float = 1e-3,
-                         lr_decay_fraction: float = 0.0, eval_samples: int = 16384, desc: str = "transcoder"):
-    """train_toy for a transcoder on paired toy data: Adam on training_forward(x, y), unit-norm
-    decoder rows; scored against the output features."""
-    normalize_rows_(sae.W_dec)
-    opt = torch.optim.Adam(sae.parameters(), lr=lr)
-    decay_start = int(steps * (1.0 - lr_decay_fraction))
-    start = time.perf_counter()
-    for step in tqdm(range(steps), desc=desc, unit="step", mininterval=1.0, leave=False):
-        if step >= decay_start:
-            for group in opt.param_groups:
-                group["lr"] = lr * (steps - step) / max(steps - decay_start, 1)
-        out = sae.training_forward(*data.sample_pair(batch))
-        opt.zero_grad(set_to_none=True)
-        out.loss.backward()
-        opt.step()
-        normalize_rows_(sae.W_dec)
-    elapsed = time.perf_counter() - start
-    return ToyRunResult(steps=steps, seconds=elapsed, metrics=evaluate_transcoder(sae, data, eval_samples))
-
-
-@torch.no_grad()
-def evaluate_transcoder(sae: BaseSAE, data: ToyData, n_samples: int = 16384, batch: int = 4096,
-                        threshold: float = 0.99, seed: int = 12345) -> dict[str, float]:
-    """toy.train.evaluate's numbers for a transcoder: FVU and shrinkage of the target, MMCS of
-    the decoder rows with the output features."""
-    gen = torch.Generator(device=data.device).manual_seed(seed)
-    fired = torch.zeros(sae.d_sae, dtype=torch.long, device=sae.device)
-    ys, y_hats, l0 = [], [], 0.0
-    for start in range(0, n_samples, batch):
-        x, y = data.sample_pair(min(batch, n_samples - start), generator=gen)
-        out = sae.training_forward(x.to(sae.dtype), y.to(sae.dtype))
-        fired += metrics.latent_fire_counts(out.acts, sae.d_sae)
-        l0 += metrics.l0(out.acts) * x.shape[0]
-        ys.append(y)
-        y_hats.append(out.x_hat)
-    y, y_hat = torch.cat(ys), torch.cat(y_hats)
-    cos = metrics.max_cosine_similarities(data.output_features, sae.W_dec)
-    dead = metrics.dead_latents(fired)
-    return {"mmcs": float(cos.mean()), "recovered": float((cos > threshold).float().mean()),
-            "recovery_threshold": threshold, "l0": l0 / n_samples, "fvu": metrics.fvu(y, y_hat),
-            "shrinkage": metrics.shrinkage(y, y_hat), "dead_latents": dead, "dead_fraction": dead / sae.d_sae,
-            "eval_samples": n_samples, "skip_norm": float(sae.W_skip.norm()) if sae.W_skip is not None else 0.0}
 
 
 @torch.no_grad()
@@ -288,10 +251,6 @@ def _train_cell(args, arch, ratio, coef, init="random", track_every=0, desc="cel
     base, skip = arch.removesuffix("+skip"), arch.endswith("+skip")
     sae = make_sae(base, data, ratio, coef, seed=args.seed, matryoshka_fractions=args.matryoshka_fractions,
                    skip=skip)
-    if data.d_out is not None:
-        run = train_transcoder_toy(sae, data, args.steps, batch=args.batch, lr=args.lr,
-                                   lr_decay_fraction=args.lr_decay, eval_samples=args.eval_samples, desc=desc)
-        return {"arch": arch, "ratio": ratio, "coefficient": coef, "d_sae": sae.d_sae, "init": init, **run.to_dict()}
     on_track = None
     if track_every and args.track_cells:
         progress_path = args.out / "progress.json"
@@ -304,9 +263,10 @@ def _train_cell(args, arch, ratio, coef, init="random", track_every=0, desc="cel
     run = train_toy(sae, data, args.steps, batch=args.batch, lr=args.lr, init=init,
                     track_every=track_every, lr_decay_fraction=args.lr_decay,
                     resample_every=args.resample_every, eval_samples=args.eval_samples, desc=desc,
-                    on_track=on_track)
+                    on_track=on_track, seed=args.seed, finetune_steps=args.finetune_steps)
     cell = {"arch": arch, "ratio": ratio, "coefficient": coef, "d_sae": sae.d_sae, "init": init, **run.to_dict()}
-    cell["metrics"].update(absorption(sae, data, n_samples=args.eval_samples))
+    if data.d_out is None:
+        cell["metrics"].update(absorption(sae, data, n_samples=args.eval_samples))
     return cell
 
 
@@ -315,7 +275,7 @@ def run(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     data = ToyData(**_data_kwargs(args))
     results = load_results(args.out, _settings(args, data))
-    coefs = {"standard": args.l1, **{a: [float(k) for k in args.k] for a in K_ARCHS}}
+    coefs = {"standard": args.l1, "jumprelu": args.l0, **{a: [float(k) for k in args.k] for a in K_ARCHS}}
     archs = args.arch
     if args.d_out is not None:  # transcoders, with and/or without a skip connection
         archs = [a + ("+skip" if s == "on" else "") for a in args.arch for s in args.skip]
@@ -365,7 +325,9 @@ def markdown_table(results: dict[str, Any]) -> str:
     """One row per cell (and per init of the comparison), ready for a README."""
     s = results["settings"]
     extras = (f", linear lr decay over the last {s['lr_decay']:.0%}" if s["lr_decay"] else "") + (
-        f", dead latents resampled every {s['resample_every']} steps" if s["resample_every"] else "")
+        f", dead latents resampled every {s['resample_every']} steps" if s["resample_every"] else "") + (
+        f", {s['finetune_steps']} fine-tuning steps" if s.get("finetune_steps") else "") + (
+        "; fastsae's Trainer with its defaults otherwise" if s.get("trainer") else "")
     d = s["data"]
     hier = (f", {d['parents']} parents with {d['children']} children each (child probability "
             f"{d['child_probability']:g})" if d.get("parents") else "")
@@ -387,7 +349,7 @@ def markdown_table(results: dict[str, Any]) -> str:
     for c in rows:
         m = c["metrics"]
         base = c["arch"].removesuffix("+skip")
-        coef = f"L1 = {c['coefficient']:g}" if base == "standard" else f"k = {c['coefficient']:g}"
+        coef = f"{COEF_NAMES[base]} = {c['coefficient']:g}"
         name = ARCH_NAMES[base] + (" + skip" if c["arch"].endswith("+skip") else "")
         row = (f"| {name} | {c['d_sae']} ({c['ratio']:g}·G) | {coef} | {c['init']} | {m['mmcs']:.4f} "
                f"| {m['recovered']:.1%} | {m['l0']:.2f} | {m['fvu']:.4f} | {m['dead_latents']} "
@@ -432,9 +394,9 @@ def plot_results(results: dict[str, Any], out: Path) -> list[Path]:
                                 color="white" if _dark(im, float(grid[i, j])) else "black")
             ax.set_xticks(range(len(coefs)), [f"{c:g}" for c in coefs])
             ax.set_yticks(range(len(ratios)), [f"{r:g}" for r in ratios])
-            ax.set_xlabel("L1 coefficient" if arch == "standard" else "k")
-            ax.set_ylabel("d_sae / G")
             base = arch.removesuffix("+skip")
+            ax.set_xlabel(COEF_NAMES[base] + (" coefficient" if COEF_NAMES[base] != "k" else ""))
+            ax.set_ylabel("d_sae / G")
             ax.set_title(f"{ARCH_NAMES[base]}{' + skip' if base != arch else ''}: {title}", fontsize=9)
             fig.colorbar(im, ax=ax)
             fig.tight_layout()

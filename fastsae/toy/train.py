@@ -1,46 +1,49 @@
-"""A small training loop for toy-data recovery runs (the sweep and the demo use it).
+"""Toy-data recovery runs: `fastsae.Trainer` on a ToyData stream, scored against the ground truth
+(a transcoder on paired toy data against the output features).
 
-Adam on `sae.training_forward(x).loss`, decoder rows renormalised to unit norm after every
-step (so the scale lives in the codes and the L1 penalty cannot shrink the dictionary instead
-of the codes), a tqdm bar, and an evaluation of dictionary recovery against the ground truth.
-This is not the general trainer: no checkpoints, no schedules beyond a final linear decay.
+`train_toy` is a thin wrapper: it builds a TrainConfig (the Trainer's defaults, with the few
+settings a toy run names), trains the given SAE with the Trainer (the same loop, recipe and
+dead-latent handling as `fastsae train`), tracks MMCS against the true features on the way
+and evaluates the result on a fixed set of fresh samples. The sweep and the demo use it.
 """
 
 from __future__ import annotations
 
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 
 from .. import metrics
-from ..architectures import StandardSAE, TopKSAE
-from ..constraints import normalize_rows_
+from ..config import TrainConfig
 from ..errors import InputError
-from ..init import init_from_data_
-from ..sae import BaseSAE
+from ..init import init_from_data_, resample_latents_
+from ..sae import BaseSAE, sae_class
+from ..trainer import Trainer
 from .data import ToyData
 
 INITS = ("random", "data")
+# the architectures a toy run builds, and what its sparsity coefficient means for each
+COEFFICIENTS = {"standard": "l1_coefficient", "topk": "k", "batchtopk": "k", "jumprelu": "l0_coefficient"}
 
 
 def make_toy_sae(architecture: str, data: ToyData, ratio: float, coefficient: float, seed: int = 0) -> BaseSAE:
-    """An SAE for `data` with d_sae = ratio·G: "standard" takes coefficient as the L1
-    coefficient, "topk" as k (rounded to an integer)."""
+    """An SAE for `data` with d_sae = ratio·G: `coefficient` is the L1 coefficient ("standard"),
+    k ("topk", "batchtopk": an integer) or the L0 coefficient ("jumprelu")."""
+    if architecture not in COEFFICIENTS:
+        raise InputError(f"toy runs support architectures {', '.join(COEFFICIENTS)}, got {architecture!r}")
     d_sae = max(1, int(round(ratio * data.n_features)))
+    field_name = COEFFICIENTS[architecture]
+    value: float | int = float(coefficient)
+    if field_name == "k":
+        value = int(round(coefficient))
+        if value != coefficient:
+            raise InputError(f"{architecture}'s sparsity coefficient is k, an integer: got {coefficient}")
     torch.manual_seed(seed)  # the modules draw their random init from the global generator
-    common = dict(d_in=data.d, d_sae=d_sae, device=data.device)
-    if architecture == "standard":
-        return StandardSAE(**common, l1_coefficient=float(coefficient))
-    if architecture == "topk":
-        k = int(round(coefficient))
-        if k != coefficient:
-            raise InputError(f"TopK's sparsity coefficient is k, an integer: got {coefficient}")
-        return TopKSAE(**common, k=k)
-    raise InputError(f"toy runs support architecture 'standard' (ReLU + L1) or 'topk', got {architecture!r}")
+    return sae_class(architecture)(d_in=data.d, d_sae=d_sae, device=data.device, **{field_name: value})
 
 
 def init_from_data(sae: BaseSAE, x: torch.Tensor) -> None:
@@ -61,24 +64,18 @@ def init_from_data(sae: BaseSAE, x: torch.Tensor) -> None:
 @torch.no_grad()
 def resample_dead_latents(sae: BaseSAE, opt: torch.optim.Optimizer, dead: torch.Tensor,
                           x: torch.Tensor) -> int:
-    """Point the `dead` latents (bool [d_sae]) at inputs the SAE reconstructs worst
-    (Bricken et al. 2023, simplified): each gets a normalised residual x − x̂ of an input drawn
-    with probability ∝ its squared error as decoder row, the same direction as encoder column
-    (scaled to the mean alive encoder norm), a zero bias, and fresh Adam state. Returns how many."""
+    """For a plain torch loop: resample the `dead` latents (bool [d_sae]) as the Trainer does
+    (fastsae.init.resample_latents_ on residuals x − x̂ drawn ∝ their squared error) and clear
+    their state in the torch optimizer `opt`. Returns how many."""
     idx = dead.nonzero().squeeze(1)
     if idx.numel() == 0:
         return 0
-    residual = (x - sae.training_forward(x).x_hat).float()
+    residual = (x - sae(x)).float()
     err = residual.pow(2).sum(1)
     if float(err.sum()) <= 0:
         return 0
-    pick = torch.multinomial(err, idx.numel(), replacement=idx.numel() > err.numel())
-    atoms = torch.nn.functional.normalize(residual[pick], dim=1).to(sae.dtype)
-    alive = ~dead
-    enc_norm = sae.W_enc[:, alive].norm(dim=0).mean() if bool(alive.any()) else torch.tensor(1.0)
-    sae.W_dec[idx] = atoms
-    sae.W_enc[:, idx] = atoms.t() * enc_norm
-    sae.b_enc[idx] = 0
+    pick = torch.multinomial(err, idx.numel(), replacement=True)
+    resample_latents_(sae, idx, residual[pick])
     for param, rows in ((sae.W_dec, (idx,)), (sae.W_enc, (slice(None), idx)), (sae.b_enc, (idx,))):
         for buf in ("exp_avg", "exp_avg_sq"):
             if buf in opt.state.get(param, {}):
@@ -90,17 +87,18 @@ def resample_dead_latents(sae: BaseSAE, opt: torch.optim.Optimizer, dead: torch.
 def evaluate(sae: BaseSAE, data: ToyData, n_samples: int = 16384, batch: int = 4096,
              threshold: float = 0.99, seed: int = 12345) -> dict[str, float]:
     """Recovery and reconstruction metrics on a fixed evaluation set (same `seed`, same set;
-    the training stream is not advanced)."""
+    the training stream is not advanced, and no statistic of the SAE is updated)."""
     gen = torch.Generator(device=data.device).manual_seed(seed)
     fired = torch.zeros(sae.d_sae, dtype=torch.long, device=sae.device)
     xs, x_hats, l0s = [], [], []
     for start in range(0, n_samples, batch):
         x = data.sample(min(batch, n_samples - start), generator=gen).to(sae.dtype)
-        out = sae.training_forward(x)
-        fired += metrics.latent_fire_counts(out.acts, sae.d_sae)
-        l0s.append(metrics.l0(out.acts) * x.shape[0])
+        acts = sae.encode(x)
+        x_hat = sae.decode(acts)
+        fired += metrics.latent_fire_counts(acts, sae.d_sae)
+        l0s.append(metrics.l0(acts) * x.shape[0])
         xs.append(x)
-        x_hats.append(out.x_hat)
+        x_hats.append(x_hat)
     x, x_hat = torch.cat(xs), torch.cat(x_hats)
     cos = metrics.max_cosine_similarities(data.features, sae.W_dec)
     return {
@@ -116,6 +114,30 @@ def evaluate(sae: BaseSAE, data: ToyData, n_samples: int = 16384, batch: int = 4
     }
 
 
+@torch.no_grad()
+def evaluate_transcoder(sae: BaseSAE, data: ToyData, n_samples: int = 16384, batch: int = 4096,
+                        threshold: float = 0.99, seed: int = 12345) -> dict[str, float]:
+    """toy.train.evaluate's numbers for a transcoder: FVU and shrinkage of the target, MMCS of
+    the decoder rows with the output features."""
+    gen = torch.Generator(device=data.device).manual_seed(seed)
+    fired = torch.zeros(sae.d_sae, dtype=torch.long, device=sae.device)
+    ys, y_hats, l0 = [], [], 0.0
+    for start in range(0, n_samples, batch):
+        x, y = data.sample_pair(min(batch, n_samples - start), generator=gen)
+        out = sae.training_forward(x.to(sae.dtype), y.to(sae.dtype))
+        fired += metrics.latent_fire_counts(out.acts, sae.d_sae)
+        l0 += metrics.l0(out.acts) * x.shape[0]
+        ys.append(y)
+        y_hats.append(out.x_hat)
+    y, y_hat = torch.cat(ys), torch.cat(y_hats)
+    cos = metrics.max_cosine_similarities(data.output_features, sae.W_dec)
+    dead = metrics.dead_latents(fired)
+    return {"mmcs": float(cos.mean()), "recovered": float((cos > threshold).float().mean()),
+            "recovery_threshold": threshold, "l0": l0 / n_samples, "fvu": metrics.fvu(y, y_hat),
+            "shrinkage": metrics.shrinkage(y, y_hat), "dead_latents": dead, "dead_fraction": dead / sae.d_sae,
+            "eval_samples": n_samples, "skip_norm": float(sae.W_skip.norm()) if sae.W_skip is not None else 0.0}
+
+
 @dataclass
 class ToyRunResult:
     """What a toy run returns: final metrics, and MMCS against steps if it was tracked."""
@@ -129,67 +151,78 @@ class ToyRunResult:
         return {"steps": self.steps, "seconds": self.seconds, "metrics": self.metrics, "history": self.history}
 
 
-def train_toy(sae: BaseSAE, data: ToyData, steps: int, batch: int = 256, lr: float = 1e-3,
-              init: str = "random", seconds: float | None = None, track_every: int = 0,
-              lr_decay_fraction: float = 0.0, resample_every: int = 0, eval_samples: int = 16384,
-              progress: bool = True, desc: str = "training",
-              on_track: Callable[[dict[str, float]], None] | None = None) -> ToyRunResult:
-    """Train `sae` on `data` with Adam for `steps` steps (or until `seconds` have passed).
+def toy_config(sae: BaseSAE, steps: int, batch: int = 256, lr: float = 1e-3, init: str = "random",
+               lr_decay_fraction: float | None = None, resample_every: int | None = None, seed: int = 0,
+               out_dir: str = "toy_run", progress: bool = False, **options: Any) -> TrainConfig:
+    """The TrainConfig of a toy run: the Trainer's defaults plus what the call names.
 
-    init: "random" keeps the module's init, "data" uses `init_from_data` on fresh samples.
-    track_every: every that many steps, record MMCS and the fraction recovered (cos > 0.99)
-        against the ground truth in `history`, and pass each record to `on_track` if given
-        (e.g. to save the progress of a long run).
-    lr_decay_fraction: decay the learning rate linearly to 0 over this last fraction of steps.
-    resample_every: every that many steps (until the lr decay starts), latents that did not fire
-        since the last check are resampled (`resample_dead_latents`); 0 = never.
-    """
+    lr_decay_fraction: decay the lr linearly to 0 over this last fraction of the steps (None:
+        the Trainer's default; 0: no decay). resample_every: steps between resamplings of dead
+        latents (None: the Trainer's default; 0: never). options: any other TrainConfig field."""
     if init not in INITS:
         raise InputError(f"init must be one of {INITS}, got {init!r}")
     if steps < 1 or batch < 1:
         raise InputError(f"steps and batch must be positive, got steps={steps}, batch={batch}")
-    if init == "data":
-        init_from_data(sae, data.sample(2 * sae.d_sae).to(sae.dtype))  # room for empty samples
-    normalize_rows_(sae.W_dec)
-    opt = torch.optim.Adam(sae.parameters(), lr=lr)
-    decay_start = int(steps * (1.0 - lr_decay_fraction))
+    if lr_decay_fraction is not None:
+        if not 0.0 <= lr_decay_fraction <= 1.0:
+            raise InputError(f"lr_decay_fraction must be in [0, 1], got {lr_decay_fraction}")
+        options.setdefault("decay", "linear" if lr_decay_fraction > 0 else "constant")
+        options.setdefault("decay_start", 1.0 - lr_decay_fraction)
+    if resample_every is not None:
+        options.setdefault("resample_dead", resample_every > 0)
+        if resample_every > 0:
+            options.setdefault("resample_every", resample_every)
+    options.setdefault("log_every", max(1, min(1000, steps // 20)))
+    return TrainConfig(sae=sae.cfg, steps=steps, batch_size=batch, lr=lr, init="data" if init == "data" else "tied",
+                       seed=seed, out_dir=out_dir, progress=progress, console=False, plot=False,
+                       checkpoint_every=0, keep_checkpoints=1, **options)
+
+
+def train_toy(sae: BaseSAE, data: ToyData, steps: int, batch: int = 256, lr: float = 1e-3,
+              init: str = "random", seconds: float | None = None, track_every: int = 0,
+              lr_decay_fraction: float | None = None, resample_every: int | None = None,
+              eval_samples: int = 16384, progress: bool = True, desc: str = "training",
+              on_track: Callable[[dict[str, float]], None] | None = None, out_dir: str | None = None,
+              seed: int = 0, **options: Any) -> ToyRunResult:
+    """Train `sae` on `data` with fastsae's Trainer for `steps` steps (or until `seconds`
+    have passed), then evaluate it against the ground truth.
+
+    init: "random" keeps the module's dictionary, "data" sets its atoms from data samples
+        (TrainConfig.init="data"); either way the Trainer's data-dependent init (b_dec) applies.
+    track_every: every that many steps, record MMCS and the fraction recovered (cos > 0.99)
+        against the ground truth in `history`, and pass each record to `on_track` if given.
+    lr_decay_fraction, resample_every, options: see `toy_config`.
+    out_dir: keep the run's files (log, final SAE) there; default: a temporary folder.
+    """
+    cfg_kwargs = dict(batch=batch, lr=lr, init=init, lr_decay_fraction=lr_decay_fraction,
+                      resample_every=resample_every, seed=seed, progress=progress, **options)
     history: list[dict[str, float]] = []
-    fired = torch.zeros(sae.d_sae, dtype=torch.long, device=sae.device)
-    resampled = 0
     start = time.perf_counter()
-    bar = tqdm(total=steps, desc=desc, unit="step", mininterval=1.0, disable=not progress, leave=False)
-    step = 0
-    def track() -> None:
-        cos = metrics.max_cosine_similarities(data.features, sae.W_dec)
+
+    truth = data.features if data.d_out is None else data.output_features  # what the decoder should learn
+
+    def track(step: int) -> None:
+        cos = metrics.max_cosine_similarities(truth, sae.W_dec)
         history.append({"step": step, "mmcs": float(cos.mean()), "recovered": float((cos > 0.99).float().mean()),
                         "seconds": time.perf_counter() - start})
         if on_track is not None:
             on_track(history[-1])
 
-    while step < steps and (seconds is None or time.perf_counter() - start < seconds):
-        if track_every and step % track_every == 0:
-            track()
-        if step >= decay_start:
-            for group in opt.param_groups:
-                group["lr"] = lr * (steps - step) / max(steps - decay_start, 1)
-        out = sae.training_forward(data.sample(batch).to(sae.dtype))
-        opt.zero_grad(set_to_none=True)
-        out.loss.backward()
-        opt.step()
-        normalize_rows_(sae.W_dec)
-        step += 1
-        if resample_every:
-            fired += metrics.latent_fire_counts(out.acts, sae.d_sae)
-            if step % resample_every == 0 and step < decay_start:
-                resampled += resample_dead_latents(sae, opt, fired == 0, data.sample(4 * batch).to(sae.dtype))
-                fired.zero_()
-        bar.update(1)
-        if step % 100 == 0:
-            bar.set_postfix(fvu=f"{float(out.fvu.detach()):.4f}", l0=f"{float(out.l0):.1f}")
-    bar.close()
+    def callback(trainer, scalars) -> bool:
+        if track_every and trainer.step % track_every == 0:
+            track(trainer.step)
+        return seconds is not None and time.perf_counter() - start >= seconds
+
+    with tempfile.TemporaryDirectory(prefix="fastsae-toy-") as tmp:
+        cfg = toy_config(sae, steps, out_dir=out_dir or tmp, **cfg_kwargs)
+        trainer = Trainer(cfg, data.source(batch, seed=data.seed + 1), sae=sae, initialise=True)
+        if track_every:
+            track(0)
+        trainer.fit(callback=callback)
     elapsed = time.perf_counter() - start
-    if track_every:
-        track()
-    result = evaluate(sae, data, n_samples=eval_samples)
-    result["resampled_latents"] = resampled
-    return ToyRunResult(steps=step, seconds=elapsed, metrics=result, history=history)
+    if track_every and history[-1]["step"] != trainer.step:
+        track(trainer.step)
+    score = evaluate if data.d_out is None else evaluate_transcoder
+    result = score(sae, data, n_samples=eval_samples)
+    result["resampled_latents"] = trainer.resampled
+    return ToyRunResult(steps=trainer.step, seconds=elapsed, metrics=result, history=history)

@@ -1,0 +1,34 @@
+"""The user-path benchmarks keep working on tiny shapes (structure only, never a time)."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+
+from helpers import REPO
+
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from bench import shrinkage, step_profile  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def test_step_profile_reports_every_path_against_the_gemm(tmp_path):
+    assert step_profile.main(["--shape", "8,64,2,16", "--repeats", "1", "--out", str(tmp_path), "--name", "t"]) == 0
+    rep = json.loads((tmp_path / "t.json").read_text())
+    ratios = rep["results"][0]["x_gemm"]
+    assert ratios["gemm"] == 1.0
+    for path in ("module loop", "trainer", "trainer+auxk", "auxk_loss fwd (half dead)"):
+        assert ratios[path] > 0
+    assert "AuxK's share" in (tmp_path / "t.md").read_text()
+
+
+def test_shrinkage_bench_scores_before_and_after(tmp_path):
+    assert shrinkage.main(["--d", "8", "--features", "16", "--l1", "0.5", "--k", "--steps", "20",
+                           "--finetune-steps", "10", "--batch", "32", "--out", str(tmp_path), "--name", "t"]) == 0
+    row = json.loads((tmp_path / "shrinkage-t.json").read_text())["rows"][0]
+    assert set(row["before"]) == set(row["after"]) == set(shrinkage.KEYS)
