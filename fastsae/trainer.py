@@ -105,6 +105,7 @@ class Trainer:
                                cfg.log_every, cfg.dead_tokens, cfg.dense_threshold,
                                console=tqdm.write if (cfg.console and self.is_main) else None)
         self.last_checkpoint: Path | None = None
+        self._saved_at = -1  # the step of this process's last checkpoint
 
     @property
     def out_dir(self) -> Path:
@@ -278,12 +279,24 @@ class Trainer:
         stop = cfg.steps if max_steps is None else min(max_steps, cfg.steps)
         self.run.lock()
         try:
-            if not self._resumed:
-                self.run.start(self._saved_config(), overwrite=cfg.overwrite)
-                self._resumed = True  # a second fit() continues this run
+            self.begin()
             return self._fit(stop, max_steps)
         finally:
             self.run.unlock()
+
+    # The loop's parts, for drivers that step trainers themselves (fastsae.group steps several
+    # in lockstep on one model pass; fastsae.e2e reads token batches): begin, batch_stream,
+    # train_step, after_step, finish. fit() is exactly these in order.
+    def begin(self) -> None:
+        """Write the run's config into a fresh out_dir (a resumed run keeps its own); call with
+        the run's lock held."""
+        if not self._resumed:
+            self.run.start(self._saved_config(), overwrite=self.cfg.overwrite)
+            self._resumed = True  # a second fit() continues this run
+
+    def batch_stream(self):
+        """This rank's training batches."""
+        return self.layout.batches(self.source, self.sae.device, self.sae.dtype)
 
     def _saved_config(self) -> dict:
         saved = self.cfg.to_dict()
@@ -293,8 +306,7 @@ class Trainer:
 
     def _fit(self, stop: int, max_steps: int | None) -> TrainResult:
         cfg, main = self.cfg, self.is_main
-        batches = self.layout.batches(self.source, self.sae.device, self.sae.dtype)
-        saved_at = -1
+        batches = self.batch_stream()
         bar = tqdm(total=cfg.steps, initial=self.step, desc="training", unit="step",
                    disable=not (cfg.progress and main))
         try:
@@ -308,19 +320,32 @@ class Trainer:
                 if scalars is None:
                     continue
                 bar.update(1)
-                self.tracker.maybe_log(self.step, self.tokens, {"lr": scalars["lr"]})
-                if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
-                    self.save_checkpoint()
-                    saved_at = self.step
+                self.after_step(scalars)
         finally:
             bar.close()
+        return self.finish(max_steps)
+
+    def after_step(self, scalars: dict) -> None:
+        """After a step that counted: the log line (every log_every steps) and the checkpoint
+        (every checkpoint_every steps)."""
+        cfg = self.cfg
+        self.tracker.maybe_log(self.step, self.tokens, {"lr": scalars["lr"]})
+        if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
+            self.save_checkpoint()
+            self._saved_at = self.step
+
+    def finish(self, max_steps: int | None = None) -> TrainResult:
+        """End fit(): the last log line, a checkpoint, and, when the run is done (cfg.steps, or
+        no max_steps), the final SAE and the curves."""
+        cfg, main = self.cfg, self.is_main
         finished = self.step >= cfg.steps or max_steps is None
         if finished:
             self.tracker.flush(self.step, self.tokens)
             if isinstance(self.opt, RowSparseAdam):
                 self.opt.flush()  # the final weights include every latent's pending momentum
-        if saved_at != self.step:
+        if self._saved_at != self.step:
             self.save_checkpoint()
+            self._saved_at = self.step
         final_dir = sharded_dir = plot_path = None
         if finished:
             final_dir, sharded_dir = self.run.save_final(self.sae, self.consolidate_max_bytes)
