@@ -87,7 +87,11 @@ class TokenStream:
             raise ConfigError("texts is a list of documents, got one string: pass [text] or text_files=[path]")
         self.tokenizer, self.texts, self.text_field = tokenizer, texts, text_field
         self.text_files = [Path(p) for p in text_files] if text_files is not None else None
-        self.token_files = _token_paths(token_files) if token_files is not None else None
+        if token_files is not None:
+            from .model import token_files as listed
+
+            token_files = listed(token_files)
+        self.token_files = token_files
         if self.text_files is not None:
             missing = [p for p in self.text_files if not p.is_file()]
             if missing:
@@ -146,21 +150,6 @@ class TokenStream:
         return out
 
 
-def _token_paths(paths) -> list[Path]:
-    out: list[Path] = []
-    for p in [paths] if isinstance(paths, (str, os.PathLike)) else paths:
-        p = Path(p)
-        if p.is_dir():
-            out += sorted(f for f in p.iterdir() if f.suffix in (".npy", ".safetensors"))
-        elif p.is_file():
-            out.append(p)
-        else:
-            raise InputError(f"token file {p} does not exist")
-    if not out:
-        raise InputError(f"no .npy or .safetensors token files in {paths}")
-    return out
-
-
 def model_digest(model: torch.nn.Module) -> str:
     """A digest of a model's parameter names, shapes and a few values of each (cheap: no full
     read of the weights): changes when the model does."""
@@ -182,7 +171,8 @@ class ModelSource(ActivationSource):
     dtype: of the yielded rows (as harvest's --dtype). buffer_device: where the buffer lives
     (default the model's device: no round trip through the host). epochs: passes over the
     documents (None: endless). progress: a bar while a buffer fills.
-    forward_seconds / forward_passes count the model's time, for benchmarks.
+    forward_seconds / forward_passes count the model's time; fill_seconds the buffer fills' whole
+    time (reading and tokenizing the documents too), for benchmarks.
     """
 
     def __init__(self, model: torch.nn.Module, hooks: str | Sequence[str], tokens: TokenStream,
@@ -214,7 +204,7 @@ class ModelSource(ActivationSource):
         self.buffer_device = torch.device(buffer_device) if buffer_device is not None else _model_device(model)
         self.epochs, self.progress = epochs, progress
         self.epoch, self.buffer, self.doc, self.offset = 0, 0, 0, 0
-        self.forward_seconds, self.forward_passes = 0.0, 0
+        self.forward_seconds, self.forward_passes, self.fill_seconds = 0.0, 0, 0.0
         self._sample: tuple | None = None
         self.widths = self._widths()
 
@@ -252,6 +242,7 @@ class ModelSource(ActivationSource):
 
         from .model import capture, valid_positions
 
+        filling = time.perf_counter()
         rows: dict[str, list[torch.Tensor]] = {h: [] for h in self.hooks}
         n, ended = 0, True
         bar = tqdm(total=self.buffer_rows, desc="activations", unit="tok", leave=False, disable=not self.progress)
@@ -273,8 +264,10 @@ class ModelSource(ActivationSource):
         finally:
             bar.close()
         width = self.widths
-        return ({h: torch.cat(r) if r else torch.empty(0, width[h], dtype=self.dtype, device=self.buffer_device)
-                 for h, r in rows.items()}, doc, ended)
+        buf = {h: torch.cat(r) if r else torch.empty(0, width[h], dtype=self.dtype, device=self.buffer_device)
+               for h, r in rows.items()}
+        self.fill_seconds += time.perf_counter() - filling
+        return buf, doc, ended
 
     def _advance(self, next_doc: int, ended: bool) -> None:
         if ended:
