@@ -365,14 +365,9 @@ def _read_token_file(path: Path) -> torch.Tensor:
     return t.long()
 
 
-def token_file_batches(paths: str | os.PathLike | Iterable[str | os.PathLike], batch_size: int,
-                       context_length: int) -> Iterator[tuple[torch.Tensor, None]]:
-    """(input_ids, None) [B, S] batches from token-id files (.npy or .safetensors; a directory
-    is read file by file in sorted order). A 2-D file [sequences, seq] gives its rows as they
-    are (no padding); a 1-D file [tokens] is cut into `context_length` pieces (the tail that
-    fills no piece is dropped)."""
-    if batch_size < 1:
-        raise ConfigError(f"batch size {batch_size} must be at least 1")
+def token_files(paths: str | os.PathLike | Iterable[str | os.PathLike]) -> list[Path]:
+    """The token-id files `paths` names: files as given, a directory's .npy/.safetensors files in
+    sorted order."""
     files: list[Path] = []
     for p in [paths] if isinstance(paths, (str, os.PathLike)) else paths:
         p = Path(p)
@@ -384,7 +379,18 @@ def token_file_batches(paths: str | os.PathLike | Iterable[str | os.PathLike], b
             raise InputError(f"token file {p} does not exist")
     if not files:
         raise InputError(f"no .npy or .safetensors token files in {paths}")
-    for f in files:
+    return files
+
+
+def token_file_batches(paths: str | os.PathLike | Iterable[str | os.PathLike], batch_size: int,
+                       context_length: int) -> Iterator[tuple[torch.Tensor, None]]:
+    """(input_ids, None) [B, S] batches from token-id files (.npy or .safetensors; a directory
+    is read file by file in sorted order). A 2-D file [sequences, seq] gives its rows as they
+    are (no padding); a 1-D file [tokens] is cut into `context_length` pieces (the tail that
+    fills no piece is dropped)."""
+    if batch_size < 1:
+        raise ConfigError(f"batch size {batch_size} must be at least 1")
+    for f in token_files(paths):
         t = _read_token_file(f)
         rows = t if t.dim() == 2 else t[: t.numel() // context_length * context_length].reshape(-1, context_length)
         for start in range(0, rows.shape[0], batch_size):

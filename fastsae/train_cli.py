@@ -114,6 +114,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--overwrite", action="store_true",
                    help="start a fresh run even though --out-dir holds one (its files are replaced)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    from .train_model_cli import add_arguments as add_model_arguments
+
+    add_model_arguments(p)  # --model, --hook, --text, ...: activations streamed from the model
     g = p.add_argument_group("under torchrun")
     g.add_argument("--shards", type=int, help="latent shards per replica (default: every rank one shard)")
     g.add_argument("--replicas", type=int, help="data-parallel replicas (default: world size / shards)")
@@ -177,8 +180,9 @@ def build(args: argparse.Namespace) -> tuple[dict, dict]:
     unknown = sorted(set(data) - set(DATA_KEYS))
     if unknown:
         raise ConfigError(f"unknown [data] key(s) {unknown}: use {', '.join(DATA_KEYS)}")
-    if "path" not in data:
-        raise ConfigError("no activations: pass --data DIR (shards from `fastsae harvest`) or set data.path")
+    if "path" not in data and not getattr(args, "model", None):
+        raise ConfigError("no activations: pass --data DIR (shards from `fastsae harvest`) or set data.path, or "
+                          "stream them from a model: --model M --hook H --text FILE")
     if args.no_progress:
         train["progress"] = False
     if args.overwrite:
@@ -245,6 +249,12 @@ def _no_layout():
 
 
 def run(args: argparse.Namespace) -> int:
+    from .train_model_cli import stream_flags
+
+    if stream_flags(args):  # activations streamed from a model (fastsae.streaming, fastsae.e2e)
+        from .train_model_cli import run as run_from_model
+
+        return run_from_model(args)
     from .distributed.groups import init_distributed  # a plain run gets the local context: no process group
 
     layout = init_distributed(args.shards, args.replicas, args.dist_backend, args.dist_timeout)

@@ -140,6 +140,7 @@ class Trainer:
                                cfg.log_every, cfg.dead_window(layout.replicas), cfg.dense_threshold,
                                console=tqdm.write if (cfg.console and self.is_main) else None)
         self.last_checkpoint: Path | None = None
+        self._saved_at = -1  # the step of this process's last checkpoint
 
     @property
     def out_dir(self) -> Path:
@@ -247,7 +248,16 @@ class Trainer:
         aux, u, leaves = self._auxk(x, -err)
         if not self._agree(bool(torch.isfinite(recon + aux.detach())))[0]:
             return None
-        rows, db_dec = sae.sparse_backward(x, sel, grad_out)
+        self.step_row_sparse(*sae.sparse_backward(x, sel, grad_out), aux, u, leaves)
+        acts = sel.acts
+        l0 = float((acts.values > 0).sum(-1).float().mean())
+        scalars = {"mse": float(mse), "fvu": float(fvu), "l0": l0, "auxk": float(aux.detach()),
+                   "sparsity": 0.0, "loss": float(recon) + float(aux.detach())}
+        return scalars, x_hat, target, acts.indices[acts.values > 0]
+
+    def step_row_sparse(self, rows: RowSparseGrads, db_dec: torch.Tensor, aux: torch.Tensor, u, leaves) -> None:
+        """The sparse path's update: the loss's row-sparse gradients plus AuxK's (from _auxk),
+        reduced over the layout, then the optimizers' steps."""
         aux_rows = self._auxk_grads(aux, u, leaves)
         if aux_rows is not None:
             rows = merge_row_sparse(rows, aux_rows)
@@ -257,11 +267,6 @@ class Trainer:
         else:
             self.opt.step_row_sparse(rows, db_dec)
         self._step_dense()
-        acts = sel.acts
-        l0 = float((acts.values > 0).sum(-1).float().mean())
-        scalars = {"mse": float(mse), "fvu": float(fvu), "l0": l0, "auxk": float(aux.detach()),
-                   "sparsity": 0.0, "loss": float(recon) + float(aux.detach())}
-        return scalars, x_hat, target, acts.indices[acts.values > 0]
 
     def _step_dense(self) -> None:
         """Step the dense parameters (the skip connection) from their .grad."""
@@ -444,12 +449,24 @@ class Trainer:
         stop = cfg.total_steps if max_steps is None else min(max_steps, cfg.total_steps)
         self.run.lock()
         try:
-            if not self._resumed:
-                self.run.start(self._saved_config(), overwrite=cfg.overwrite)
-                self._resumed = True  # a second fit() continues this run
+            self.begin()
             return self._fit(stop, max_steps, callback)
         finally:
             self.run.unlock()
+
+    # The loop's parts, for drivers that step trainers themselves (fastsae.group steps several
+    # in lockstep on one model pass; fastsae.e2e reads token batches): begin, batch_stream,
+    # train_step, after_step, finish. fit() is exactly these in order.
+    def begin(self) -> None:
+        """Write the run's config into a fresh out_dir (a resumed run keeps its own); call with
+        the run's lock held."""
+        if not self._resumed:
+            self.run.start(self._saved_config(), overwrite=self.cfg.overwrite)
+            self._resumed = True  # a second fit() continues this run
+
+    def batch_stream(self):
+        """This rank's training batches."""
+        return self.layout.batches(self.source, self.sae.device, self.sae.dtype)
 
     def _saved_config(self) -> dict:
         saved = self.cfg.to_dict()
@@ -459,37 +476,49 @@ class Trainer:
 
     def _fit(self, stop: int, max_steps: int | None, callback) -> TrainResult:
         cfg, main = self.cfg, self.is_main
-        total = cfg.total_steps
-        batches = self.layout.batches(self.source, self.sae.device, self.sae.dtype)
-        saved_at = -1
-        bar = tqdm(total=total, initial=self.step, desc="training", unit="step",
+        batches = self.batch_stream()
+        bar = tqdm(total=cfg.total_steps, initial=self.step, desc="training", unit="step",
                    disable=not (cfg.progress and main))
         try:
             while self.step < stop:
                 x = next(batches, None)
                 if x is None:
                     if main:
-                        tqdm.write(f"the activation source ran out after {self.step} steps (asked for {total})")
+                        tqdm.write(f"the activation source ran out after {self.step} steps "
+                                   f"(asked for {cfg.total_steps})")
                     break
                 scalars = self.train_step(x)
                 if scalars is None:
                     continue
                 bar.update(1)
-                self.tracker.maybe_log(self.step, self.tokens, {"lr": scalars["lr"]})
-                if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
-                    self.save_checkpoint()
-                    saved_at = self.step
+                self.after_step(scalars)
                 if callback is not None and callback(self, scalars):
                     break
         finally:
             bar.close()
-        finished = self.step >= total or max_steps is None
+        return self.finish(max_steps)
+
+    def after_step(self, scalars: dict) -> None:
+        """After a step that counted: the log line (every log_every steps) and the checkpoint
+        (every checkpoint_every steps)."""
+        cfg = self.cfg
+        self.tracker.maybe_log(self.step, self.tokens, {"lr": scalars["lr"]})
+        if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
+            self.save_checkpoint()
+            self._saved_at = self.step
+
+    def finish(self, max_steps: int | None = None) -> TrainResult:
+        """End fit(): the last log line, a checkpoint, and, when the run is done (cfg.steps +
+        cfg.finetune_steps, or no max_steps), the final SAE and the curves."""
+        cfg, main = self.cfg, self.is_main
+        finished = self.step >= cfg.total_steps or max_steps is None
         if finished:
             self.tracker.flush(self.step, self.tokens)
             if self.finetune_opt is None:
                 self.opt.flush()  # the final weights include every latent's pending momentum (row-sparse Adam)
-        if saved_at != self.step:
+        if self._saved_at != self.step:
             self.save_checkpoint()
+            self._saved_at = self.step
         final_dir = sharded_dir = plot_path = None
         if finished:
             final_dir, sharded_dir = self.run.save_final(self.sae, self.consolidate_max_bytes)

@@ -48,6 +48,21 @@ def train_sae(source: ShardSource, d_sae: int, k: int, steps: int, metadata: dic
     return sae
 
 
+def trained_model(out: Path, quick: bool):
+    """(lm, tokenizer, training texts, held-out texts, LM losses): the tiny GPT-2 trained on the
+    grammar, saved with its tokenizer in out/model/, the held-out texts in out/eval.txt."""
+    train_texts, eval_texts = grammar_corpus(200 if quick else 3000, seed=0), grammar_corpus(40 if quick else 400, 1)
+    tok = word_tokenizer(train_texts + eval_texts)
+    lm = tiny_lm("gpt2", len(tok), d_model=64, positions=64, initializer_range=0.02)
+    losses = train_lm(lm, tok, train_texts, steps=5 if quick else 600, context_length=64)
+    print(f"LM: {sum(p.numel() for p in lm.parameters())} parameters, loss {losses[0]:.3f} -> {losses[-1]:.3f}")
+    (out / "model").mkdir(parents=True, exist_ok=True)
+    lm.save_pretrained(out / "model")
+    tok.save_pretrained(out / "model")
+    (out / "eval.txt").write_text("\n".join(eval_texts) + "\n")
+    return lm, tok, train_texts, eval_texts, losses
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default=str(HERE))
@@ -62,15 +77,7 @@ def main(argv=None) -> int:
     torch.set_num_threads(1)  # tiny shapes: one thread beats two contended ones on a shared machine
     started = time.time()
 
-    train_texts, eval_texts = grammar_corpus(200 if quick else 3000, seed=0), grammar_corpus(40 if quick else 400, 1)
-    tok = word_tokenizer(train_texts + eval_texts)
-    lm = tiny_lm("gpt2", len(tok), d_model=64, positions=64, initializer_range=0.02)
-    losses = train_lm(lm, tok, train_texts, steps=5 if quick else 600, context_length=64)
-    print(f"LM: {sum(p.numel() for p in lm.parameters())} parameters, loss {losses[0]:.3f} -> {losses[-1]:.3f}")
-    (out / "model").mkdir(parents=True, exist_ok=True)
-    lm.save_pretrained(out / "model")
-    tok.save_pretrained(out / "model")
-    (out / "eval.txt").write_text("\n".join(eval_texts) + "\n")
+    lm, tok, train_texts, eval_texts, losses = trained_model(out, quick)
 
     manifest = harvest(lm.transformer, tok, train_texts, HOOK, out / "acts", context_length=64, batch_size=64,
                        progress=False, model_name=str(out / "model"), overwrite=True)
