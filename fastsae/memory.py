@@ -23,10 +23,10 @@ E' = B·k' and u' = min(E', n_dead) for AuxK over k' = min(k_aux, n_dead) dead l
                  the fp32 error and the output gradient: ~B·d·(12 + 3b)
     encode       CPU (C++): per-thread tiles and heaps (small); GPU (Triton): S·B·k
                  candidates (S <= 64 latent splits); the selection E·(b + 8)
-    AuxK         the dead-latent scan (n·(b + 1), 8·n_dead ids), then the gathers of the
-                 current autograd implementation: W_enc[:, idx] and W_dec[idx] are [d, B, k']
-                 and [B, k', d] (E'·d·b each), kept for backward and matched by their
-                 gradients; leaves and their gradients 4·u'·d·b
+    AuxK         the dead-latent scan (n·(b + 1), 8·n_dead ids, the dead latents' encoder
+                 columns gathered a chunk of at most 16 MiB at a time, the running top-k'
+                 values and ids), then the picked latents' leaf copies and their gradients
+                 4·u'·d·b (losses.top_dead_preacts, SelectedPreacts: no [B, k', d] gathers)
     backward     row-sparse gradients 2·u·d·b (+ u·b), the op's gathered encoder columns
                  u·d·b and dx B·d·b, its CSR index (8·n + 16·E)
     merge        the main and AuxK rows and their union, 2·(u + u')·d·b each
@@ -167,16 +167,21 @@ def _transients(d, n, B, k, b, sparse_path, optimizer, row_sparse, state, master
     n_dead = math.ceil(dead_fraction * n)
     k2 = min(k_aux, n_dead)
     E2, u2 = B * k2, min(B * k2, n_dead)
-    saved = 2 * E2 * d * b + E2 * (b + 16) if k2 else 0  # AuxK's gathers [d, B, k'], [B, k', d] and ids
+    saved = E2 * (b + 16) if k2 else 0  # AuxK's selected values, slots and ids
     leaves = 2 * u2 * d * b + u2 * (b + 8)  # AuxK's leaf copies; their gradients are as large
     rows = 2 * u * d * b + u * b
+    scan_chunk = min(n_dead, max(k2, (1 << 24) // (d * b))) * d * b  # losses.top_dead_preacts's gather
     phases = {
         "encode": base + encode,
-        "auxk_scan": base + (n * (b + 1) + 8 * n_dead + E2 * 12 if k2 else 0),
+        "auxk_scan": base + (n * (b + 1) + 8 * n_dead + scan_chunk + 2 * E2 * (b + 8) if k2 else 0),
         "backward": base + saved + leaves + rows + u * d * b + B * d * b + E * b + 8 * n + 16 * E + 16 * u,
     }
+    # what follows the scan also holds its last chunk's bytes: measured on CPU, where glibc keeps
+    # the freed chunk in the heap (RSS) after raising its mmap threshold to the chunk's size
+    base += scan_chunk if k2 else 0
+    phases["backward"] += scan_chunk if k2 else 0
     if k2:
-        phases["auxk_backward"] = base + rows + saved + leaves + 2 * E2 * d * b + leaves
+        phases["auxk_backward"] = base + rows + saved + leaves + leaves
         phases["merge"] = base + rows + 2 * leaves + 3 * (u + u2) * d * b
     merged = 2 * (u + u2) * d * b
     if optimizer == "adam" and state == "fp32" and master == "fp32":  # torch's fused Adam on kept buffers
