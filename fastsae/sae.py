@@ -169,6 +169,8 @@ class BaseSAE(nn.Module):
     # state-dict entries indexed by latent, and the dimension that runs over latents (split
     # over the shards of a sharded SAE; every other entry is replicated)
     latent_dims: ClassVar[dict[str, int]] = {"W_enc": 1, "b_enc": 0, "W_dec": 0}
+    # the encoder's starting scale relative to W_decᵀ (fastsae.init.TOPK_ENCODER_INIT_SCALE for the TopK family)
+    encoder_init_scale: ClassVar[float] = 1.0
     l1_decoder_norm: bool = True  # ReLU SAEs' L1 weighting (TrainConfig.l1_decoder_norm sets it)
 
     def __init__(self, cfg: SAEConfig | None = None, *, context: ParallelContext | None = None,
@@ -221,7 +223,8 @@ class BaseSAE(nn.Module):
 
     @torch.no_grad()
     def reset_parameters(self, seed: int | None = None) -> None:
-        """Unit-norm random decoder rows and a tied encoder (W_enc = W_decᵀ), zero biases (and
+        """Unit-norm random decoder rows and a tied encoder (W_enc = W_decᵀ, times the class's
+        encoder_init_scale), zero biases (and
         a zero skip connection). A transcoder whose widths differ draws its encoder columns
         separately. A whole SAE draws from the global RNG unless given a seed; a shard draws
         its own slice from a generator keyed on (seed, shard), so replicas of a shard start
@@ -244,6 +247,8 @@ class BaseSAE(nn.Module):
             self.W_enc.copy_((enc / enc.norm(dim=1, keepdim=True).clamp_min(1e-12)).t())
             self.b_enc.zero_()
             self.b_dec.zero_()
+        if self.encoder_init_scale != 1.0:
+            self.W_enc.mul_(self.encoder_init_scale)
         if self.W_skip is not None:
             self.W_skip.zero_()
 

@@ -23,12 +23,7 @@ class BatchTopKSAE(BaseSAE):
     architecture = "batchtopk"
     takes_sparse_path = True
     needs_k = True
-
-    @torch.no_grad()
-    def reset_parameters(self, seed: int | None = None) -> None:
-        """The tied init (BaseSAE), the encoder scaled to TOPK_ENCODER_INIT_SCALE (fastsae.init)."""
-        super().reset_parameters(seed)
-        self.W_enc.mul_(TOPK_ENCODER_INIT_SCALE)
+    encoder_init_scale = TOPK_ENCODER_INIT_SCALE
 
     def _init_architecture_state(self) -> None:
         self.register_buffer("threshold", torch.tensor(-1.0, dtype=torch.float32, device=self.cfg.device))

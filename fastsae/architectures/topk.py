@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import torch
-
 from ..init import TOPK_ENCODER_INIT_SCALE
 from ..sae import BaseSAE, register
 from ..sparse import Selection
@@ -17,12 +15,7 @@ class TopKSAE(BaseSAE):
     architecture = "topk"
     takes_sparse_path = True
     needs_k = True
-
-    @torch.no_grad()
-    def reset_parameters(self, seed: int | None = None) -> None:
-        """The tied init (BaseSAE), the encoder scaled to TOPK_ENCODER_INIT_SCALE (fastsae.init)."""
-        super().reset_parameters(seed)
-        self.W_enc.mul_(TOPK_ENCODER_INIT_SCALE)
+    encoder_init_scale = TOPK_ENCODER_INIT_SCALE
 
     def select(self, x2, train: bool = False) -> Selection:
         x_in = self.encoder_input(x2)
