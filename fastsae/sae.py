@@ -26,7 +26,10 @@ The public protocol the Trainer drives (and nothing else):
     dense_parameters()             parameters trained densely on the sparse path (W_skip)
     auxk_loss(x2, residual, dead, k_aux, scale)
     training_forward(x, target)    autograd path: loss and its terms
+    normalize_input(x)             the input in the space the SAE encodes (init, resampling)
+    encode_prepared(x2), decode    inference on a prepared input (resampling, fine-tuning stage)
     local_view()                   this module's latents numbered from 0 (optimizer, init)
+    latent_dims, shard_start/end   which tensors are latent-indexed; this module's latent slice
     l1_decoder_norm                attribute: ReLU SAEs' L1 weighting
     save_pretrained(path)
 
