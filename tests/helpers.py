@@ -167,3 +167,11 @@ def randomize_(module, seed=0, fan_in=None):
             else:
                 p.copy_(torch.randn(p.shape, generator=g) * 0.2)
     return module
+
+
+def quiet_config(tmp, sae: dict, **kw):
+    """A TrainConfig for tests: out_dir `tmp`, no progress bar, console, plot or periodic checkpoint."""
+    from fastsae.config import TrainConfig
+
+    base = dict(sae=sae, out_dir=str(tmp), progress=False, console=False, plot=False, checkpoint_every=0)
+    return TrainConfig(**{**base, **kw})

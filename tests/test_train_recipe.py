@@ -12,16 +12,15 @@ from fastsae.config import DEAD_TOKENS_CAP
 from fastsae.errors import ConfigError
 from fastsae.toy.data import ToyData
 from fastsae.trainer import TrainConfig, Trainer
+from helpers import quiet_config
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _cfg(tmp, **kw):
-    base = dict(sae=dict(d_in=8, d_sae=64, architecture="topk", k=2), steps=40, batch_size=32, lr=1e-2,
-                log_every=5, checkpoint_every=0, out_dir=str(tmp), progress=False, console=False, plot=False,
+    base = dict(sae=dict(d_in=8, d_sae=64, architecture="topk", k=2), steps=40, batch_size=32, lr=1e-2, log_every=5,
                 init_sample_rows=128)
-    base.update(kw)
-    return TrainConfig(**base)
+    return quiet_config(tmp, **{**base, **kw})
 
 
 def _toy(seed=0):

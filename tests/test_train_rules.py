@@ -12,16 +12,15 @@ from fastsae.init import geometric_median, init_b_dec_, init_from_data_
 from fastsae.schedules import lr_factor, sparsity_factor
 from fastsae.toy.data import ToyData
 from fastsae.trainer import TrainConfig, Trainer
+from helpers import quiet_config
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _cfg(tmp, **kw):
-    base = dict(sae=dict(d_in=8, d_sae=32, architecture="topk", k=2), steps=6, batch_size=16, lr=1e-2,
-                log_every=1, checkpoint_every=0, out_dir=str(tmp), progress=False, console=False, plot=False,
+    base = dict(sae=dict(d_in=8, d_sae=32, architecture="topk", k=2), steps=6, batch_size=16, lr=1e-2, log_every=1,
                 init_sample_rows=64)
-    base.update(kw)
-    return TrainConfig(**base)
+    return quiet_config(tmp, **{**base, **kw})
 
 
 def _batches(n=8, bad_at=(), value=math.nan):
