@@ -107,11 +107,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> topk_encode_backward(
 // The whole sparse backward of a TopK-family step (reference.topk_sae_backward).
 // Returns (dvalues [B,k], latents [u], dW_enc, db_enc, dW_dec, dx [B,d], db_dec [d]) where
 // dense-shaped: dW_enc [d,n], db_enc [n], dW_dec [n,d];
-// row_sparse:   dW_enc [u,d] (the gradient's columns, transposed), db_enc [u], dW_dec [u,d].
+// row_sparse:   dW_enc [u,d] (the gradient's columns, transposed), db_enc [u], dW_dec [u,d];
+// need_dx=false: dx is [0,d] (not computed), db_dec's encoder part comes from db_enc instead.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
 topk_sae_backward(const at::Tensor& x, const at::Tensor& values, const at::Tensor& indices,
                   const at::Tensor& grad_out, const at::Tensor& W_enc, const at::Tensor& W_dec,
-                  const std::optional<at::Tensor>& b_dec, bool row_sparse) {
+                  const std::optional<at::Tensor>& b_dec, bool row_sparse, bool need_dx) {
   const char* op = "topk_sae_backward";
   at::AutoDispatchBelowADInplaceOrView below_autograd;
   check_float_matrix(W_dec, "W_dec", op);
@@ -144,11 +145,25 @@ topk_sae_backward(const at::Tensor& x, const at::Tensor& values, const at::Tenso
   a.db_enc = row_sparse ? at::empty({u}, opts) : at::zeros({n}, opts);
   K.dvalues(a.grad, idx, W_dec.contiguous(), a.dvalues);
   K.segment_sums(csr, a);
+  auto db_dec = a.grad.sum(0);
+  if (!need_dx) {
+    // the encoder part of db_dec without dx: Σ_b dx_b = Σ_j W_enc[:, j] · db_enc[j] over the
+    // latents that fired (a trainer needs db_dec, not dx: this skips the B·k·d product)
+    if (b_dec.has_value()) {
+      if (row_sparse) {
+        auto cols = at::empty({u, d}, opts);
+        K.gather_columns(W_enc.contiguous(), csr.latents, cols);
+        db_dec = db_dec - at::mv(cols.t(), a.db_enc);
+      } else {
+        db_dec = db_dec - at::mv(W_enc, a.db_enc);
+      }
+    }
+    return {a.dvalues, csr.latents, a.dW_enc, a.db_enc, a.dW_dec, at::empty({0, d}, opts), db_dec};
+  }
   auto cols = at::empty({u, d}, opts);
   K.gather_columns(W_enc.contiguous(), csr.latents, cols);
   auto dx = at::empty({B, d}, opts);
   K.dx(a.values, a.dvalues, csr.slot, cols, dx);
-  auto db_dec = a.grad.sum(0);
   if (b_dec.has_value()) db_dec = db_dec - dx.sum(0);
   return {a.dvalues, csr.latents, a.dW_enc, a.db_enc, a.dW_dec, dx, db_dec};
 }
@@ -163,7 +178,8 @@ TORCH_LIBRARY_FRAGMENT(fastsae, m) {
       "Tensor? b_dec, bool need_dx) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def(
       "topk_sae_backward(Tensor x, Tensor values, Tensor indices, Tensor grad_out, Tensor W_enc, "
-      "Tensor W_dec, Tensor? b_dec, bool row_sparse) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, "
+      "Tensor W_dec, Tensor? b_dec, bool row_sparse, bool need_dx=True) -> (Tensor, Tensor, Tensor, Tensor, "
+      "Tensor, Tensor, "
       "Tensor)");
 }
 

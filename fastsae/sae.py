@@ -567,7 +567,8 @@ class BaseSAE(nn.Module):
         values, grad_out = values.to(self.dtype), grad_out.to(self.dtype)
         if self.d_out == self.d_in:
             g = self.op("topk_sae_backward")(x2, values, indices, grad_out, self.W_enc, self.W_dec,
-                                             self.b_dec if self.cfg.apply_b_dec_to_input else None, row_sparse=True)
+                                             self.b_dec if self.cfg.apply_b_dec_to_input else None, row_sparse=True,
+                                             need_dx=False)
             rows, db_dec = g["rows"], g["db_dec"]
         else:  # a transcoder never subtracts b_dec from its input
             rows = unequal_width_backward(x2, values, indices, grad_out, self.W_enc, self.W_dec)

@@ -4,6 +4,7 @@ the Trainer reaches the SAE only through its public protocol."""
 import ast
 import subprocess
 import sys
+from pathlib import Path
 
 import fastsae
 from helpers import REPO
@@ -44,3 +45,20 @@ def test_the_sparse_path_is_one_registry_property():
     # every architecture is registered once, under its own name
     for name, cls in fastsae.SAE_CLASSES.items():
         assert cls.architecture == name
+
+
+def test_every_package_folder_is_installed_and_importable():
+    """A plain `pip install .` installs the packages pyproject.toml lists: every folder of .py
+    files under fastsae/ must be one of them (and be a regular package), or the wheel lacks it."""
+    import tomllib
+
+    listed = set(tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    root = REPO / "fastsae"
+    folders = {"fastsae." + ".".join(p.parent.relative_to(root).parts) for p in root.rglob("*.py")
+               if p.parent != root and "__pycache__" not in p.parts}
+    assert folders <= listed, f"folders missing from pyproject.toml's packages: {sorted(folders - listed)}"
+    for name in sorted(folders):
+        assert (root / Path(*name.split(".")[1:]) / "__init__.py").exists(), f"{name} has no __init__.py"
+    from fastsae.toy import ToyData  # the package's own names
+
+    assert ToyData().features.shape == (512, 256)

@@ -26,7 +26,7 @@ Op signatures (x is 2-D [N, d_in]; b_dec is None when it is not applied to the i
     dense_decode(acts, W_dec, b_dec)                       -> [N, d_in]
     relu_forward(x, W_enc, b_enc, b_dec, W_dec, b_dec_out)            -> x_hat (inference, no autograd)
     jumprelu_forward(x, W_enc, b_enc, b_dec, threshold, W_dec, b_dec_out) -> x_hat (inference, no autograd)
-    topk_sae_backward(x, values, indices, grad_out, W_enc, W_dec, b_dec, row_sparse=False)
+    topk_sae_backward(x, values, indices, grad_out, W_enc, W_dec, b_dec, row_sparse=False, need_dx=True)
         -> dict (see reference.topk_sae_backward): the whole sparse backward of a
            TopK-family step outside autograd, for the row-sparse optimizer.
 """

@@ -75,7 +75,7 @@ def _topk_encode_backward_fake(dvalues, values, indices, x, W_enc, b_dec, need_d
 
 
 @torch.library.register_fake("fastsae::topk_sae_backward")
-def _topk_sae_backward_fake(x, values, indices, grad_out, W_enc, W_dec, b_dec, row_sparse):
+def _topk_sae_backward_fake(x, values, indices, grad_out, W_enc, W_dec, b_dec, row_sparse, need_dx=True):
     n, d = W_dec.shape
     u = torch.library.get_ctx().new_dynamic_size()  # how many distinct latents fired
     rows = u if row_sparse else n
@@ -86,7 +86,7 @@ def _topk_sae_backward_fake(x, values, indices, grad_out, W_enc, W_dec, b_dec, r
         dW_enc,
         W_dec.new_empty((rows,)),
         W_dec.new_empty((rows, d)),
-        x.new_empty(x.shape),
+        x.new_empty((x.shape[0] if need_dx else 0, d)),
         W_dec.new_empty((d,)),
     )
 
@@ -174,13 +174,14 @@ def threshold_encode(x, W_enc, b_enc, b_dec, threshold) -> SparseActs:
 
 
 @ops.register("topk_sae_backward", "cpp", devices=_devices("topk_sae_backward"))
-def topk_sae_backward(x, values, indices, grad_out, W_enc, W_dec, b_dec=None, row_sparse=False):
+def topk_sae_backward(x, values, indices, grad_out, W_enc, W_dec, b_dec=None, row_sparse=False, need_dx=True):
     """reference.topk_sae_backward's contract, computed by one C++ op (no autograd involved)."""
     if not has_kernel("topk_sae_backward", W_dec.device):
-        return reference.topk_sae_backward(x, values, indices, grad_out, W_enc, W_dec, b_dec, row_sparse)
+        return reference.topk_sae_backward(x, values, indices, grad_out, W_enc, W_dec, b_dec, row_sparse, need_dx)
     dvalues, latents, dW_enc, db_enc, dW_dec, dx, db_dec = torch.ops.fastsae.topk_sae_backward(
-        x, values, indices, grad_out, W_enc, W_dec, b_dec, bool(row_sparse)
+        x, values, indices, grad_out, W_enc, W_dec, b_dec, bool(row_sparse), bool(need_dx)
     )
+    dx = dx if need_dx else None
     if row_sparse:
         rows = RowSparseGrads(latents=latents, W_enc=dW_enc.t(), b_enc=db_enc, W_dec=dW_dec,
                               d_sae=W_dec.shape[0])

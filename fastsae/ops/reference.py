@@ -121,7 +121,7 @@ def jumprelu_forward(x, W_enc, b_enc, b_dec, threshold, W_dec, b_dec_out):
     return dense_decode(pre * (pre > threshold), W_dec, b_dec_out)
 
 
-def topk_sae_backward(x, values, indices, grad_out, W_enc, W_dec, b_dec=None, row_sparse=False):
+def topk_sae_backward(x, values, indices, grad_out, W_enc, W_dec, b_dec=None, row_sparse=False, need_dx=True):
     """Gradients of a TopK-family step, written out sparsely (the formulas of docs/design.md).
 
     values/indices are the post-ReLU encode result, grad_out = ∂L/∂x_hat [N, d].
@@ -129,7 +129,8 @@ def topk_sae_backward(x, values, indices, grad_out, W_enc, W_dec, b_dec=None, ro
     Returns dict: dvalues [N,k], dW_enc [d,n], db_enc [n], dW_dec [n,d], dx [N,d],
     db_dec [d] (decoder-bias part plus, when applied to the input, the encoder part).
     With row_sparse=True, dW_enc/db_enc/dW_dec are replaced by "rows": a RowSparseGrads
-    holding only the latents that appear in `indices`.
+    holding only the latents that appear in `indices`. need_dx=False: dx is None (not
+    computed) and db_dec's encoder part is W_enc · db_enc (the same sum, over latents).
     """
     n = W_dec.shape[0]
     xin = x - b_dec if b_dec is not None else x
@@ -147,10 +148,10 @@ def topk_sae_backward(x, values, indices, grad_out, W_enc, W_dec, b_dec=None, ro
     db_enc = torch.zeros(n, dtype=W_enc.dtype, device=W_enc.device).index_add_(
         0, flat_idx, dpre.reshape(-1)
     )
-    dxin = torch.einsum("bk,dbk->bd", dpre, W_enc[:, indices])
+    dxin = torch.einsum("bk,dbk->bd", dpre, W_enc[:, indices]) if need_dx else None
     db_dec = grad_out.sum(0)
     if b_dec is not None:
-        db_dec = db_dec - dxin.sum(0)
+        db_dec = db_dec - (dxin.sum(0) if need_dx else W_enc @ db_enc)
     if row_sparse:
         latents = torch.unique(flat_idx)
         rows = RowSparseGrads(

@@ -28,6 +28,9 @@ def test_cuda_backward_matches_reference(kind, dtype):
         ref = reference.topk_sae_backward(**c, row_sparse=row_sparse)
         for key in ("dvalues", "dx", "db_dec"):
             torch.testing.assert_close(got[key], ref[key])
+        lean = cpp_ops.topk_sae_backward(**c, row_sparse=row_sparse, need_dx=False)
+        assert lean["dx"] is None
+        torch.testing.assert_close(lean["db_dec"], ref["db_dec"])
         if row_sparse:
             for name in ("latents", "W_enc", "b_enc", "W_dec"):
                 torch.testing.assert_close(getattr(got["rows"], name), getattr(ref["rows"], name))

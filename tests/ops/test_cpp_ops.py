@@ -35,12 +35,16 @@ def test_topk_sae_backward_matches_reference(shape, kind, with_b_dec):
     c = sparse_case(B, d, n, k, kind)
     if not with_b_dec:
         c["b_dec"] = None
-    for row_sparse in (False, True):
-        got = cpp_ops.topk_sae_backward(**c, row_sparse=row_sparse)
-        ref = reference.topk_sae_backward(**c, row_sparse=row_sparse)
+    for row_sparse, need_dx in ((False, True), (True, True), (False, False), (True, False)):
+        got = cpp_ops.topk_sae_backward(**c, row_sparse=row_sparse, need_dx=need_dx)
+        ref = reference.topk_sae_backward(**c, row_sparse=row_sparse)  # always with dx
         assert got.keys() == ref.keys()
-        for key in ("dvalues", "dx", "db_dec"):
+        for key in ("dvalues", "db_dec") + (("dx",) if need_dx else ()):
             torch.testing.assert_close(got[key], ref[key])
+        if not need_dx:  # the reference's own db_dec without dx is the same sum
+            assert got["dx"] is None
+            torch.testing.assert_close(reference.topk_sae_backward(**c, row_sparse=row_sparse, need_dx=False)["db_dec"],
+                                       ref["db_dec"])
         if row_sparse:
             g, r = got["rows"], ref["rows"]
             assert torch.equal(g.latents, r.latents) and g.d_sae == r.d_sae
@@ -191,8 +195,9 @@ def test_opcheck_backward_ops():
             _opcheck(F.topk_encode_backward,
                      (c["values"] * 0.5, c["values"], c["indices"], c["x"], c["W_enc"], b_dec, need_dx))
         for row_sparse in (False, True):
-            _opcheck(F.topk_sae_backward, (c["x"], c["values"], c["indices"], c["grad_out"], c["W_enc"],
-                                           c["W_dec"], b_dec, row_sparse))
+            for need_dx in (True, False):
+                _opcheck(F.topk_sae_backward, (c["x"], c["values"], c["indices"], c["grad_out"], c["W_enc"],
+                                               c["W_dec"], b_dec, row_sparse, need_dx))
 
 
 def test_torch_compile_traces_encode_decode_and_backward():
