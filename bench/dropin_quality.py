@@ -113,8 +113,11 @@ def trainer_run(x, heldout, d, n, k, steps, batch, lr, seed) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.dropin_quality", description=__doc__.split("\n\n")[0])
-    p.add_argument("--train", required=True, help="training activations (a shard folder from fastsae harvest)")
-    p.add_argument("--heldout", required=True, help="held-out activations (another shard folder)")
+    p.add_argument("--train", help="training activations (a shard folder from fastsae harvest)")
+    p.add_argument("--heldout", help="held-out activations (another shard folder)")
+    p.add_argument("--toy", action="store_true",
+                   help="instead of --train/--heldout: the default toy generator (fastsae.toy.ToyData), "
+                        "100000 training and 20000 held-out rows")
     p.add_argument("--d-sae", type=int, default=4096, help="latents (default 4096)")
     p.add_argument("--k", type=int, default=32, help="active latents per row (default 32)")
     p.add_argument("--steps", type=int, default=1500, help="steps (default 1500)")
@@ -131,7 +134,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    x, heldout = load_rows(args.train, args.max_rows), load_rows(args.heldout)
+    if args.toy:
+        from fastsae.toy import ToyData
+
+        data = ToyData(seed=0)
+        x, heldout = data.sample(args.max_rows or 100_000), data.sample(20_000)
+    elif args.train and args.heldout:
+        x, heldout = load_rows(args.train, args.max_rows), load_rows(args.heldout)
+    else:
+        p.error("pass --train and --heldout (activation shards), or --toy")
     d, n, k = x.shape[1], args.d_sae, args.k
     rows = {name: (lambda f=f: f(d, n, k)) for name, f in MODULES.items()}
     for s in args.variants:
