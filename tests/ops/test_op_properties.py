@@ -267,20 +267,24 @@ def test_dense_ops(op, backend, shape, dtype):
     torch.testing.assert_close(got, getattr(R, op)(*args), **tol(dtype))
 
 
+@pytest.mark.parametrize("need_dx", [True, False], ids=["dx", "no_dx"])
 @pytest.mark.parametrize("row_sparse", [False, True], ids=["dense", "row_sparse"])
 @pytest.mark.parametrize("backend,shape,dtype", cases("topk_sae_backward"))
-def test_topk_sae_backward(backend, shape, dtype, row_sparse):
+def test_topk_sae_backward(backend, shape, dtype, row_sparse, need_dx):
     B, d, n, k, _ = shape
     x, W_enc, _, b_dec, W_dec, _, _ = _encode_args(shape, dtype)
     values, indices = selection(B, n, k, dtype)
     grad_out = torch.randn(B, d, generator=torch.Generator().manual_seed(9), dtype=torch.float64).to(dtype)
     for bd in (b_dec, None):
         args = (x, values, indices, grad_out, W_enc, W_dec, bd)
-        got = call("topk_sae_backward", backend, *args, row_sparse=row_sparse)
-        want = R.topk_sae_backward(*args, row_sparse=row_sparse)
+        got = call("topk_sae_backward", backend, *args, row_sparse=row_sparse, need_dx=need_dx)
+        want = R.topk_sae_backward(*args, row_sparse=row_sparse)  # with dx: the same db_dec either way
         assert set(got) == set(want)
         for key in want:
             a, b = got[key], want[key]
+            if key == "dx" and not need_dx:
+                assert a is None
+                continue
             if isinstance(b, RowSparseGrads):
                 assert torch.equal(a.latents, b.latents)
                 a, b = a.to_dense(), b.to_dense()
