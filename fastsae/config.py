@@ -17,6 +17,9 @@ OPTIMIZERS = ("adam", "row_sparse_adam", "signum", "row_sparse_signum")
 NORMALIZATIONS = ("none", "layer_norm", "constant_norm_rescale")
 INITS = ("tied", "data", "data_decoder")
 DEAD_TOKENS_CAP = 10_000_000  # the usual fixed dead window (OpenAI, sparsify): the cap of the relative one
+# The relative dead window: a fortieth of the run. A tenth started AuxK so late that TopK stopped
+# at MMCS 0.97 on the toy acceptance (docs/toy_recovery.md); a fortieth reached 0.997.
+DEAD_WINDOW_FRACTION = 40
 
 
 def dtype_from_str(name: str | torch.dtype) -> torch.dtype:
@@ -188,7 +191,7 @@ class TrainConfig:
     auxk_coefficient, k_aux: AuxK for the sparse architectures (0 disables; k_aux None = d_in // 2):
         on whenever latents are dead.
     dead_tokens: a latent is dead after this many tokens without firing. None = relative to the
-        run: a tenth of its tokens, at most 10M (see `dead_window`), so AuxK and resampling start
+        run: a fortieth of its tokens, at most 10M (see `dead_window`), so AuxK and resampling start
         in a 1000-step toy run as in a billion-token one.
     resample_dead: resample dead latents as Anthropic's 2023 recipe (decoder row = the normalised
         residual of an input drawn with probability ∝ its squared error, encoder column the same
@@ -367,12 +370,12 @@ class TrainConfig:
         return self.steps + self.finetune_steps
 
     def dead_window(self, replicas: int = 1) -> int:
-        """Tokens without firing after which a latent is dead: dead_tokens, or a tenth of the
+        """Tokens without firing after which a latent is dead: dead_tokens, or a fortieth of the
         run's tokens capped at 10M (the common fixed window, which a short run never reaches)."""
         if self.dead_tokens is not None:
             return self.dead_tokens
         run_tokens = self.steps * self.batch_size * replicas
-        return max(self.batch_size * replicas, min(DEAD_TOKENS_CAP, run_tokens // 10))
+        return max(self.batch_size * replicas, min(DEAD_TOKENS_CAP, run_tokens // DEAD_WINDOW_FRACTION))
 
     @property
     def use_resampling(self) -> bool:

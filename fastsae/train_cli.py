@@ -54,7 +54,7 @@ HELP = {
     "sparsity_warmup_steps": "steps over which the L1/L0 penalty ramps up from 0",
     "auxk_coefficient": "weight of AuxK, on while latents are dead (TopK family; 0 disables)",
     "k_aux": "dead latents AuxK uses per row (default d_in // 2)",
-    "dead_tokens": "tokens without firing after which a latent counts as dead (default: a tenth of the run's "
+    "dead_tokens": "tokens without firing after which a latent counts as dead (default: a fortieth of the run's "
                    "tokens, at most 1e7)",
     "resample_every": "steps between resamplings of dead latents (default: the dead window; see --resample-dead)",
     "finetune_steps": "after --steps, this many steps refitting the decoder without the sparsity penalty, the "

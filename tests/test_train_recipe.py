@@ -30,11 +30,11 @@ def _toy(seed=0):
 def test_dead_window_is_relative_to_the_run():
     sae = dict(d_in=8, d_sae=64, architecture="topk", k=2)
     short = TrainConfig(sae=sae, steps=1000, batch_size=256)
-    assert short.dead_window() == 1000 * 256 // 10  # a tenth of a short run
+    assert short.dead_window() == 1000 * 256 // 40  # a fortieth of a short run
     assert TrainConfig(sae=sae, steps=10**6, batch_size=4096).dead_window() == DEAD_TOKENS_CAP
     assert TrainConfig(sae=sae, steps=10**6, batch_size=4096, dead_tokens=77).dead_window() == 77
     assert TrainConfig(sae=sae, steps=3, batch_size=8).dead_window() == 8  # never below one batch
-    assert short.resample_interval() == 100  # the dead window in steps
+    assert short.resample_interval() == 25  # the dead window in steps
     assert short.dead_window(replicas=4) == 4 * short.dead_window()  # the global batch's tokens
     with pytest.raises(ConfigError, match="dead_tokens"):
         TrainConfig(sae=sae, dead_tokens=0)
