@@ -10,7 +10,8 @@ change on a shared machine hits every row alike:
                   torch.optim.Adam(fused).step(), zero_grad (the drop-in path)
   trainer         fastsae's Trainer.train_step (sparse backward, dense Adam, unit-norm decoder,
                   tracking), with no dead latent
-  trainer+auxk    the same with half the latents dead, so AuxK runs every step
+  trainer+auxk    the same with half the latents dead, so AuxK runs every step (its selection
+                  taken in the encoder's pass where the backend has topk_encode_dead)
 and, for the Trainer step, its parts (select, decode, backward, optimizer, AuxK). Times are
 CPU seconds of this process (time.process_time), steadier than wall time when other jobs share
 the cores; the median over rounds is reported as a multiple of the GEMM's. Writes
@@ -94,12 +95,15 @@ def parts(tr, x):
         err, _, _ = reconstruction_terms(x_hat, x)
     rows, db = sae.sparse_backward(x, sel, (2.0 / x.shape[0]) * err)
     dead = torch.arange(sae.d_sae // 2)
+    _, dead_preacts = sae.select_for_training(x, dead, tr.k_aux)
     return {
         "select (topk_encode)": lambda: sae.select(x, train=True),
+        "select + AuxK's selection (half dead)": lambda: sae.select_for_training(x, dead, tr.k_aux),
         "decode_selection": lambda: sae.decode_selection(sel),
         "sparse_backward": lambda: sae.sparse_backward(x, sel, (2.0 / x.shape[0]) * err),
         "dense Adam step_row_sparse": lambda: tr.opt.step_row_sparse(rows, db),
-        "auxk_loss fwd (half dead)": lambda: sae.auxk_loss(x, -err, dead, tr.k_aux, 1.0),
+        "auxk_loss fwd, scanning the dead columns (half dead)": lambda: sae.auxk_loss(x, -err, dead, tr.k_aux, 1.0),
+        "auxk_loss fwd, given the selection": lambda: sae.auxk_loss(x, -err, dead, tr.k_aux, 1.0, dead_preacts),
     }
 
 

@@ -39,6 +39,9 @@ struct SparseKernels {
 };
 
 const SparseKernels& cpu_kernels();
+// dst[:, latents[g]] = rows[g] for dst [d, n] and rows [u, d] (CPU; an optimizer's dense
+// gradient buffer filled from row-sparse encoder gradients)
+void scatter_columns_cpu(const at::Tensor& dst, const at::Tensor& latents, const at::Tensor& rows);
 #ifdef FASTSAE_WITH_CUDA
 const SparseKernels& cuda_kernels();
 #endif

@@ -129,6 +129,22 @@ void gather_columns_kernel(const scalar_t* W_enc, int64_t n, int64_t d, const in
   });
 }
 
+// The inverse of gather_columns_kernel: W[i, lat[g]] = rows[g * d + i]. A block of latents
+// reads its rows' cache lines once while the writes stay within a few lines per W row.
+template <typename scalar_t>
+void scatter_columns_kernel(scalar_t* W, int64_t n, int64_t d, const int64_t* lat, int64_t u, const scalar_t* rows) {
+  constexpr int64_t kBlock = 64;
+  at::parallel_for(0, (u + kBlock - 1) / kBlock, grain_for(kBlock * d), [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c) {
+      const int64_t g0 = c * kBlock, g1 = std::min(u, g0 + kBlock);
+      for (int64_t i = 0; i < d; ++i) {
+        scalar_t* wrow = W + i * n;
+        for (int64_t g = g0; g < g1; ++g) wrow[lat[g]] = rows[g * d + i];
+      }
+    }
+  });
+}
+
 // dxin[b] = sum_s dpre[b,s] * cols[slot[b*k+s]], cols = gather_columns_kernel's rows.
 template <typename scalar_t>
 void dx_kernel(const scalar_t* values, const scalar_t* dvalues, const int64_t* slot,
@@ -226,6 +242,13 @@ void decode_cpu(const at::Tensor& values, const at::Tensor& indices, const at::T
 }
 
 }  // namespace
+
+void scatter_columns_cpu(const at::Tensor& dst, const at::Tensor& latents, const at::Tensor& rows) {
+  FASTSAE_DISPATCH(dst, "scatter_columns", [&] {
+    scatter_columns_kernel<scalar_t>(dst.data_ptr<scalar_t>(), dst.size(1), dst.size(0), latents.data_ptr<int64_t>(),
+                                     latents.numel(), rows.data_ptr<scalar_t>());
+  });
+}
 
 const SparseKernels& cpu_kernels() {
   static const SparseKernels table{&csr_by_latent, &dvalues_cpu, &segment_sums_cpu, &gather_columns_cpu,

@@ -168,9 +168,25 @@ topk_sae_backward(const at::Tensor& x, const at::Tensor& values, const at::Tenso
   return {a.dvalues, csr.latents, a.dW_enc, a.db_enc, a.dW_dec, dx, db_dec};
 }
 
+// dst[:, latents[g]] = rows[g], in place: a dense [d, n] buffer (an optimizer's gradient)
+// filled from row-sparse encoder gradients [u, d] without a transposed copy. CPU only: CUDA's
+// index_copy_ does not pay for the strided writes.
+void scatter_columns_(const at::Tensor& dst, const at::Tensor& latents, const at::Tensor& rows) {
+  const char* op = "scatter_columns_";
+  check_float_matrix(dst, "dst", op);
+  TORCH_CHECK(dst.is_contiguous(), op, ": dst must be contiguous");
+  TORCH_CHECK(latents.dim() == 1 && latents.scalar_type() == at::kLong, op,
+              ": latents must be a 1-D int64 tensor, got ", latents.scalar_type(), " of shape ", latents.sizes());
+  check_shape2(rows, latents.size(0), dst.size(0), "rows ([latents, dst.shape[0]])", op);
+  check_same_dtype(rows, dst, "rows", "dst", op);
+  check_indices_in_range(latents, dst.size(1), op);
+  scatter_columns_cpu(dst, latents.contiguous(), rows.contiguous());
+}
+
 }  // namespace fastsae
 
 TORCH_LIBRARY_FRAGMENT(fastsae, m) {
+  m.def("scatter_columns_(Tensor(a!) dst, Tensor latents, Tensor rows) -> ()");
   m.def("sparse_decode(Tensor values, Tensor indices, Tensor W_dec, Tensor? b_dec) -> Tensor");
   m.def("sparse_decode_backward(Tensor grad, Tensor values, Tensor indices, Tensor W_dec) -> (Tensor, Tensor)");
   m.def(
@@ -190,7 +206,10 @@ TORCH_LIBRARY_FRAGMENT(fastsae, m) {
   m.impl("topk_encode_backward", &fastsae::topk_encode_backward);   \
   m.impl("topk_sae_backward", &fastsae::topk_sae_backward)
 
-TORCH_LIBRARY_IMPL(fastsae, CPU, m) { FASTSAE_REGISTER_SPARSE_OPS(m); }
+TORCH_LIBRARY_IMPL(fastsae, CPU, m) {
+  FASTSAE_REGISTER_SPARSE_OPS(m);
+  m.impl("scatter_columns_", &fastsae::scatter_columns_);
+}
 
 #ifdef FASTSAE_WITH_CUDA
 TORCH_LIBRARY_IMPL(fastsae, CUDA, m) { FASTSAE_REGISTER_SPARSE_OPS(m); }

@@ -3,8 +3,9 @@
 //
 // The work is cut into tasks (a block of rows x a range of latents). A task computes one
 // cache-sized tile pre[rows, chunk] at a time with a BLAS call on sub-matrices, then merges
-// the tile into each row's running top-k (a heap): only entries above the row's current k-th
-// best are looked at again, so after the first chunks the merge is a vector compare per 16 entries. When the
+// the tile into each row's running top-k (a buffer cut to the k best when full): only entries
+// above the row's bar are looked at again, so after the first chunks the merge is a vector
+// compare per 16 entries. When the
 // latents are split across several tasks (few rows, many threads), their partial top-k lists
 // are merged at the end. Ties are broken toward the smaller latent id; NaN ranks highest, as
 // in torch.topk.
@@ -41,22 +42,24 @@ inline bool ranks_before(const Entry<acc_t>& a, const Entry<acc_t>& b) {
   return a.id < b.id;
 }
 
-// A row's running top-k: a heap of at most k entries whose front is the worst kept one, so
-// the bar a new entry must clear is best.front() and an insertion costs O(log k).
+// A row's running top-k: a buffer that holds a superset of the k best entries offered so far.
+// When it reaches 2k + 16 entries it is cut to the k best (nth_element), whose worst becomes the
+// bar a new entry must clear. Amortised O(1) per accepted entry, where a heap pays O(log k):
+// AuxK's k_aux (hundreds) made the heap the larger part of the selection.
 template <typename acc_t>
 struct RunningTopK {
   std::vector<Entry<acc_t>> best;
-
-  bool full(int64_t k) const { return static_cast<int64_t>(best.size()) == k; }
+  Entry<acc_t> bar{};   // the k-th best at the last cut (valid once `cut`)
+  bool cut = false;
 
   void offer(const Entry<acc_t>& e, int64_t k) {
-    if (!full(k)) {
-      best.push_back(e);
-      std::push_heap(best.begin(), best.end(), ranks_before<acc_t>);
-    } else if (ranks_before(e, best.front())) {
-      std::pop_heap(best.begin(), best.end(), ranks_before<acc_t>);
-      best.back() = e;
-      std::push_heap(best.begin(), best.end(), ranks_before<acc_t>);
+    if (cut && !ranks_before(e, bar)) return;
+    best.push_back(e);
+    if (static_cast<int64_t>(best.size()) >= 2 * k + 16) {
+      std::nth_element(best.begin(), best.begin() + (k - 1), best.end(), ranks_before<acc_t>);
+      best.resize(k);
+      bar = best[k - 1];
+      cut = true;
     }
   }
 };
@@ -68,14 +71,14 @@ void merge_tile(const scalar_t* tile, int64_t rows, int64_t width, int64_t first
   for (int64_t r = 0; r < rows; ++r) {
     RunningTopK<acc_t>& st = state[r];
     const scalar_t* row = tile + r * width;
-    int64_t c = 0;
-    for (; c < width && !st.full(k); ++c) st.offer({static_cast<acc_t>(row[c]), first_id + c}, k);
-    // Then only entries above the k-th best (or NaN) need a look; offer() settles ties.
-    while (c < width) {
-      c += find_above_acc<acc_t>(row + c, width - c, st.best.front().v);
-      if (c == width) break;
+    // Once there is a bar, only entries above it (or NaN) need a look: latent ids ascend, so
+    // an entry equal to the bar ranks below it.
+    for (int64_t c = 0; c < width; ++c) {
+      if (st.cut) {
+        c += find_above_acc<acc_t>(row + c, width - c, st.bar.v);
+        if (c == width) break;
+      }
       st.offer({static_cast<acc_t>(row[c]), first_id + c}, k);
-      ++c;
     }
   }
 }
@@ -160,50 +163,121 @@ std::tuple<at::Tensor, at::Tensor> pack_rows(const std::vector<std::vector<Entry
 
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor> topk_encode_cpu(const at::Tensor& x, const at::Tensor& W_enc,
-                                                   const at::Tensor& b_enc,
-                                                   const std::optional<at::Tensor>& b_dec, int64_t k) {
-  const char* op = "topk_encode";
+namespace {
+
+// Row b's k best of the parts' partial lists, ReLU'd, into vo/io [B, k].
+template <typename scalar_t, typename acc_t>
+void write_best(const std::vector<std::vector<RunningTopK<acc_t>>>& partial, int64_t B, int64_t k,
+                scalar_t* vo, int64_t* io) {
+  if (k == 0) return;
+  at::parallel_for(0, B, 64, [&](int64_t b0, int64_t b1) {
+    std::vector<Entry<acc_t>> all;
+    for (int64_t b = b0; b < b1; ++b) {
+      all.clear();
+      for (const auto& part : partial) all.insert(all.end(), part[b].best.begin(), part[b].best.end());
+      if (static_cast<int64_t>(all.size()) > k)
+        std::nth_element(all.begin(), all.begin() + (k - 1), all.end(), ranks_before<acc_t>);
+      std::sort(all.begin(), all.begin() + k, ranks_before<acc_t>);
+      for (int64_t s = 0; s < k; ++s) {
+        const acc_t v = all[s].v;
+        vo[b * k + s] = static_cast<scalar_t>(v < acc_t(0) ? acc_t(0) : v);  // ReLU, NaN kept
+        io[b * k + s] = all[s].id;
+      }
+    }
+  });
+}
+
+// Merge the tile's columns listed in dead[lo, hi) (ascending latent ids) into the rows' top-k.
+template <typename scalar_t, typename acc_t>
+void merge_dead(const scalar_t* tile, int64_t rows, int64_t width, int64_t first_id, const int64_t* dead,
+                int64_t lo, int64_t hi, int64_t k, RunningTopK<acc_t>* state) {
+  for (int64_t r = 0; r < rows; ++r) {
+    RunningTopK<acc_t>& st = state[r];
+    const scalar_t* row = tile + r * width;
+    for (int64_t i = lo; i < hi; ++i) {
+      const acc_t v = static_cast<acc_t>(row[dead[i] - first_id]);
+      // ids ascend, so an entry equal to the bar ranks below it: only a larger one (or NaN) enters
+      if (!st.cut || !(v <= st.bar.v)) st.offer({v, dead[i]}, k);
+    }
+  }
+}
+
+// topk_encode, and with dead ids (ascending) also each row's k_aux best among those latents.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> encode_with_dead(
+    const char* op, const at::Tensor& x, const at::Tensor& W_enc, const at::Tensor& b_enc,
+    const std::optional<at::Tensor>& b_dec, int64_t k, const at::Tensor& dead, int64_t k_aux) {
   at::AutoDispatchBelowADInplaceOrView below_autograd;  // the gradient is registered separately
   auto xin = checked_encoder_input(x, W_enc, b_enc, b_dec, op);
-  const int64_t B = x.size(0), n = W_enc.size(1);
+  const int64_t B = x.size(0), n = W_enc.size(1), m = dead.numel();
   TORCH_CHECK(k >= 0 && k <= n, op, ": k must lie in [0, d_sae=", n, "], got k=", k);
+  TORCH_CHECK(k_aux >= 0, op, ": k_aux must be >= 0, got k_aux=", k_aux);
+  const int64_t ka = std::min(k_aux, m);
   auto values = at::empty({B, k}, x.options());
   auto indices = at::empty({B, k}, x.options().dtype(at::kLong));
-  if (B == 0 || k == 0) return {values, indices};
+  auto dvalues = at::empty({B, ka}, x.options());
+  auto dindices = at::empty({B, ka}, x.options().dtype(at::kLong));
+  if (B == 0 || (k == 0 && ka == 0)) return {values, indices, dvalues, dindices};
   const TilePlan plan(B, n);
+  const int64_t* dd = dead.data_ptr<int64_t>();
+  // dead[chunk_lo[c] : chunk_lo[c+1]] are the dead ids of column chunk c
+  const int64_t chunks = (n + kChunk - 1) / kChunk;
+  std::vector<int64_t> chunk_lo(chunks + 1, m);
+  for (int64_t c = 0, i = 0; c < chunks; ++c) {
+    while (i < m && dd[i] < c * kChunk) ++i;
+    chunk_lo[c] = i;
+  }
 
   FASTSAE_DISPATCH(W_enc, "topk_encode", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    // partial[p][b]: row b's top-k among the latents of part p.
-    std::vector<std::vector<RunningTopK<acc_t>>> partial(plan.parts, std::vector<RunningTopK<acc_t>>(B));
+    // partial[p][b]: row b's top-k among the latents of part p (aux: among its dead latents).
+    std::vector<std::vector<RunningTopK<acc_t>>> partial(plan.parts, std::vector<RunningTopK<acc_t>>(k ? B : 0));
+    std::vector<std::vector<RunningTopK<acc_t>>> aux(plan.parts, std::vector<RunningTopK<acc_t>>(ka ? B : 0));
     for_each_tile<scalar_t>(plan, xin, W_enc, b_enc,
                             [&](const scalar_t* tile, int64_t r0, int64_t rows, int64_t c0, int64_t width, int64_t p) {
-                              merge_tile<scalar_t, acc_t>(tile, rows, width, c0, k, partial[p].data() + r0);
+                              if (k) merge_tile<scalar_t, acc_t>(tile, rows, width, c0, k, partial[p].data() + r0);
+                              const int64_t c = c0 / kChunk;
+                              if (ka && chunk_lo[c] < chunk_lo[c + 1])
+                                merge_dead<scalar_t, acc_t>(tile, rows, width, c0, dd, chunk_lo[c], chunk_lo[c + 1],
+                                                            ka, aux[p].data() + r0);
                             });
-    scalar_t* vo = values.data_ptr<scalar_t>();
-    int64_t* io = indices.data_ptr<int64_t>();
-    at::parallel_for(0, B, 64, [&](int64_t b0, int64_t b1) {
-      std::vector<Entry<acc_t>> all;
-      for (int64_t b = b0; b < b1; ++b) {
-        all.clear();
-        for (int64_t p = 0; p < plan.parts; ++p)
-          all.insert(all.end(), partial[p][b].best.begin(), partial[p][b].best.end());
-        std::partial_sort(all.begin(), all.begin() + k, all.end(), ranks_before<acc_t>);
-        for (int64_t s = 0; s < k; ++s) {
-          const acc_t v = all[s].v;
-          vo[b * k + s] = static_cast<scalar_t>(v < acc_t(0) ? acc_t(0) : v);  // ReLU, NaN kept
-          io[b * k + s] = all[s].id;
-        }
-      }
-    });
+    write_best<scalar_t, acc_t>(partial, B, k, values.data_ptr<scalar_t>(), indices.data_ptr<int64_t>());
+    write_best<scalar_t, acc_t>(aux, B, ka, dvalues.data_ptr<scalar_t>(), dindices.data_ptr<int64_t>());
   });
+  return {values, indices, dvalues, dindices};
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> topk_encode_cpu(const at::Tensor& x, const at::Tensor& W_enc,
+                                                   const at::Tensor& b_enc,
+                                                   const std::optional<at::Tensor>& b_dec, int64_t k) {
+  auto none = at::empty({0}, W_enc.options().dtype(at::kLong));
+  auto [values, indices, dv, di] = encode_with_dead("topk_encode", x, W_enc, b_enc, b_dec, k, none, 0);
   return {values, indices};
 }
 
+// topk_encode plus AuxK's selection in the same pass over the pre-activations: each row's
+// k_aux largest ReLU'd pre-activations among the `dead` latent ids (ascending, unique), as
+// (values, latent ids) [B, min(k_aux, #dead)], ranked as topk_encode ranks.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> topk_encode_dead_cpu(
+    const at::Tensor& x, const at::Tensor& W_enc, const at::Tensor& b_enc, const std::optional<at::Tensor>& b_dec,
+    int64_t k, const at::Tensor& dead, int64_t k_aux) {
+  const char* op = "topk_encode_dead";
+  TORCH_CHECK(dead.dim() == 1 && dead.scalar_type() == at::kLong && dead.device() == W_enc.device(), op,
+              ": dead must be a 1-D int64 tensor of latent ids on ", W_enc.device(), ", got ", dead.scalar_type(),
+              " of shape ", dead.sizes(), " on ", dead.device());
+  const auto ids = dead.contiguous();
+  const int64_t* dd = ids.data_ptr<int64_t>();
+  const int64_t n = W_enc.size(1);
+  for (int64_t i = 0; i < ids.numel(); ++i)
+    TORCH_CHECK(dd[i] >= 0 && dd[i] < n && (i == 0 || dd[i] > dd[i - 1]), op,
+                ": dead must hold ascending, unique latent ids in [0, d_sae=", n, "); entry ", i, " is ", dd[i]);
+  return encode_with_dead(op, x, W_enc, b_enc, b_dec, k, ids, k_aux);
+}
+
 // BatchTopK: the B*k largest ReLU'd pre-activations of the whole batch, as padded per-row lists.
-// Each thread keeps one running top-(B*k) heap over the tiles it computes (ids b*n + j); the
-// heaps are merged at the end. (value, id) is a strict order, so the kept set does not depend
+// Each thread keeps one running top-(B*k) over the tiles it computes (ids b*n + j); they are
+// merged at the end. (value, id) is a strict order, so the kept set does not depend
 // on how the work was split.
 std::tuple<at::Tensor, at::Tensor> batchtopk_encode_cpu(const at::Tensor& x, const at::Tensor& W_enc,
                                                         const at::Tensor& b_enc,
@@ -219,17 +293,17 @@ std::tuple<at::Tensor, at::Tensor> batchtopk_encode_cpu(const at::Tensor& x, con
 
   FASTSAE_DISPATCH(W_enc, "batchtopk_encode", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    std::vector<RunningTopK<acc_t>> heaps(at::get_num_threads());
+    std::vector<RunningTopK<acc_t>> tops(at::get_num_threads());
     if (keep > 0)
       for_each_tile<scalar_t>(plan, xin, W_enc, b_enc,
                               [&](const scalar_t* tile, int64_t r0, int64_t rows, int64_t c0, int64_t width, int64_t) {
-                                RunningTopK<acc_t>& h = heaps[at::get_thread_num()];
+                                RunningTopK<acc_t>& h = tops[at::get_thread_num()];
                                 for (int64_t r = 0; r < rows; ++r) {
                                   const scalar_t* row = tile + r * width;
                                   const int64_t base = (r0 + r) * n + c0;
                                   // only positive entries can be kept (ReLU, then > 0)
                                   for (int64_t c = 0; c < width; ++c) {
-                                    const acc_t bar = h.full(keep) ? std::max(h.best.front().v, acc_t(0)) : acc_t(0);
+                                    const acc_t bar = h.cut ? std::max(h.bar.v, acc_t(0)) : acc_t(0);
                                     c += find_above_acc<acc_t>(row + c, width - c, bar);
                                     if (c == width) break;
                                     h.offer({static_cast<acc_t>(row[c]), base + c}, keep);
@@ -237,7 +311,7 @@ std::tuple<at::Tensor, at::Tensor> batchtopk_encode_cpu(const at::Tensor& x, con
                                 }
                               });
     std::vector<Entry<acc_t>> all;
-    for (const auto& h : heaps) all.insert(all.end(), h.best.begin(), h.best.end());
+    for (const auto& h : tops) all.insert(all.end(), h.best.begin(), h.best.end());
     if (static_cast<int64_t>(all.size()) > keep) {
       std::nth_element(all.begin(), all.begin() + keep, all.end(), ranks_before<acc_t>);
       all.resize(keep);
@@ -297,6 +371,9 @@ std::tuple<at::Tensor, at::Tensor> threshold_encode_cpu(const at::Tensor& x, con
 
 TORCH_LIBRARY_FRAGMENT(fastsae, m) {
   m.def("topk_encode(Tensor x, Tensor W_enc, Tensor b_enc, Tensor? b_dec, int k) -> (Tensor, Tensor)");
+  m.def(
+      "topk_encode_dead(Tensor x, Tensor W_enc, Tensor b_enc, Tensor? b_dec, int k, Tensor dead, int k_aux) -> "
+      "(Tensor, Tensor, Tensor, Tensor)");
   m.def("batchtopk_encode(Tensor x, Tensor W_enc, Tensor b_enc, Tensor? b_dec, int k) -> (Tensor, Tensor)");
   m.def(
       "threshold_encode(Tensor x, Tensor W_enc, Tensor b_enc, Tensor? b_dec, Tensor threshold) -> (Tensor, "
@@ -305,6 +382,7 @@ TORCH_LIBRARY_FRAGMENT(fastsae, m) {
 
 TORCH_LIBRARY_IMPL(fastsae, CPU, m) {
   m.impl("topk_encode", &fastsae::topk_encode_cpu);
+  m.impl("topk_encode_dead", &fastsae::topk_encode_dead_cpu);
   m.impl("batchtopk_encode", &fastsae::batchtopk_encode_cpu);
   m.impl("threshold_encode", &fastsae::threshold_encode_cpu);
 }

@@ -40,7 +40,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "threads that outnumber free cores slow every step down; 0 = torch's default)")
 
 
-PROBE_STEPS = 30  # steps timed to fit the step count into the budget
+PROBE_STEPS = 40  # steps of a short run of the same setup, to fit the step count into the budget
+PROBE_SKIP = 10  # its first steps (setup, warm-up) are slower than the rest: they are not timed
 
 
 def _steps_for_budget(args, data, coef) -> int:
@@ -48,9 +49,13 @@ def _steps_for_budget(args, data, coef) -> int:
     if args.max_steps <= PROBE_STEPS:
         return args.max_steps
     probe = train_toy(make_toy_sae(args.arch, data, args.ratio, coef, seed=args.seed), data, PROBE_STEPS,
-                      batch=args.batch, lr=args.lr, eval_samples=64, progress=False)
-    per_step = probe.seconds / max(probe.steps, 1)
-    return min(args.max_steps, max(PROBE_STEPS, int(args.seconds / per_step)))
+                      batch=args.batch, lr=args.lr, eval_samples=64, progress=False, track_every=PROBE_SKIP)
+    at = {h["step"]: h["seconds"] for h in probe.history}
+    if PROBE_SKIP in at and PROBE_STEPS in at:
+        per_step = (at[PROBE_STEPS] - at[PROBE_SKIP]) / (PROBE_STEPS - PROBE_SKIP)
+    else:  # stopped early: the whole probe
+        per_step = probe.seconds / max(probe.steps, 1)
+    return min(args.max_steps, max(PROBE_STEPS, int(args.seconds / max(per_step, 1e-6))))
 
 
 def run(args: argparse.Namespace) -> int:

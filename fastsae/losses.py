@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import torch
 
+from . import ops
+
 
 def mse(x_hat: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """Squared error summed over features, averaged over rows (the SAELens convention)."""
@@ -100,18 +102,9 @@ def top_dead_preacts(x_in: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tenso
     return best_v, best_i
 
 
-def _native_op(name: str, device: torch.device):
-    """torch.ops.fastsae.<name> where the C++ extension has a kernel for `device`, else None."""
-    try:
-        from .ops import cpp
-    except Exception:  # no extension: the plain-PyTorch formula
-        return None
-    return getattr(torch.ops.fastsae, name) if cpp.has_kernel(name, device) else None
-
-
 def _selected_preacts_grads(grad, values, slots, x_in, W):
     """topk_encode's gradient formula for W [d, u] and b [u] given the selection (values, slots)."""
-    op = _native_op("topk_encode_backward", W.device)
+    op = ops.native("topk_encode_backward", W.device)
     if op is not None:
         _, dW, db, _ = op(grad.to(W.dtype), values.to(W.dtype), slots, x_in.to(W.dtype), W, None, False)
         return dW, db

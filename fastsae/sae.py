@@ -19,12 +19,14 @@ The public protocol the Trainer drives (and nothing else):
     prepare(x) -> (x2, restore)    checked, flattened, normalised input [N, d_in]
     prepare_target(y, x2)          a transcoder's checked, flattened target [N, d_out]
     select(x2, train)              sparse architectures: a Selection
+    select_for_training(x2, dead, k_aux)  select(x2, train=True) and, where the same pass can
+                                   give it, AuxK's selection among the dead latents
     decode_selection(sel, x2)      the reconstruction of a Selection (+ the skip term of x2)
     sparse_loss(sel, x_hat, y)     the reconstruction objective and its gradient, for ...
     sparse_backward(x2, sel, g)    ... the row-sparse gradients of the latents that fired, db_dec
                                    (and the .grad of dense_parameters())
     dense_parameters()             parameters trained densely on the sparse path (W_skip)
-    auxk_loss(x2, residual, dead, k_aux, scale)
+    auxk_loss(x2, residual, dead, k_aux, scale, preacts)
     training_forward(x, target)    autograd path: loss and its terms
     normalize_input(x)             the input in the space the SAE encodes (init, resampling)
     encode_prepared(x2), decode    inference on a prepared input (resampling, fine-tuning stage)
@@ -411,6 +413,16 @@ class BaseSAE(nn.Module):
         a frozen decoder (Gated's gate path), scored against the target like x_hat."""
         raise NotImplementedError
 
+    def select_for_training(self, x2: torch.Tensor, dead: torch.Tensor | None, k_aux: int):
+        """(select(x2, train=True), AuxK's selection among the `dead` global latent ids for
+        auxk_loss's `preacts`, or None where the architecture's pass cannot give it; then
+        auxk_loss scans the dead latents' encoder columns itself)."""
+        return self.select(x2, train=True), None
+
+    def local_dead(self, dead: torch.Tensor) -> torch.Tensor:
+        """The global latent ids `dead` that this module holds, as its local ids."""
+        return dead[(dead >= self.shard_start) & (dead < self.shard_end)] - self.shard_start
+
     def selection_loss(self, sel: Selection, x_hat: torch.Tensor, target: torch.Tensor) -> torch.Tensor | None:
         """Sparse architectures: loss terms beyond the MSE of x_hat, from the training selection
         (differentiable; Matryoshka's inner levels). None for most."""
@@ -584,22 +596,28 @@ class BaseSAE(nn.Module):
         return rows, db_dec
 
     def auxk_loss(self, x2: torch.Tensor, residual: torch.Tensor, dead: torch.Tensor, k_aux: int,
-                  scale: float = 1.0):
+                  scale: float = 1.0, preacts: tuple[torch.Tensor, torch.Tensor] | None = None):
         """AuxK (Gao et al. 2024): each row's k_aux largest pre-activations among the `dead`
         global latent ids reconstruct the (detached) residual; the loss is normalised by the
         residual's variance and scaled by `scale`. The gradient goes to leaf copies of the few
         local latents that were picked, so nothing of the dictionary's size is allocated: returns
         (loss, local latent ids u, (W_enc[:, u], b_enc[u], W_dec[u]) leaves); after loss.backward()
         their .grad are AuxK's gradients of latents u. The work is the encoder GEMM over the dead
-        latents' columns plus O(rows·k_aux·d_in). Every shard must call it with the same `dead`."""
+        latents' columns plus O(rows·k_aux·d_in), or only the latter when `preacts` (this
+        module's (values, local ids) from select_for_training) gives the selection. Every shard
+        must call it with the same `dead`."""
         x_in = self.encoder_input(x2).detach()
-        mine = dead[(dead >= self.shard_start) & (dead < self.shard_end)] - self.shard_start
+        mine = self.local_dead(dead)
         k_here = min(k_aux, mine.numel())
         # each row's k_here largest ReLU'd pre-activations among this module's dead latents (a
-        # scan of their encoder columns only), then leaf copies of the few latents picked: the
-        # gradient goes to them, so nothing of the dictionary's size is allocated
-        vals, ids = top_dead_preacts(x_in, self.W_enc.detach(), self.b_enc.detach(), mine, k_here,
-                                     self.op("topk_encode"))
+        # scan of their encoder columns only, unless the selection's pass gave them), then leaf
+        # copies of the few latents picked: the gradient goes to them, so nothing of the
+        # dictionary's size is allocated
+        if preacts is not None:
+            vals, ids = preacts
+        else:
+            vals, ids = top_dead_preacts(x_in, self.W_enc.detach(), self.b_enc.detach(), mine, k_here,
+                                         self.op("topk_encode"))
         u, slots = torch.unique(ids, return_inverse=True)
         We = self.W_enc.detach()[:, u].clone().requires_grad_()
         be = self.b_enc.detach()[u].clone().requires_grad_()

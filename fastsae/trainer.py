@@ -218,14 +218,21 @@ class Trainer:
         return False
 
     # ------------------------------------------------------------------ one step
-    def _auxk(self, x: torch.Tensor, residual: torch.Tensor):
-        """AuxK's forward: (loss, latent ids, their leaf parameter copies), or (0, None, None)."""
+    def _auxk_dead(self) -> torch.Tensor | None:
+        """The dead latents AuxK revives this step (global ids, the same on every rank), or None."""
         if not self.sae.takes_sparse_path or self.cfg.auxk_coefficient <= 0:
+            return None
+        dead = self.tracker.dead_latents()
+        return dead if dead.numel() else None
+
+    def _auxk(self, x: torch.Tensor, residual: torch.Tensor, dead: torch.Tensor | None = None, preacts=None):
+        """AuxK's forward: (loss, latent ids, their leaf parameter copies), or (0, None, None).
+        dead: _auxk_dead() when the caller has it; preacts: the selection's AuxK part."""
+        dead = self._auxk_dead() if dead is None else dead
+        if dead is None:
             return torch.zeros(()), None, None
-        dead = self.tracker.dead_latents()  # the same on every rank
-        if dead.numel() == 0:
-            return torch.zeros(()), None, None
-        loss, u, leaves = self.sae.auxk_loss(x, residual, dead, self.k_aux, min(dead.numel() / self.k_aux, 1.0))
+        loss, u, leaves = self.sae.auxk_loss(x, residual, dead, self.k_aux, min(dead.numel() / self.k_aux, 1.0),
+                                             preacts)
         return self.cfg.auxk_coefficient * loss, u, leaves
 
     def _auxk_grads(self, aux: torch.Tensor, u, leaves) -> RowSparseGrads | None:
@@ -241,11 +248,12 @@ class Trainer:
         with torch.no_grad():
             x = sae.normalize_input(x)[0]  # losses in normalised space, as training_forward
             target = x if target is None else target
-            sel = sae.select(x, train=True)
+            dead = self._auxk_dead()
+            sel, dead_preacts = sae.select_for_training(x, dead, self.k_aux)
             x_hat = sae.decode_selection(sel, x)
             err, mse, fvu = reconstruction_terms(x_hat, target)
             recon, grad_out = sae.sparse_loss(sel, x_hat, target)
-        aux, u, leaves = self._auxk(x, -err)
+        aux, u, leaves = self._auxk(x, -err, dead, dead_preacts)
         if not self._agree(bool(torch.isfinite(recon + aux.detach())))[0]:
             return None
         self.step_row_sparse(*sae.sparse_backward(x, sel, grad_out), aux, u, leaves)

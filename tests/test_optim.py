@@ -212,3 +212,26 @@ def test_dense_adam_step_row_sparse_equals_step_on_the_densified_gradient(dtype,
     for name, m in rows_opt.master.items():
         torch.testing.assert_close(m, dense_opt.master[name], atol=1e-7 if unit_norm else 0, rtol=0, msg=name)
     assert all(p.grad is None for p in a.parameters())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_copy_columns_matches_index_copy(dtype):
+    """The optimizers' scatter of row-sparse encoder columns into a dense buffer: the native
+    kernel (contiguous CPU buffers) and the index_copy_ path give the same buffer; the
+    source rows are left alone; a bad latent id is refused."""
+    from fastsae.optim import copy_columns_
+
+    g = torch.Generator().manual_seed(0)
+    for d, n, u in ((5, 130, 70), (3, 7, 7), (4, 9, 0), (1, 1, 1)):
+        latents = torch.randperm(n, generator=g)[:u].sort().values
+        rows = torch.randn(u, d, generator=g).to(dtype)
+        saved = rows.clone()
+        want = torch.full((d, n), 7.0).index_copy_(1, latents, rows.t().float())
+        got = copy_columns_(torch.full((d, n), 7.0), latents, rows.t())
+        assert torch.equal(got, want)
+        strided = torch.full((n, d), 7.0).t()  # not contiguous: the index_copy_ path
+        assert torch.equal(copy_columns_(strided, latents, rows.t()), want)
+        assert torch.equal(rows, saved)
+    if fastsae.ops.native("scatter_columns_", "cpu") is not None:
+        with pytest.raises(RuntimeError, match="out of range"):
+            copy_columns_(torch.zeros(2, 4), torch.tensor([4]), torch.ones(2, 1))

@@ -18,6 +18,9 @@ is consistent with either.
 
 Op signatures (x is 2-D [N, d_in]; b_dec is None when it is not applied to the input):
     topk_encode(x, W_enc, b_enc, b_dec, k)                 -> (values [N,k], indices [N,k])
+    topk_encode_dead(x, W_enc, b_enc, b_dec, k, dead, k_aux)
+        -> topk_encode's pair plus AuxK's from the same pass: each row's min(k_aux, #dead)
+           largest ReLU'd pre-activations among the latent ids `dead` (ascending), (values, ids)
     batchtopk_encode(x, W_enc, b_enc, b_dec, k)            -> SparseActs
     threshold_encode(x, W_enc, b_enc, b_dec, threshold)    -> SparseActs
     relu_encode(x, W_enc, b_enc, b_dec)                    -> dense [N, d_sae]
@@ -44,6 +47,7 @@ from . import reference
 
 OPS = (
     "topk_encode",
+    "topk_encode_dead",
     "batchtopk_encode",
     "threshold_encode",
     "relu_encode",
@@ -190,6 +194,17 @@ def format_implementation_table(requested: str | None = "auto") -> str:
     lines = ["| op | " + " | ".join(devs) + " |", "|---|" + "---|" * len(devs)]
     lines += [f"| {op} | " + " | ".join(row[d] for d in devs) + " |" for op, row in table.items()]
     return "\n".join(lines)
+
+
+def native(name: str, device: torch.device | str) -> Callable | None:
+    """torch.ops.fastsae.<name> where the C++ extension has a kernel for `device`'s tensors,
+    else None: for the helpers outside the op table (a selection's gradient, an optimizer's
+    column scatter), whose callers keep a plain-PyTorch path."""
+    try:
+        from . import cpp
+    except Exception:  # no extension
+        return None
+    return getattr(torch.ops.fastsae, name) if cpp.has_kernel(name, device) else None
 
 
 def load_errors() -> dict[str, str]:

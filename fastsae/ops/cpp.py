@@ -6,6 +6,8 @@ traces it; the forward ops also get an autograd formula whose backward is itself
     topk_encode, batchtopk_encode, threshold_encode
                      -> topk_encode_backward   (dW_enc, db_enc, dx, encoder part of db_dec)
     sparse_decode    -> sparse_decode_backward (dvalues, dW_dec)
+    topk_encode_dead: topk_encode plus AuxK's selection among dead latents in the same pass
+                      (no autograd: the training step's selection)
     topk_sae_backward: the whole sparse backward of a TopK-family step, outside autograd,
                        dense-shaped or row-sparse (reference.topk_sae_backward's contract).
 
@@ -56,6 +58,14 @@ def _sparse_decode_backward_fake(grad, values, indices, W_dec):
 def _topk_encode_fake(x, W_enc, b_enc, b_dec, k):
     torch._check(0 <= k <= W_enc.shape[1], lambda: f"topk_encode: k={k} must lie in [0, d_sae]")
     return x.new_empty((x.shape[0], k)), x.new_empty((x.shape[0], k), dtype=torch.long)
+
+
+@torch.library.register_fake("fastsae::topk_encode_dead")
+def _topk_encode_dead_fake(x, W_enc, b_enc, b_dec, k, dead, k_aux):
+    torch._check(0 <= k <= W_enc.shape[1], lambda: f"topk_encode_dead: k={k} must lie in [0, d_sae]")
+    ka = min(k_aux, dead.shape[0])
+    return (x.new_empty((x.shape[0], k)), x.new_empty((x.shape[0], k), dtype=torch.long),
+            x.new_empty((x.shape[0], ka)), x.new_empty((x.shape[0], ka), dtype=torch.long))
 
 
 def _padded_rows_fake(x, W_enc, b_enc, b_dec, *_):
@@ -150,6 +160,13 @@ def topk_encode(x, W_enc, b_enc, b_dec, k: int):
     if not has_kernel("topk_encode", W_enc.device):
         return reference.topk_encode(x, W_enc, b_enc, b_dec, k)
     return torch.ops.fastsae.topk_encode(x, W_enc, b_enc, b_dec, int(k))
+
+
+@ops.register("topk_encode_dead", "cpp", devices=_devices("topk_encode_dead"))
+def topk_encode_dead(x, W_enc, b_enc, b_dec, k: int, dead, k_aux: int):
+    if not has_kernel("topk_encode_dead", W_enc.device):
+        return reference.topk_encode_dead(x, W_enc, b_enc, b_dec, k, dead, k_aux)
+    return torch.ops.fastsae.topk_encode_dead(x, W_enc, b_enc, b_dec, int(k), dead, int(k_aux))
 
 
 @ops.register("batchtopk_encode", "cpp", devices=_devices("batchtopk_encode"))

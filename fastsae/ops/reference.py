@@ -28,6 +28,16 @@ def topk_encode(x, W_enc, b_enc, b_dec, k: int):
     return vals.relu(), idx
 
 
+def topk_encode_dead(x, W_enc, b_enc, b_dec, k: int, dead: torch.Tensor, k_aux: int):
+    """topk_encode, plus each row's min(k_aux, #dead) largest ReLU'd pre-activations among the
+    latent ids `dead` (ascending) from the same pre-activations (AuxK's selection):
+    (values, indices, dead values, dead latent ids)."""
+    pre = pre_activations(x, W_enc, b_enc, b_dec)
+    vals, idx = pre.topk(k, dim=-1)
+    dead_vals, pos = pre[:, dead].topk(min(k_aux, dead.numel()), dim=-1)
+    return vals.relu(), idx, dead_vals.relu(), dead[pos]
+
+
 def batchtopk_mask(acts: torch.Tensor, k: int) -> torch.Tensor:
     """Keep the N*k largest of the (already ReLU'd) activations of the whole batch."""
     flat = acts.flatten()

@@ -200,6 +200,40 @@ def test_topk_encode(backend, shape, dtype):
     compare_encode_grads("topk_encode", backend, (x, W_enc, b_enc, b_dec), k, n, dtype)
 
 
+@pytest.mark.parametrize("backend,shape,dtype", cases("topk_encode_dead"))
+def test_topk_encode_dead(backend, shape, dtype):
+    """topk_encode's selection, and AuxK's among the dead ids, from one pass: no dead latent,
+    a few, all of them; k_aux below, at and above their number."""
+    x, W_enc, b_enc, b_dec, _, n, k = _encode_args(shape, dtype)
+    g = torch.Generator().manual_seed(n)
+    some = torch.randperm(n, generator=g)[: max(1, n // 3)].sort().values
+    for dead in (torch.zeros(0, dtype=torch.long), some, torch.arange(n)):
+        for k_aux in (0, 1, dead.numel(), dead.numel() + 2):
+            values, indices, dv, di = call("topk_encode_dead", backend, x, W_enc, b_enc, b_dec, k, dead, k_aux)
+            rv, ri = R.topk_encode(x, W_enc, b_enc, b_dec, k)
+            _, _, rdv, rdi = R.topk_encode_dead(x, W_enc, b_enc, b_dec, k, dead, k_aux)
+            ka = min(k_aux, dead.numel())
+            assert dv.shape == di.shape == (x.shape[0], ka) and di.dtype == torch.int64
+            if dtype == torch.bfloat16:  # near-ties may swap latents: compare the sorted kept values
+                torch.testing.assert_close(values.sort(-1).values, rv.sort(-1).values, **tol(dtype))
+                torch.testing.assert_close(dv.sort(-1).values, rdv.sort(-1).values, **tol(dtype))
+                continue
+            assert torch.equal(indices.sort(-1).values, ri.sort(-1).values)
+            torch.testing.assert_close(dense((values, indices), n), dense((rv, ri), n), **tol(dtype))
+            assert torch.equal(di.sort(-1).values, rdi.sort(-1).values), (dead, k_aux)
+            assert bool(torch.isin(di, dead).all())
+            torch.testing.assert_close(dense((dv, di), n), dense((rdv, rdi), n), **tol(dtype))
+
+
+def test_topk_encode_dead_refuses_unsorted_or_out_of_range_ids():
+    if "cpp" not in cpu_backends("topk_encode_dead"):
+        pytest.skip("the C++ extension is not built")
+    x, W_enc, b_enc, _, _ = weights(4, 6, 12, False, torch.float32)
+    for dead in (torch.tensor([3, 1]), torch.tensor([2, 2]), torch.tensor([12]), torch.tensor([-1])):
+        with pytest.raises(RuntimeError, match="ascending, unique latent ids"):
+            torch.ops.fastsae.topk_encode_dead(x, W_enc, b_enc, None, 2, dead, 2)
+
+
 @pytest.mark.parametrize("backend,shape,dtype", cases("batchtopk_encode"))
 def test_batchtopk_encode(backend, shape, dtype):
     x, W_enc, b_enc, b_dec, _, n, k = _encode_args(shape, dtype)
@@ -293,7 +327,7 @@ def test_topk_sae_backward(backend, shape, dtype, row_sparse, need_dx):
 
 # ------------------------------------------------------------------ the native backward ops, directly
 def test_every_op_is_covered():
-    tested = {"topk_encode", "batchtopk_encode", "threshold_encode", "sparse_decode", "topk_sae_backward",
+    tested = {"topk_encode", "topk_encode_dead", "batchtopk_encode", "threshold_encode", "sparse_decode", "topk_sae_backward",
               *DENSE_OPS}
     assert tested == set(ops.OPS), f"ops without a property test: {sorted(set(ops.OPS) - tested)}"
 
