@@ -211,8 +211,11 @@ class TrainConfig:
     init: "tied" (random unit decoder rows, W_enc = W_decᵀ), "data" (a data_init_fraction of
         decoder rows from centred activation samples, then tied) or "data_decoder" (decoder rows
         from samples, the encoder left random: keeps the early lead of a sample start on ReLU +
-        L1, where the tied one falls behind; see docs/init_study.md). b_dec_init: "geometric_median",
-        "mean" or "zeros", from init_sample_rows rows of the data.
+        L1, where the tied one falls behind; see docs/init_study.md). b_dec_init: "zeros" (the
+        default, as sparsify's and SAELens's modules), "geometric_median" or "mean" of
+        init_sample_rows rows of the data. The defaults (zeros, and the decay over the last 10 %
+        of the steps) are what both recovers the toy features and matches sparsify on real
+        activations in a short run (docs/dropin_quality.md).
     nonfinite: "raise" (stop with an error naming the batch) or "skip" (drop the batch and
         count it in the log's skipped_batches) for a batch holding NaN/inf.
     checkpoint_every: steps between checkpoints (0: only at the end); keep_checkpoints: how
@@ -237,7 +240,7 @@ class TrainConfig:
     row_sparse_catch_up: bool = True
     warmup_steps: int = 0
     decay: str = "linear"
-    decay_start: float = 0.8
+    decay_start: float = 0.9
     final_lr_fraction: float = 0.0
     lr_anchor: tuple[int, float] | None = None
     sparsity_warmup_steps: int = 0
@@ -254,7 +257,7 @@ class TrainConfig:
     unit_norm_decoder: bool | None = None
     init: str = "tied"
     data_init_fraction: float = 1.0
-    b_dec_init: str = "geometric_median"
+    b_dec_init: str = "zeros"
     init_sample_rows: int = 4096
     nonfinite: str = "raise"
     log_every: int = 100

@@ -12,7 +12,7 @@ from .errors import ConfigError
 DECAY_SHAPES = ("constant", "linear", "cosine")
 
 
-def lr_factor(step: int, total_steps: int, warmup_steps: int = 0, decay_start: float = 0.8,
+def lr_factor(step: int, total_steps: int, warmup_steps: int = 0, decay_start: float = 0.9,
               decay: str = "linear", final_fraction: float = 0.0,
               anchor: tuple[int, float] | None = None) -> float:
     """Multiplier of the base LR at `step` (0-based): linear warmup over `warmup_steps`, flat,

@@ -19,7 +19,7 @@ run loads nothing of fastsae.distributed. The run's files are fastsae.run_dir's.
 The recipe, the same for every architecture: dead latents are those that have not fired for
 `cfg.dead_window()` tokens (relative to the run by default); AuxK revives them in the sparse
 architectures and, where AuxK cannot (a dead ReLU has no gradient), they are resampled
-(`cfg.use_resampling`); the lr decays linearly over the last 20 % of the steps; an optional
+(`cfg.use_resampling`); the lr decays linearly over the last 10 % of the steps; an optional
 fine-tuning stage (`cfg.finetune_steps`) refits the decoder without the penalty to undo
 shrinkage.
 
