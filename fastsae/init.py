@@ -70,10 +70,11 @@ def init_b_dec_(sae, sample: torch.Tensor, method: str = "geometric_median") -> 
 
 @torch.no_grad()
 def init_from_data_(sae, sample: torch.Tensor, fraction: float = 1.0,
-                    generator: torch.Generator | None = None) -> int:
+                    generator: torch.Generator | None = None, centre: torch.Tensor | None = None) -> int:
     """Data-sample init: set a `fraction` of the decoder rows (chosen at random) to
-    normalised, b_dec-centred activation samples, then tie the encoder. Returns how many
-    rows were set. Rows past the sample size reuse samples (drawn with replacement)."""
+    normalised, centred activation samples (minus `centre`, default b_dec), then tie the
+    encoder. Returns how many rows were set. Rows past the sample size reuse samples (drawn
+    with replacement)."""
     if not 0.0 <= fraction <= 1.0:
         raise InputError(f"data init fraction must be in [0, 1], got {fraction}")
     x = sample.reshape(-1, sample.shape[-1]).float().to(sae.device)
@@ -86,7 +87,7 @@ def init_from_data_(sae, sample: torch.Tensor, fraction: float = 1.0,
     rows = torch.randperm(n, generator=generator)[:m].to(sae.device)
     pick = torch.randint(x.shape[0], (m,), generator=generator).to(sae.device) if m > x.shape[0] \
         else torch.randperm(x.shape[0], generator=generator)[:m].to(sae.device)
-    atoms = x[pick] - sae.b_dec.float()
+    atoms = x[pick] - (sae.b_dec if centre is None else centre).float()
     sae.W_dec.index_copy_(0, rows, atoms.to(sae.W_dec.dtype))
     normalize_rows_(sae.W_dec, rows)
     tie_encoder_(sae)

@@ -64,7 +64,7 @@ HELP = {
                 "decoder (whole rows)",
     "init": "tied, data (decoder atoms from activation samples, tied encoder) or data_decoder (atoms from "
             "samples, random encoder)",
-    "b_dec_init": "geometric_median, mean or zeros",
+    "b_dec_init": "zeros (default), geometric_median or mean of a sample",
     "nonfinite": "raise, or skip batches holding NaN/inf (counted in the log)",
     "log_every": "steps between log lines", "checkpoint_every": "steps between checkpoints (0: only at the end)",
     "keep_checkpoints": "how many checkpoints to keep", "out_dir": "where the run goes", "seed": "random seed",

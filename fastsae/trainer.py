@@ -40,7 +40,7 @@ from .config import RESUMABLE, TrainConfig
 from .constraints import normalize_rows_
 from .data import ActivationSource, as_source, fingerprint_changes
 from .errors import ConfigError, InputError
-from .init import init_b_dec_, init_from_data_, resample_latents_
+from .init import geometric_median, init_b_dec_, init_from_data_, resample_latents_
 from .optim import DenseAdam, RowSparseAdam, build_optimizer, merge_row_sparse
 from .parallel import LOCAL, ParallelContext
 from .run_dir import CONSOLIDATE_MAX_BYTES, RunDir, latest_checkpoint, list_checkpoints
@@ -175,7 +175,10 @@ class Trainer:
         if cfg.init in ("data", "data_decoder"):  # each shard draws its own latents' atoms
             gen = torch.Generator().manual_seed(cfg.seed + 1_000_003 * self.layout.shard)
             encoder = sae.W_enc.detach().clone() if cfg.init == "data_decoder" else None
-            init_from_data_(sae.local_view(), sample, cfg.data_init_fraction, generator=gen)
+            # atoms are samples centred at their geometric median, whatever b_dec starts at
+            # (docs/init_study.md: uncentred samples start worse)
+            init_from_data_(sae.local_view(), sample, cfg.data_init_fraction, generator=gen,
+                            centre=geometric_median(sample))
             if encoder is not None:  # untied: the encoder keeps its random init
                 with torch.no_grad():
                     sae.W_enc.copy_(encoder)

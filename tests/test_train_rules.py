@@ -203,3 +203,18 @@ def test_batchtopk_training_learns_its_inference_threshold(tmp_path):
     assert float(loaded.threshold) == th
     acts = loaded.encode(x[:64])  # inference: a JumpReLU at the learned threshold
     assert bool((acts.values[acts.values > 0] > th).all())
+
+
+def test_trainer_data_init_centres_the_samples_whatever_b_dec_starts_at(tmp_path):
+    """init="data" takes samples centred at their geometric median, also with b_dec at zero
+    (the default): uncentred samples of data far from the origin would all point the same way."""
+    g = torch.Generator().manual_seed(0)
+    offset = torch.zeros(8)
+    offset[0] = 20.0
+    x = torch.randn(512, 8, generator=g) + offset
+    for b_dec_init in ("zeros", "geometric_median"):
+        cfg = _cfg(tmp_path / b_dec_init, init="data", b_dec_init=b_dec_init, steps=1)
+        tr = Trainer(cfg, x)
+        assert torch.count_nonzero(tr.sae.b_dec) == (0 if b_dec_init == "zeros" else 8)
+        along_offset = tr.sae.W_dec.detach()[:, 0].abs().mean()
+        assert along_offset < 0.6, (b_dec_init, float(along_offset))  # uncentred: ~1.0
