@@ -97,7 +97,20 @@ def plain_loop(make, x: torch.Tensor, heldout: torch.Tensor, order: torch.Tensor
     return {"heldout_fvu": heldout_fvu(reconstruct, heldout), "cpu_s": time.process_time() - start, "curve": curve}
 
 
-def trainer_run(x, heldout, d, n, k, steps, batch, lr, seed) -> dict:
+def _setting(text: str) -> tuple[str, object]:
+    """KEY=VALUE of a TrainConfig field, the value read as an int, a float or a string."""
+    key, sep, value = text.partition("=")
+    if not sep:
+        raise argparse.ArgumentTypeError(f"a Trainer setting is KEY=VALUE, got {text!r}")
+    for cast in (int, float):
+        try:
+            return key, cast(value)
+        except ValueError:
+            pass
+    return key, value
+
+
+def trainer_run(x, heldout, d, n, k, steps, batch, lr, seed, settings: dict | None = None) -> dict:
     from fastsae.config import SAEConfig, TrainConfig
     from fastsae.trainer import Trainer
 
@@ -105,7 +118,7 @@ def trainer_run(x, heldout, d, n, k, steps, batch, lr, seed) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         cfg = TrainConfig(sae=SAEConfig(d_in=d, d_sae=n, architecture="topk", k=k), steps=steps, batch_size=batch,
                           lr=lr, seed=seed, out_dir=tmp, progress=False, console=False, plot=False,
-                          checkpoint_every=0)
+                          checkpoint_every=0, **(settings or {}))
         tr = Trainer(cfg, x)
         tr.fit()
     return {"heldout_fvu": heldout_fvu(lambda t: tr.sae(t), heldout), "cpu_s": time.process_time() - start}
@@ -128,6 +141,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="fastsae module rows with W_enc scaled by these factors at construction")
     p.add_argument("--only", nargs="*", default=None, help="run only these rows (names as in the table)")
     p.add_argument("--no-trainer", action="store_true", help="skip fastsae's Trainer row")
+    p.add_argument("--trainer-settings", nargs="+", type=_setting, default=None, metavar="KEY=VALUE",
+                   help="the Trainer row with these TrainConfig settings (e.g. b_dec_init=zeros decay_start=0.9) "
+                        "instead of its defaults")
     p.add_argument("--max-rows", type=int, default=None, help="use at most this many training rows")
     p.add_argument("--name", default="minilm-l3", help="results file stem")
     p.add_argument("--out", type=Path, default=RESULTS, help="results folder")
@@ -154,11 +170,13 @@ def main(argv: list[str] | None = None) -> int:
     done = {(r["row"], r["seed"]) for r in results["runs"]}
     for seed in args.seeds:
         order = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(seed))
-        todo = list(rows.items()) + ([] if args.no_trainer else [("fastsae Trainer (defaults)", None)])
+        settings = dict(args.trainer_settings or [])
+        trainer_row = "fastsae Trainer (" + (", ".join(f"{k}={v}" for k, v in settings.items()) or "defaults") + ")"
+        todo = list(rows.items()) + ([] if args.no_trainer else [(trainer_row, None)])
         for name, make in todo:
             if (name, seed) in done:
                 continue
-            r = trainer_run(x, heldout, d, n, k, args.steps, args.batch, args.lr, seed) if make is None else \
+            r = trainer_run(x, heldout, d, n, k, args.steps, args.batch, args.lr, seed, settings) if make is None else \
                 plain_loop(make, x, heldout, order, args.steps, args.batch, args.lr, seed)
             results["runs"].append({"row": name, "seed": seed, **r})
             print(f"seed {seed}  {name}: held-out FVU {r['heldout_fvu']:.4f}  ({r['cpu_s']:.0f} CPU s)", flush=True)

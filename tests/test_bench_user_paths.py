@@ -32,3 +32,18 @@ def test_shrinkage_bench_scores_before_and_after(tmp_path):
                            "--finetune-steps", "10", "--batch", "32", "--out", str(tmp_path), "--name", "t"]) == 0
     row = json.loads((tmp_path / "shrinkage-t.json").read_text())["rows"][0]
     assert set(row["before"]) == set(row["after"]) == set(shrinkage.KEYS)
+
+
+def test_dropin_quality_runs_the_trainer_with_settings(tmp_path):
+    """The drop-in bench's Trainer row with TrainConfig settings: named after them, scored."""
+    from bench import dropin_quality
+
+    args = ["--toy", "--d-sae", "16", "--k", "2", "--steps", "4", "--batch", "8", "--seeds", "0", "--max-rows", "64",
+            "--only", "--trainer-settings", "b_dec_init=zeros", "decay_start=0.5", "--out", str(tmp_path),
+            "--name", "t"]
+    assert dropin_quality.main(args) == 0
+    runs = json.loads((tmp_path / "dropin-t.json").read_text())["runs"]
+    assert [r["row"] for r in runs] == ["fastsae Trainer (b_dec_init=zeros, decay_start=0.5)"]
+    assert 0 < runs[0]["heldout_fvu"] < 10
+    with pytest.raises(SystemExit):
+        dropin_quality.main(["--toy", "--trainer-settings", "no_equals_sign"])
