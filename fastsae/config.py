@@ -209,10 +209,10 @@ class TrainConfig:
     unit_norm_decoder: None = on for the sparse architectures and unweighted L1 (keep decoder rows unit-norm, with the
         gradient's parallel component removed).
     init: "tied" (random unit decoder rows, W_enc = W_decᵀ), "data" (a data_init_fraction of
-        decoder rows from activation samples centred at their geometric median, then tied) or "data_decoder" (decoder rows
-        from samples, the encoder left random: keeps the early lead of a sample start on ReLU +
-        L1, where the tied one falls behind; see docs/init_study.md). b_dec_init: "zeros" (the
-        default, as sparsify's and SAELens's modules), "geometric_median" or "mean" of
+        decoder rows from activation samples centred at their geometric median, then tied) or
+        "data_decoder" (decoder rows from samples, the encoder left random: keeps the early lead
+        of a sample start on ReLU + L1, where the tied one falls behind; see docs/init_study.md).
+        b_dec_init: "zeros" (the default, as sparsify's and SAELens's modules), "geometric_median" or "mean" of
         init_sample_rows rows of the data. The defaults (zeros, and the decay over the last 10 %
         of the steps) are what both recovers the toy features and matches sparsify on real
         activations in a short run (docs/dropin_quality.md).

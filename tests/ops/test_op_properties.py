@@ -327,8 +327,8 @@ def test_topk_sae_backward(backend, shape, dtype, row_sparse, need_dx):
 
 # ------------------------------------------------------------------ the native backward ops, directly
 def test_every_op_is_covered():
-    tested = {"topk_encode", "topk_encode_dead", "batchtopk_encode", "threshold_encode", "sparse_decode", "topk_sae_backward",
-              *DENSE_OPS}
+    tested = {"topk_encode", "topk_encode_dead", "batchtopk_encode", "threshold_encode", "sparse_decode",
+              "topk_sae_backward", *DENSE_OPS}
     assert tested == set(ops.OPS), f"ops without a property test: {sorted(set(ops.OPS) - tested)}"
 
 
