@@ -228,10 +228,9 @@ class Trainer:
         dead = self.tracker.dead_latents()
         return dead if dead.numel() else None
 
-    def _auxk(self, x: torch.Tensor, residual: torch.Tensor, dead: torch.Tensor | None = None, preacts=None):
-        """AuxK's forward: (loss, latent ids, their leaf parameter copies), or (0, None, None).
-        dead: _auxk_dead() when the caller has it; preacts: the selection's AuxK part."""
-        dead = self._auxk_dead() if dead is None else dead
+    def _auxk(self, x: torch.Tensor, residual: torch.Tensor, dead: torch.Tensor | None, preacts=None):
+        """AuxK's forward: (loss, latent ids, their leaf parameter copies), or (0, None, None)
+        when `dead` (_auxk_dead()) is None; preacts: the selection's AuxK part, if it has one."""
         if dead is None:
             return torch.zeros(()), None, None
         loss, u, leaves = self.sae.auxk_loss(x, residual, dead, self.k_aux, min(dead.numel() / self.k_aux, 1.0),
@@ -292,7 +291,7 @@ class Trainer:
         xn = sae.normalize_input(x)[0].detach()
         yn = xn if target is None else target  # what training_forward reconstructs
         loss = out.mse + out.aux + sf * out.sparsity
-        aux, u, leaves = self._auxk(xn, (yn.float() - out.x_hat.float()).detach())
+        aux, u, leaves = self._auxk(xn, (yn.float() - out.x_hat.float()).detach(), self._auxk_dead())
         if not self._agree(bool(torch.isfinite(loss.detach() + aux.detach())))[0]:
             return None
         self.opt.zero_grad()
