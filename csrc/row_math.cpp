@@ -3,6 +3,8 @@
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 #define FASTSAE_CLONES __attribute__((target_clones("default", "avx2", "avx512f")))
+#define FASTSAE_AVX2_SCAN 1
+#include <immintrin.h>
 #else
 #define FASTSAE_CLONES
 #endif
@@ -42,13 +44,72 @@ inline int64_t find_above_impl(const T* __restrict__ x, int64_t n, T t) {
   return n;
 }
 
+#ifdef FASTSAE_AVX2_SCAN
+// find_above with AVX2 compares: the compiler does not vectorise the early exit of the
+// portable loop (it compares one float at a time), and a top-k scan is mostly this search.
+// "Not less-or-equal, unordered" is true for x > t and for NaN.
+__attribute__((target("avx2"))) int64_t find_above_avx2(const float* x, int64_t n, float t) {
+  const __m256 tv = _mm256_set1_ps(t);
+  int64_t i = 0;
+  for (; i + 32 <= n; i += 32) {
+    const __m256 a = _mm256_cmp_ps(_mm256_loadu_ps(x + i), tv, _CMP_NLE_UQ);
+    const __m256 b = _mm256_cmp_ps(_mm256_loadu_ps(x + i + 8), tv, _CMP_NLE_UQ);
+    const __m256 c = _mm256_cmp_ps(_mm256_loadu_ps(x + i + 16), tv, _CMP_NLE_UQ);
+    const __m256 e = _mm256_cmp_ps(_mm256_loadu_ps(x + i + 24), tv, _CMP_NLE_UQ);
+    if (_mm256_movemask_ps(_mm256_or_ps(_mm256_or_ps(a, b), _mm256_or_ps(c, e)))) break;
+  }
+  for (; i + 8 <= n; i += 8) {
+    const int m = _mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(x + i), tv, _CMP_NLE_UQ));
+    if (m) return i + __builtin_ctz(static_cast<unsigned>(m));
+  }
+  for (; i < n; ++i)
+    if (!(x[i] <= t)) return i;
+  return n;
+}
+
+__attribute__((target("avx2"))) int64_t find_above_avx2(const double* x, int64_t n, double t) {
+  const __m256d tv = _mm256_set1_pd(t);
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    const __m256d a = _mm256_cmp_pd(_mm256_loadu_pd(x + i), tv, _CMP_NLE_UQ);
+    const __m256d b = _mm256_cmp_pd(_mm256_loadu_pd(x + i + 4), tv, _CMP_NLE_UQ);
+    const __m256d c = _mm256_cmp_pd(_mm256_loadu_pd(x + i + 8), tv, _CMP_NLE_UQ);
+    const __m256d e = _mm256_cmp_pd(_mm256_loadu_pd(x + i + 12), tv, _CMP_NLE_UQ);
+    if (_mm256_movemask_pd(_mm256_or_pd(_mm256_or_pd(a, b), _mm256_or_pd(c, e)))) break;
+  }
+  for (; i + 4 <= n; i += 4) {
+    const int m = _mm256_movemask_pd(_mm256_cmp_pd(_mm256_loadu_pd(x + i), tv, _CMP_NLE_UQ));
+    if (m) return i + __builtin_ctz(static_cast<unsigned>(m));
+  }
+  for (; i < n; ++i)
+    if (!(x[i] <= t)) return i;
+  return n;
+}
+
+bool cpu_has_avx2() {
+  __builtin_cpu_init();  // this runs in a static initialiser, possibly before libgcc's
+  return __builtin_cpu_supports("avx2");
+}
+const bool kHasAvx2 = cpu_has_avx2();
+#endif
+
 }  // namespace
 
 FASTSAE_CLONES void axpy(float* y, float a, const float* x, int64_t n) { axpy_impl(y, a, x, n); }
 FASTSAE_CLONES void axpy(double* y, double a, const double* x, int64_t n) { axpy_impl(y, a, x, n); }
 FASTSAE_CLONES float dot(const float* a, const float* b, int64_t n) { return dot_impl<float, 16>(a, b, n); }
 FASTSAE_CLONES double dot(const double* a, const double* b, int64_t n) { return dot_impl<double, 8>(a, b, n); }
-FASTSAE_CLONES int64_t find_above(const float* x, int64_t n, float t) { return find_above_impl<float, 16>(x, n, t); }
-FASTSAE_CLONES int64_t find_above(const double* x, int64_t n, double t) { return find_above_impl<double, 8>(x, n, t); }
+
+#ifdef FASTSAE_AVX2_SCAN
+int64_t find_above(const float* x, int64_t n, float t) {
+  return kHasAvx2 ? find_above_avx2(x, n, t) : find_above_impl<float, 16>(x, n, t);
+}
+int64_t find_above(const double* x, int64_t n, double t) {
+  return kHasAvx2 ? find_above_avx2(x, n, t) : find_above_impl<double, 8>(x, n, t);
+}
+#else
+int64_t find_above(const float* x, int64_t n, float t) { return find_above_impl<float, 16>(x, n, t); }
+int64_t find_above(const double* x, int64_t n, double t) { return find_above_impl<double, 8>(x, n, t); }
+#endif
 
 }  // namespace fastsae

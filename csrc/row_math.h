@@ -1,7 +1,8 @@
 // Row primitives of the CPU kernels, y += a*x, <a, b> and "first entry above t", for fp32 and
-// fp64. row_math.cpp compiles them for AVX-512, AVX2 and baseline x86-64 and the loader picks
-// the best the CPU has, so the build stays portable. Sums use fixed lanes combined in a fixed
-// order: the same inputs give the same bits on a given machine.
+// fp64. row_math.cpp compiles them for AVX-512, AVX2 and baseline x86-64 (the search with AVX2
+// intrinsics) and picks the best the CPU has at load time, so the build stays portable. Sums
+// use fixed lanes combined in a fixed order: the same inputs give the same bits on a given
+// machine.
 #pragma once
 #include <cstdint>
 #include <type_traits>

@@ -16,6 +16,10 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <type_traits>
 #include <vector>
 
 #include "checks.h"
@@ -24,16 +28,20 @@
 namespace fastsae {
 namespace {
 
-constexpr int64_t kRowBlock = 128;   // rows per task
-constexpr int64_t kChunk = 512;      // latents per tile: 128 x 512 fp32 = 256 KiB, fits L2
+constexpr int64_t kRowBlock = 512;   // rows per task: MKL packs a tile's W_enc panel once per 512 rows
+constexpr int64_t kChunk = 256;      // latents per tile: 512 x 256 fp32 = 512 KiB
 
+// An entry (value, latent id) of a running top-k, ranked "a before b": larger value first, NaN
+// above everything, then smaller id (as torch.topk ranks, with ties broken toward smaller ids).
 template <typename acc_t>
 struct Entry {
   acc_t v;
   int64_t id;
+  static Entry make(acc_t value, int64_t index) { return {value, index}; }
+  acc_t value() const { return v; }
+  int64_t index() const { return id; }
 };
 
-// Strict weak order "a ranks before b": larger value first, NaN above everything, then smaller id.
 template <typename acc_t>
 inline bool ranks_before(const Entry<acc_t>& a, const Entry<acc_t>& b) {
   const bool an = std::isnan(a.v), bn = std::isnan(b.v);
@@ -42,43 +50,87 @@ inline bool ranks_before(const Entry<acc_t>& a, const Entry<acc_t>& b) {
   return a.id < b.id;
 }
 
+// The same ranking for fp32 sums and ids below 2^32, as one unsigned 64-bit key: the value's
+// bits mapped to an order-preserving uint32 (NaN on top, -0 as +0) above the id's complement.
+// One integer compare instead of the NaN-aware comparator: the cuts (nth_element) are most
+// of a top-k's selection once k reaches AuxK's hundreds.
+struct Key32 {
+  uint64_t key;
+  static uint32_t order_bits(float v) {
+    if (std::isnan(v)) return 0xFFFFFFFFu;  // +inf maps to 0xFF800000
+    if (v == 0.0f) v = 0.0f;
+    uint32_t u;
+    std::memcpy(&u, &v, sizeof u);
+    return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+  }
+  static Key32 make(float value, int64_t index) {
+    return {(static_cast<uint64_t>(order_bits(value)) << 32) | (0xFFFFFFFFu - static_cast<uint32_t>(index))};
+  }
+  float value() const {
+    const uint32_t o = static_cast<uint32_t>(key >> 32);
+    if (o == 0xFFFFFFFFu) return std::numeric_limits<float>::quiet_NaN();
+    const uint32_t u = (o & 0x80000000u) ? (o & 0x7FFFFFFFu) : ~o;
+    float v;
+    std::memcpy(&v, &u, sizeof v);
+    return v;
+  }
+  int64_t index() const { return 0xFFFFFFFFu - static_cast<uint32_t>(key); }
+};
+
+inline bool ranks_before(const Key32& a, const Key32& b) { return a.key > b.key; }
+
+// The entry a per-row top-k over latent ids uses: the packed key for fp32 sums (fp32, fp16
+// and bf16 weights), the pair for fp64.
+template <typename acc_t>
+using RowEntry = std::conditional_t<std::is_same_v<acc_t, float>, Key32, Entry<acc_t>>;
+constexpr int64_t kMaxPackedId = int64_t(1) << 32;
+
+template <typename E>
+struct RankFirst {
+  bool operator()(const E& a, const E& b) const { return ranks_before(a, b); }
+};
+
 // A row's running top-k: a buffer that holds a superset of the k best entries offered so far.
 // When it reaches 2k + 16 entries it is cut to the k best (nth_element), whose worst becomes the
 // bar a new entry must clear. Amortised O(1) per accepted entry, where a heap pays O(log k):
 // AuxK's k_aux (hundreds) made the heap the larger part of the selection.
-template <typename acc_t>
+template <typename E>
 struct RunningTopK {
-  std::vector<Entry<acc_t>> best;
-  Entry<acc_t> bar{};   // the k-th best at the last cut (valid once `cut`)
+  using value_t = decltype(std::declval<E>().value());
+  std::vector<E> best;
+  E bar{};              // the k-th best at the last cut (valid once `cut`)
+  value_t bar_v = 0;    // its value: what a scan compares against
   bool cut = false;
 
-  void offer(const Entry<acc_t>& e, int64_t k) {
+  void offer(const E& e, int64_t k) {
     if (cut && !ranks_before(e, bar)) return;
     best.push_back(e);
     if (static_cast<int64_t>(best.size()) >= 2 * k + 16) {
-      std::nth_element(best.begin(), best.begin() + (k - 1), best.end(), ranks_before<acc_t>);
+      std::nth_element(best.begin(), best.begin() + (k - 1), best.end(), RankFirst<E>{});
       best.resize(k);
       bar = best[k - 1];
+      bar_v = bar.value();
       cut = true;
     }
   }
 };
 
 // Merge one tile pre[rows, width] (latent ids first_id..first_id+width-1) into the rows' top-k.
-template <typename scalar_t, typename acc_t>
+template <typename scalar_t, typename E>
 void merge_tile(const scalar_t* tile, int64_t rows, int64_t width, int64_t first_id, int64_t k,
-                RunningTopK<acc_t>* state) {
+                RunningTopK<E>* state) {
+  using acc_t = typename RunningTopK<E>::value_t;
   for (int64_t r = 0; r < rows; ++r) {
-    RunningTopK<acc_t>& st = state[r];
+    RunningTopK<E>& st = state[r];
     const scalar_t* row = tile + r * width;
     // Once there is a bar, only entries above it (or NaN) need a look: latent ids ascend, so
     // an entry equal to the bar ranks below it.
     for (int64_t c = 0; c < width; ++c) {
       if (st.cut) {
-        c += find_above_acc<acc_t>(row + c, width - c, st.bar.v);
+        c += find_above_acc<acc_t>(row + c, width - c, st.bar_v);
         if (c == width) break;
       }
-      st.offer({static_cast<acc_t>(row[c]), first_id + c}, k);
+      st.offer(E::make(static_cast<acc_t>(row[c]), first_id + c), k);
     }
   }
 }
@@ -166,38 +218,40 @@ std::tuple<at::Tensor, at::Tensor> pack_rows(const std::vector<std::vector<Entry
 namespace {
 
 // Row b's k best of the parts' partial lists, ReLU'd, into vo/io [B, k].
-template <typename scalar_t, typename acc_t>
-void write_best(const std::vector<std::vector<RunningTopK<acc_t>>>& partial, int64_t B, int64_t k,
+template <typename scalar_t, typename E>
+void write_best(const std::vector<std::vector<RunningTopK<E>>>& partial, int64_t B, int64_t k,
                 scalar_t* vo, int64_t* io) {
+  using acc_t = typename RunningTopK<E>::value_t;
   if (k == 0) return;
   at::parallel_for(0, B, 64, [&](int64_t b0, int64_t b1) {
-    std::vector<Entry<acc_t>> all;
+    std::vector<E> all;
     for (int64_t b = b0; b < b1; ++b) {
       all.clear();
       for (const auto& part : partial) all.insert(all.end(), part[b].best.begin(), part[b].best.end());
       if (static_cast<int64_t>(all.size()) > k)
-        std::nth_element(all.begin(), all.begin() + (k - 1), all.end(), ranks_before<acc_t>);
-      std::sort(all.begin(), all.begin() + k, ranks_before<acc_t>);
+        std::nth_element(all.begin(), all.begin() + (k - 1), all.end(), RankFirst<E>{});
+      std::sort(all.begin(), all.begin() + k, RankFirst<E>{});
       for (int64_t s = 0; s < k; ++s) {
-        const acc_t v = all[s].v;
+        const acc_t v = all[s].value();
         vo[b * k + s] = static_cast<scalar_t>(v < acc_t(0) ? acc_t(0) : v);  // ReLU, NaN kept
-        io[b * k + s] = all[s].id;
+        io[b * k + s] = all[s].index();
       }
     }
   });
 }
 
 // Merge the tile's columns listed in dead[lo, hi) (ascending latent ids) into the rows' top-k.
-template <typename scalar_t, typename acc_t>
+template <typename scalar_t, typename E>
 void merge_dead(const scalar_t* tile, int64_t rows, int64_t width, int64_t first_id, const int64_t* dead,
-                int64_t lo, int64_t hi, int64_t k, RunningTopK<acc_t>* state) {
+                int64_t lo, int64_t hi, int64_t k, RunningTopK<E>* state) {
+  using acc_t = typename RunningTopK<E>::value_t;
   for (int64_t r = 0; r < rows; ++r) {
-    RunningTopK<acc_t>& st = state[r];
+    RunningTopK<E>& st = state[r];
     const scalar_t* row = tile + r * width;
     for (int64_t i = lo; i < hi; ++i) {
       const acc_t v = static_cast<acc_t>(row[dead[i] - first_id]);
       // ids ascend, so an entry equal to the bar ranks below it: only a larger one (or NaN) enters
-      if (!st.cut || !(v <= st.bar.v)) st.offer({v, dead[i]}, k);
+      if (!st.cut || !(v <= st.bar_v)) st.offer(E::make(v, dead[i]), k);
     }
   }
 }
@@ -211,6 +265,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> encode_with_dead(
   const int64_t B = x.size(0), n = W_enc.size(1), m = dead.numel();
   TORCH_CHECK(k >= 0 && k <= n, op, ": k must lie in [0, d_sae=", n, "], got k=", k);
   TORCH_CHECK(k_aux >= 0, op, ": k_aux must be >= 0, got k_aux=", k_aux);
+  TORCH_CHECK(n <= kMaxPackedId, op, ": d_sae must be at most 2^32, got ", n);
   const int64_t ka = std::min(k_aux, m);
   auto values = at::empty({B, k}, x.options());
   auto indices = at::empty({B, k}, x.options().dtype(at::kLong));
@@ -229,19 +284,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> encode_with_dead(
 
   FASTSAE_DISPATCH(W_enc, "topk_encode", [&] {
     using acc_t = at::opmath_type<scalar_t>;
+    using Top = RunningTopK<RowEntry<acc_t>>;
     // partial[p][b]: row b's top-k among the latents of part p (aux: among its dead latents).
-    std::vector<std::vector<RunningTopK<acc_t>>> partial(plan.parts, std::vector<RunningTopK<acc_t>>(k ? B : 0));
-    std::vector<std::vector<RunningTopK<acc_t>>> aux(plan.parts, std::vector<RunningTopK<acc_t>>(ka ? B : 0));
+    std::vector<std::vector<Top>> partial(plan.parts, std::vector<Top>(k ? B : 0));
+    std::vector<std::vector<Top>> aux(plan.parts, std::vector<Top>(ka ? B : 0));
     for_each_tile<scalar_t>(plan, xin, W_enc, b_enc,
                             [&](const scalar_t* tile, int64_t r0, int64_t rows, int64_t c0, int64_t width, int64_t p) {
-                              if (k) merge_tile<scalar_t, acc_t>(tile, rows, width, c0, k, partial[p].data() + r0);
+                              if (k) merge_tile(tile, rows, width, c0, k, partial[p].data() + r0);
                               const int64_t c = c0 / kChunk;
                               if (ka && chunk_lo[c] < chunk_lo[c + 1])
-                                merge_dead<scalar_t, acc_t>(tile, rows, width, c0, dd, chunk_lo[c], chunk_lo[c + 1],
-                                                            ka, aux[p].data() + r0);
+                                merge_dead(tile, rows, width, c0, dd, chunk_lo[c], chunk_lo[c + 1], ka,
+                                           aux[p].data() + r0);
                             });
-    write_best<scalar_t, acc_t>(partial, B, k, values.data_ptr<scalar_t>(), indices.data_ptr<int64_t>());
-    write_best<scalar_t, acc_t>(aux, B, ka, dvalues.data_ptr<scalar_t>(), dindices.data_ptr<int64_t>());
+    write_best(partial, B, k, values.data_ptr<scalar_t>(), indices.data_ptr<int64_t>());
+    write_best(aux, B, ka, dvalues.data_ptr<scalar_t>(), dindices.data_ptr<int64_t>());
   });
   return {values, indices, dvalues, dindices};
 }
@@ -293,30 +349,35 @@ std::tuple<at::Tensor, at::Tensor> batchtopk_encode_cpu(const at::Tensor& x, con
 
   FASTSAE_DISPATCH(W_enc, "batchtopk_encode", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    std::vector<RunningTopK<acc_t>> tops(at::get_num_threads());
+    std::vector<RunningTopK<Entry<acc_t>>> tops(at::get_num_threads());
     if (keep > 0)
       for_each_tile<scalar_t>(plan, xin, W_enc, b_enc,
                               [&](const scalar_t* tile, int64_t r0, int64_t rows, int64_t c0, int64_t width, int64_t) {
-                                RunningTopK<acc_t>& h = tops[at::get_thread_num()];
+                                RunningTopK<Entry<acc_t>>& h = tops[at::get_thread_num()];
                                 for (int64_t r = 0; r < rows; ++r) {
                                   const scalar_t* row = tile + r * width;
                                   const int64_t base = (r0 + r) * n + c0;
-                                  // only positive entries can be kept (ReLU, then > 0)
+                                  // Only positive entries can be kept (ReLU, then > 0). An entry
+                                  // equal to a positive bar is offered too: the ids of a thread's
+                                  // stream do not ascend (rows interleave with chunks), so a tie
+                                  // may rank first, and offer() decides by id.
                                   for (int64_t c = 0; c < width; ++c) {
-                                    const acc_t bar = h.cut ? std::max(h.bar.v, acc_t(0)) : acc_t(0);
+                                    const acc_t bar = h.cut && h.bar_v > acc_t(0)
+                                                          ? std::nextafter(h.bar_v, -std::numeric_limits<acc_t>::infinity())
+                                                          : acc_t(0);
                                     c += find_above_acc<acc_t>(row + c, width - c, bar);
                                     if (c == width) break;
-                                    h.offer({static_cast<acc_t>(row[c]), base + c}, keep);
+                                    h.offer(Entry<acc_t>::make(static_cast<acc_t>(row[c]), base + c), keep);
                                   }
                                 }
                               });
     std::vector<Entry<acc_t>> all;
     for (const auto& h : tops) all.insert(all.end(), h.best.begin(), h.best.end());
     if (static_cast<int64_t>(all.size()) > keep) {
-      std::nth_element(all.begin(), all.begin() + keep, all.end(), ranks_before<acc_t>);
+      std::nth_element(all.begin(), all.begin() + keep, all.end(), RankFirst<Entry<acc_t>>{});
       all.resize(keep);
     }
-    std::sort(all.begin(), all.end(), ranks_before<acc_t>);
+    std::sort(all.begin(), all.end(), RankFirst<Entry<acc_t>>{});
     std::vector<std::vector<Entry<acc_t>>> rows(B);
     for (const auto& e : all)
       if (e.v > acc_t(0)) rows[e.id / n].push_back({e.v, e.id % n});  // NaN and 0 are dropped, as relu()>0 does

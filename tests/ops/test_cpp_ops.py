@@ -1,6 +1,8 @@
 """The C++ ops (torch.ops.fastsae.*) against the plain-PyTorch reference: values, gradients,
 determinism, registration (opcheck, gradcheck, torch.compile) and argument errors."""
 
+import math
+
 import pytest
 import torch
 
@@ -99,10 +101,10 @@ def test_autograd_backward_is_bit_identical_across_runs():
 
 
 # ---------------------------------------------------------------- forward vs reference
-# n=1300 spans several 512-latent tiles; B=300 spans several 128-row blocks; B=3 makes the
-# op split the latents across threads and merge the partial top-k lists.
+# n=1300 spans several 256-latent tiles; B=700 spans two 512-row blocks; B=3 makes the op
+# split the latents across threads and merge the partial top-k lists.
 @pytest.mark.parametrize("B,d,n,k", [(0, 3, 6, 2), (9, 7, 20, 1), (9, 7, 20, 20), (300, 17, 1300, 16),
-                                     (3, 5, 1300, 40), (5, 3, 513, 512)])
+                                     (700, 9, 300, 7), (3, 5, 1300, 40), (5, 3, 513, 512)])
 @pytest.mark.parametrize("with_b_dec", [True, False])
 def test_topk_encode_matches_reference(B, d, n, k, with_b_dec):
     x, W, b = rand(B, d, seed=0), rand(d, n, seed=1), rand(n, seed=2)
@@ -136,6 +138,51 @@ def test_topk_encode_ties_prefer_smaller_id_and_nan_does_not_crash():
     x[0, 0] = float("nan")
     vals, idx = F.topk_encode(x, rand(3, 10, seed=0), b, None, 4)
     assert torch.isnan(vals[0]).all() and torch.isfinite(vals[1]).all()
+
+
+def _ranked(pre_row: list[float], ids: list[int]) -> list[int]:
+    """ids ranked as topk_encode ranks them: NaN first, then larger value, then smaller id."""
+    return sorted(ids, key=lambda j: (not math.isnan(pre_row[j]), -pre_row[j] if not math.isnan(pre_row[j]) else 0, j))
+
+
+@pytest.mark.parametrize("k", [1, 5, 40, 700])
+def test_topk_encode_fp32_ranks_ties_nan_inf_and_signed_zero(k):
+    """fp32 selections rank one packed 64-bit key per entry; it must order exactly as the pair
+    (value, id) does: NaN above +inf, -0 tied with +0, negatives in order, ties toward the
+    smaller id, over several tiles and many cuts of the running top-k."""
+    g = torch.Generator().manual_seed(0)
+    n = 700
+    pool = torch.tensor([float("nan"), float("inf"), float("-inf"), -0.0, 0.0, 1.5, -2.25, 3.0, 1e-38, -1e-38])
+    b = pool[torch.randint(len(pool), (n,), generator=g)]
+    b[::7] = torch.randn(len(range(0, n, 7)), generator=g)
+    x, W = torch.ones(3, 4), torch.zeros(4, n)  # pre-activations = b_enc exactly
+    dead = torch.arange(1, n, 3)
+    vals, idx, dvals, didx = torch.ops.fastsae.topk_encode_dead(x, W, b, None, k, dead, min(k, 50))
+    want = _ranked(b.tolist(), list(range(n)))[:k]
+    want_dead = _ranked(b.tolist(), dead.tolist())[:min(k, 50)]
+    for r in range(3):
+        assert idx[r].tolist() == want and didx[r].tolist() == want_dead
+    torch.testing.assert_close(vals, b[want].relu().expand(3, -1), equal_nan=True)
+    torch.testing.assert_close(dvals, b[want_dead].relu().expand(3, -1), equal_nan=True)
+    assert torch.equal(F.topk_encode(x, W, b, None, k)[1], idx)
+
+
+def test_batchtopk_encode_tie_with_a_smaller_id_later_in_the_stream():
+    """BatchTopK's running top-(B·k) sees row 1's first tile before row 0's last one, so an
+    entry tied with the bar but of a smaller flat id (b·n + j) can arrive after the bar was set:
+    it must still win the tie. One thread: with more, the two tiles go to different workers."""
+    n = 1200
+    W = torch.zeros(2, n)
+    W[0, n - 256:] = 1.0  # row 0: ones in its last latents (flat ids 944..1199)
+    W[1, :256] = 1.0      # row 1: ones in its first latents (flat ids 1200..1455)
+    x = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.0, 0.0]])
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        got = cpp_ops.batchtopk_encode(x, W, torch.zeros(n), None, 2)  # keeps 3 * 2 = 6 entries
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.nonzero(got.to_dense()).tolist() == [[0, j] for j in range(n - 256, n - 250)]
 
 
 @pytest.mark.parametrize("B,d,n,k", [(9, 7, 20, 3), (300, 17, 1300, 16), (3, 5, 1300, 40), (4, 3, 6, 9), (0, 3, 6, 2)])
