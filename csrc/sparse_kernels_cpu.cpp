@@ -8,6 +8,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <type_traits>
 #include <vector>
 
 #include "row_math.h"
@@ -21,6 +22,14 @@ namespace {
 inline int64_t grain_for(int64_t work_per_item) {
   constexpr int64_t kMinWork = 1 << 15;
   return std::max<int64_t>(1, kMinWork / std::max<int64_t>(1, work_per_item));
+}
+
+// Ask for a row that is read next: the rows of a sparse gather are scattered, and the hardware
+// prefetcher only follows a row once its first lines have missed.
+template <typename T>
+inline void prefetch_row(const T* row, int64_t d) {
+  const char* p = reinterpret_cast<const char*>(row);
+  for (int64_t off = 0; off < d * static_cast<int64_t>(sizeof(T)); off += 64) __builtin_prefetch(p + off);
 }
 
 // Where the per-latent rows go: row r of the output starts at base + r*s0 and steps by s1,
@@ -40,6 +49,7 @@ void dvalues_kernel(const scalar_t* grad, const int64_t* idx, const scalar_t* W_
       const scalar_t* g = grad + b * d;
       for (int64_t s = 0; s < k; ++s) {
         const scalar_t* w = W_dec + idx[b * k + s] * d;
+        if (b * k + s + 1 < B * k) prefetch_row(W_dec + idx[b * k + s + 1] * d, d);
         out[b * k + s] = static_cast<scalar_t>(dot_acc<acc_t>(g, w, d));
       }
     }
@@ -84,19 +94,34 @@ void segment_sums_kernel(const LatentCSR& csr, int64_t k, int64_t d, bool dense_
   const int64_t* ord = csr.order.data_ptr<int64_t>();
   const int64_t blocks = (u + kSegBlock - 1) / kSegBlock;
   const int64_t entries = csr.order.numel();
+  // fp32/fp64 rows that are contiguous in the output are summed in place; a transposed or
+  // low-precision output goes through an fp32 block that is then written out.
+  constexpr bool kInPlace = std::is_same_v<acc_t, scalar_t>;
+  const bool dec_direct = kInPlace && dW_dec.s1 == 1, enc_direct = kInPlace && dW_enc.s1 == 1;
+  auto direct_row = [&](const RowsOut<scalar_t>& out, int64_t g) {
+    return reinterpret_cast<acc_t*>(out.base + (dense_rows ? lat[g] : g) * out.s0);
+  };
   at::parallel_for(0, blocks, grain_for(kSegBlock * d * (entries / std::max<int64_t>(u, 1) + 1)),
                    [&](int64_t c0, int64_t c1) {
-    std::vector<acc_t> acc_dec(dW_dec.base ? kSegBlock * d : 0), acc_enc(dW_enc.base ? kSegBlock * d : 0);
+    std::vector<acc_t> acc_dec(dW_dec.base && !dec_direct ? kSegBlock * d : 0),
+        acc_enc(dW_enc.base && !enc_direct ? kSegBlock * d : 0);
     for (int64_t c = c0; c < c1; ++c) {
       const int64_t g0 = c * kSegBlock, g1 = std::min(u, g0 + kSegBlock);
       std::fill(acc_dec.begin(), acc_dec.end(), acc_t(0));
       std::fill(acc_enc.begin(), acc_enc.end(), acc_t(0));
       for (int64_t g = g0; g < g1; ++g) {
-        acc_t* ad = acc_dec.data() + (g - g0) * d;
-        acc_t* ae = acc_enc.data() + (g - g0) * d;
+        acc_t* ad = dW_dec.base && dec_direct ? direct_row(dW_dec, g) : acc_dec.data() + (g - g0) * d;
+        acc_t* ae = dW_enc.base && enc_direct ? direct_row(dW_enc, g) : acc_enc.data() + (g - g0) * d;
+        if (dW_dec.base && dec_direct) std::fill(ad, ad + d, acc_t(0));
+        if (dW_enc.base && enc_direct) std::fill(ae, ae + d, acc_t(0));
         acc_t acc_b = 0;
         for (int64_t p = off[g]; p < off[g + 1]; ++p) {
           const int64_t e = ord[p], b = e / k;
+          if (p + 1 < entries) {  // the next entry's rows (its segment's, or the next segment's first)
+            const int64_t nb = ord[p + 1] / k;
+            if (dW_dec.base) prefetch_row(grad + nb * d, d);
+            if (dW_enc.base) prefetch_row(xin + nb * d, d);
+          }
           if (dW_dec.base) axpy_acc<acc_t>(ad, static_cast<acc_t>(values[e]), grad + b * d, d);
           if (dvalues) {
             const acc_t dp = values[e] > scalar_t(0) ? static_cast<acc_t>(dvalues[e]) : acc_t(0);
@@ -106,8 +131,8 @@ void segment_sums_kernel(const LatentCSR& csr, int64_t k, int64_t d, bool dense_
         }
         if (db_enc) db_enc[dense_rows ? lat[g] : g] = static_cast<scalar_t>(acc_b);
       }
-      if (dW_dec.base) write_rows(dW_dec, acc_dec.data(), g0, g1, lat, dense_rows, d);
-      if (dW_enc.base) write_rows(dW_enc, acc_enc.data(), g0, g1, lat, dense_rows, d);
+      if (dW_dec.base && !dec_direct) write_rows(dW_dec, acc_dec.data(), g0, g1, lat, dense_rows, d);
+      if (dW_enc.base && !enc_direct) write_rows(dW_enc, acc_enc.data(), g0, g1, lat, dense_rows, d);
     }
   });
 }

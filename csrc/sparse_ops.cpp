@@ -150,12 +150,18 @@ topk_sae_backward(const at::Tensor& x, const at::Tensor& values, const at::Tenso
     // the encoder part of db_dec without dx: Σ_b dx_b = Σ_j W_enc[:, j] · db_enc[j] over the
     // latents that fired (a trainer needs db_dec, not dx: this skips the B·k·d product)
     if (b_dec.has_value()) {
-      if (row_sparse) {
+      if (!row_sparse) {
+        db_dec = db_dec - at::mv(W_enc, a.db_enc);
+      } else if (8 * u >= n) {
+        // many latents fired: one streaming pass over W_enc beats gathering its columns
+        auto dense = at::zeros({n}, opts).index_copy_(0, csr.latents, a.db_enc);
+        auto part = at::empty({d}, opts);
+        K.neg_row_dots(W_enc.contiguous(), dense, part);
+        db_dec = db_dec + part;
+      } else {
         auto cols = at::empty({u, d}, opts);
         K.gather_columns(W_enc.contiguous(), csr.latents, cols);
         db_dec = db_dec - at::mv(cols.t(), a.db_enc);
-      } else {
-        db_dec = db_dec - at::mv(W_enc, a.db_enc);
       }
     }
     return {a.dvalues, csr.latents, a.dW_enc, a.db_enc, a.dW_dec, at::empty({0, d}, opts), db_dec};
