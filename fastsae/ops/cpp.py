@@ -205,3 +205,20 @@ def topk_sae_backward(x, values, indices, grad_out, W_enc, W_dec, b_dec=None, ro
         return {"dvalues": dvalues, "rows": rows, "dx": dx, "db_dec": db_dec}
     return {"dvalues": dvalues, "dW_enc": dW_enc, "db_enc": db_enc, "dW_dec": dW_dec, "dx": dx,
             "db_dec": db_dec}
+
+
+# ---------------------------------------------------------------- the dense optimizer's helpers
+# In-place ops outside the op table (fastsae.ops.native): fake kernels so torch.compile can trace them.
+@torch.library.register_fake("fastsae::dense_grads_from_rows_")
+def _dense_grads_from_rows_fake(gW_enc, gb_enc, gW_dec, latents, rW_enc, rb_enc, rW_dec, W_dec_master):
+    return None
+
+
+@torch.library.register_fake("fastsae::remove_parallel_component_")
+def _remove_parallel_component_fake(grad, rows):
+    return None
+
+
+@torch.library.register_fake("fastsae::normalize_rows_")
+def _normalize_rows_fake(weight):
+    return None
