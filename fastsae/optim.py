@@ -102,6 +102,7 @@ class DenseAdam:
         except (RuntimeError, TypeError):  # a torch without a fused kernel for this device
             self.opt = torch.optim.Adam(masters, lr=lr, betas=betas, eps=eps)
         self._grads: dict[str, torch.Tensor] | None = None  # step_row_sparse's buffers
+        self.native = True  # False: the plain-PyTorch bookkeeping around Adam (tests, benchmarks)
         fused = bool(self.opt.defaults.get("fused"))
         for p in masters:  # allocate the state now, so memory does not jump at step 1
             self.opt.state[p]["step"] = torch.tensor(0.0, device=p.device if fused else "cpu")
@@ -128,7 +129,7 @@ class DenseAdam:
         for name in self.unit_norm_rows:
             m = self.master[name]
             if m.grad is not None:
-                remove_parallel_component_(m.grad, m)
+                remove_parallel_component_(m.grad, m, native=self.native)
         self._apply()
 
     @torch.no_grad()
@@ -140,20 +141,40 @@ class DenseAdam:
         if self._grads is None:
             self._grads = {n: torch.zeros_like(m, dtype=torch.float32) for n, m in self.master.items()}
         g, u = self._grads, rows.latents
-        for buf in g.values():
-            buf.zero_()
-        copy_columns_(g["W_enc"], u, rows.W_enc)
-        g["b_enc"].index_copy_(0, u, rows.b_enc.float())
-        w_dec = rows.W_dec.float()
-        if "W_dec" in self.unit_norm_rows:
-            remove_parallel_component_(w_dec, self.master["W_dec"][u])
-        g["W_dec"].index_copy_(0, u, w_dec)
+        unit = "W_dec" in self.unit_norm_rows
+        fill = self._native_grads_from_rows(unit)
+        if fill is not None:  # one pass writes the three latent-indexed buffers (zeros elsewhere)
+            fill(g["W_enc"], g["b_enc"], g["W_dec"], u, rows.W_enc.t(), rows.b_enc, rows.W_dec,
+                 self.master["W_dec"] if unit else None)
+            for name, buf in g.items():
+                if name not in ("W_enc", "b_enc", "W_dec"):
+                    buf.zero_()
+        else:
+            for buf in g.values():
+                buf.zero_()
+            copy_columns_(g["W_enc"], u, rows.W_enc)
+            g["b_enc"].index_copy_(0, u, rows.b_enc.float())
+            w_dec = rows.W_dec.to(torch.float32, copy=True)  # projected in place: not the caller's rows
+            if unit:
+                remove_parallel_component_(w_dec, self.master["W_dec"][u], native=self.native)
+            g["W_dec"].index_copy_(0, u, w_dec)
         g["b_dec"].copy_(db_dec)
         for name, m in self.master.items():
             m.grad = g[name]
         self._apply()
         for m in self.master.values():
             m.grad = None
+
+    def _native_grads_from_rows(self, unit: bool):
+        """The C++ op that builds step_row_sparse's buffers in one pass, where it applies
+        (contiguous CPU buffers, and an fp32 decoder master when it projects), else None: the
+        zero/scatter/gather/project sequence of torch ops costs three times the Adam step."""
+        g = self._grads
+        if not self.native or any(k not in g or not g[k].is_contiguous() for k in ("W_enc", "b_enc", "W_dec")):
+            return None
+        if unit and not self.master["W_dec"].is_contiguous():
+            return None
+        return ops.native("dense_grads_from_rows_", g["W_dec"].device)
 
     @torch.no_grad()
     def reset_latents(self, u: torch.Tensor, latent_dims: dict[str, int]) -> None:
@@ -174,7 +195,7 @@ class DenseAdam:
     def _apply(self) -> None:
         self.opt.step()
         for name in self.unit_norm_rows:
-            normalize_rows_(self.master[name])
+            normalize_rows_(self.master[name], native=self.native)
         for name, p in self.params.items():
             if self.master[name] is not p:
                 p.copy_(self.master[name])
