@@ -235,3 +235,148 @@ def test_copy_columns_matches_index_copy(dtype):
     if fastsae.ops.native("scatter_columns_", "cpu") is not None:
         with pytest.raises(RuntimeError, match="out of range"):
             copy_columns_(torch.zeros(2, 4), torch.tensor([4]), torch.ones(2, 1))
+
+
+# ---------------------------------------------------------------- the dense optimizer's C++ helpers
+def _native_optim_ops():
+    if fastsae.ops.native("dense_grads_from_rows_", "cpu") is None:
+        pytest.skip("the C++ extension is not built")
+    return torch.ops.fastsae
+
+
+# (d, n, u): some latents, none, one, all of them, d = 1, a d that is no multiple of a vector width
+GRAD_SHAPES = [(5, 130, 70), (6, 9, 0), (7, 9, 1), (4, 12, 12), (1, 40, 17), (33, 300, 200)]
+
+
+def _sparse_case(d, n, u, dtype, seed=0, noncontig=False):
+    g = torch.Generator().manual_seed(seed)
+    latents = torch.randperm(n, generator=g)[:u].sort().values
+    r = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)  # noqa: E731
+    if noncontig:  # strided views: W_enc a column slice of wider rows, W_dec a transpose, b_enc every 2nd
+        rW_enc, rW_dec, rb_enc = r(u, d + 3)[:, 1:d + 1], r(d, u).t(), r(2 * u)[::2]
+    else:
+        rW_enc, rW_dec, rb_enc = r(u, d), r(u, d), r(u)
+    master = torch.randn(n, d, generator=g)
+    master[0] = 0  # a zero row: <w,w> clamps at 1e-24
+    return latents, rW_enc.to(dtype), rb_enc.to(dtype), rW_dec.to(dtype), master
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", GRAD_SHAPES, ids=str)
+@pytest.mark.parametrize("noncontig", [False, True])
+def test_dense_grads_from_rows_matches_reference(dtype, shape, noncontig):
+    """The one-pass buffer builder of DenseAdam.step_row_sparse against zero + index_copy_ +
+    constraints.remove_parallel_component_ (plain PyTorch): every buffer entry is overwritten
+    (zeros off the latents), the rows are copied exactly without the master and projected
+    within fp32 rounding with it; the inputs are left alone."""
+    F = _native_optim_ops()
+    d, n, u = shape
+    latents, rW_enc, rb_enc, rW_dec, master = _sparse_case(d, n, u, dtype, noncontig=noncontig)
+    inputs = (latents, rW_enc, rb_enc, rW_dec, master)
+    saved = [t.clone() for t in inputs]
+    for with_master in (False, True):
+        want_dec = rW_dec.float()
+        if with_master:
+            from fastsae.constraints import remove_parallel_component_
+            want_dec = remove_parallel_component_(want_dec.clone(), master[latents], native=False)
+        want = (torch.zeros(d, n).index_copy_(1, latents, rW_enc.t().float()),
+                torch.zeros(n).index_copy_(0, latents, rb_enc.float()),
+                torch.zeros(n, d).index_copy_(0, latents, want_dec))
+        got = (torch.full((d, n), 7.0), torch.full((n,), 7.0), torch.full((n, d), 7.0))
+        F.dense_grads_from_rows_(*got, latents, rW_enc, rb_enc, rW_dec, master if with_master else None)
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+        if with_master:
+            torch.testing.assert_close(got[2], want[2], rtol=1e-5, atol=1e-6)
+        else:
+            assert torch.equal(got[2], want[2])
+    for t, s in zip(inputs, saved):
+        assert torch.equal(t, s)
+
+
+@pytest.mark.parametrize("shape", [(130, 5), (9, 1), (0, 4), (3, 33), (64, 300)], ids=str)
+def test_unit_norm_ops_match_reference(shape):
+    """constraints' two halves: the C++ ops (contiguous fp32 CPU) against the plain-PyTorch
+    path (native=False), including a zero row (the norm clamps) and d = 1; the projection's
+    rows are left alone."""
+    from fastsae.constraints import normalize_rows_, remove_parallel_component_
+
+    _native_optim_ops()
+    g = torch.Generator().manual_seed(1)
+    w, grad = torch.randn(*shape, generator=g), torch.randn(*shape, generator=g)
+    if shape[0]:
+        w[0] = 0
+    saved = w.clone()
+    got = remove_parallel_component_(grad.clone(), w)
+    torch.testing.assert_close(got, remove_parallel_component_(grad.clone(), w, native=False), rtol=1e-5, atol=1e-6)
+    assert torch.equal(w, saved)
+    got = normalize_rows_(w.clone())
+    torch.testing.assert_close(got, normalize_rows_(w.clone(), native=False), rtol=1e-6, atol=1e-7)
+    if shape[0]:
+        assert torch.equal(got[0], torch.zeros(shape[1]))
+        torch.testing.assert_close(got[1:].norm(dim=1), torch.ones(shape[0] - 1))
+
+
+def test_optim_ops_pass_opcheck():
+    F = _native_optim_ops()
+    latents, rW_enc, rb_enc, rW_dec, master = _sparse_case(5, 20, 8, torch.float32)
+    bufs = (torch.zeros(5, 20), torch.zeros(20), torch.zeros(20, 5))
+    torch.library.opcheck(F.dense_grads_from_rows_, (*bufs, latents, rW_enc, rb_enc, rW_dec, master))
+    torch.library.opcheck(F.dense_grads_from_rows_, (*bufs, latents, rW_enc, rb_enc, rW_dec, None))
+    torch.library.opcheck(F.remove_parallel_component_, (torch.randn(20, 5), master))
+    torch.library.opcheck(F.normalize_rows_, (master.clone(),))
+
+
+def test_optim_ops_refuse_bad_arguments():
+    F = _native_optim_ops()
+    latents, rW_enc, rb_enc, rW_dec, master = _sparse_case(5, 20, 8, torch.float32)
+    bufs = lambda: (torch.zeros(5, 20), torch.zeros(20), torch.zeros(20, 5))  # noqa: E731
+    cases = [
+        ((*bufs(), latents + 12, rW_enc, rb_enc, rW_dec, None), "out of range"),
+        ((*bufs(), latents.flip(0), rW_enc, rb_enc, rW_dec, None), "strictly ascending"),
+        ((*bufs(), latents.int(), rW_enc, rb_enc, rW_dec, None), "int64"),
+        ((*bufs(), latents, rW_enc[:, :4], rb_enc, rW_dec, None), "rW_enc must have shape"),
+        ((*bufs(), latents, rW_enc, rb_enc[:3], rW_dec, None), "rb_enc must have shape"),
+        ((*bufs(), latents, rW_enc.double(), rb_enc, rW_dec, None), "cast them to one dtype"),
+        ((*bufs(), latents, rW_enc, rb_enc, rW_dec, master[:, :4]), "W_dec_master must have shape"),
+        ((*bufs(), latents, rW_enc, rb_enc, rW_dec, master.double()), "W_dec_master must be float32"),
+        ((torch.zeros(5, 20).double(), *bufs()[1:], latents, rW_enc, rb_enc, rW_dec, None), "gW_enc must be float32"),
+        ((torch.zeros(20, 5).t(), *bufs()[1:], latents, rW_enc, rb_enc, rW_dec, None), "gW_enc must be contiguous"),
+        ((torch.zeros(4, 20), *bufs()[1:], latents, rW_enc, rb_enc, rW_dec, None), "gW_enc .* must have shape"),
+    ]
+    for args, message in cases:
+        with pytest.raises(RuntimeError, match=message):
+            F.dense_grads_from_rows_(*args)
+    with pytest.raises(RuntimeError, match="rows .* must have shape"):
+        F.remove_parallel_component_(torch.zeros(4, 3), torch.zeros(4, 2))
+    with pytest.raises(RuntimeError, match="weight must be float32"):
+        F.normalize_rows_(torch.zeros(4, 3, dtype=torch.float64))
+    with pytest.raises(RuntimeError, match="weight must be contiguous"):
+        F.normalize_rows_(torch.zeros(3, 4).t())
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_dense_adam_native_bookkeeping_matches_plain_pytorch(dtype):
+    """DenseAdam.step_row_sparse with the C++ buffer builder and normalisation against the
+    plain-PyTorch sequence (native=False) over several steps: the same weights within fp32
+    rounding, the Adam state of the same structure, the caller's gradient rows untouched."""
+    _native_optim_ops()
+    torch.manual_seed(0)
+    a = fastsae.TopKSAE(d_in=33, d_sae=200, k=4, dtype=dtype)
+    b = fastsae.TopKSAE(d_in=33, d_sae=200, k=4, dtype=dtype)
+    b.load_state_dict(a.state_dict())
+    opts = [DenseAdam(dict(m.named_parameters()), lr=1e-3, unit_norm_rows=("W_dec",)) for m in (a, b)]
+    opts[1].native = False
+    g = torch.Generator().manual_seed(3)
+    for step in range(6):
+        u = torch.nonzero(torch.rand(200, generator=g) < (0.0 if step == 2 else 0.5)).flatten()
+        rows = RowSparseGrads(u, torch.randn(len(u), 33, generator=g).t().to(a.dtype),
+                              torch.randn(len(u), generator=g).to(a.dtype),
+                              torch.randn(len(u), 33, generator=g).to(a.dtype), 200)
+        db = torch.randn(33, generator=g).to(a.dtype)
+        saved = [t.clone() for t in (rows.W_enc, rows.b_enc, rows.W_dec, db)]
+        for opt in opts:
+            opt.step_row_sparse(rows, db)
+        assert all(torch.equal(t, s) for t, s in zip((rows.W_enc, rows.b_enc, rows.W_dec, db), saved))
+    for name, m in opts[0].master.items():
+        torch.testing.assert_close(m, opts[1].master[name], rtol=1e-5, atol=1e-5, msg=name)
+    assert opts[0].opt.state_dict()["state"].keys() == opts[1].opt.state_dict()["state"].keys()
