@@ -39,19 +39,6 @@ constexpr int64_t kPiece = 128;
 // Decoder rows per parallel chunk at the least.
 constexpr int64_t kRows = 64;
 
-// Items per parallel chunk so that a chunk moves at least ~32k values: small buffers stay on
-// the calling thread.
-inline int64_t grain_for(int64_t work_per_item) {
-  constexpr int64_t kMinWork = 1 << 15;
-  return std::max<int64_t>(1, kMinWork / std::max<int64_t>(1, work_per_item));
-}
-
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define FASTSAE_CLONES __attribute__((target_clones("default", "avx2", "avx512f")))
-#else
-#define FASTSAE_CLONES
-#endif
-
 // g -= (<g,w> / max(<w,w>, 1e-24)) w: the one definition of the C++ projection, shared by
 // both ops below, so a dense step() and step_row_sparse give the same bits.
 inline void remove_parallel(float* g, const float* w, int64_t d) {
@@ -59,18 +46,8 @@ inline void remove_parallel(float* g, const float* w, int64_t d) {
   axpy(g, -(dot(g, w, d) * inv_sq), w, d);
 }
 
-// w /= max(||w||, 1e-12), a division as torch's normalize does (vectorised: the clones).
-FASTSAE_CLONES void normalize_row(float* __restrict__ w, int64_t d) {
-  const float norm = std::max(std::sqrt(dot(w, w, d)), 1e-12f);
-  for (int64_t i = 0; i < d; ++i) w[i] /= norm;
-}
-
-// Ask for the cache lines of p[0..count) (a read).
-template <typename T>
-inline void prefetch(const T* p, int64_t count) {
-  const char* c = reinterpret_cast<const char*>(p);
-  for (int64_t b = 0, e = count * static_cast<int64_t>(sizeof(T)); b < e; b += 64) __builtin_prefetch(c + b);
-}
+// w /= max(||w||, 1e-12), a division as torch's normalize does.
+inline void normalize_row(float* w, int64_t d) { divide(w, std::max(std::sqrt(dot(w, w, d)), 1e-12f), d); }
 
 template <typename scalar_t>
 inline void to_float(float* out, const scalar_t* in, int64_t d) {

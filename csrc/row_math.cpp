@@ -97,6 +97,9 @@ const bool kHasAvx2 = cpu_has_avx2();
 
 FASTSAE_CLONES void axpy(float* y, float a, const float* x, int64_t n) { axpy_impl(y, a, x, n); }
 FASTSAE_CLONES void axpy(double* y, double a, const double* x, int64_t n) { axpy_impl(y, a, x, n); }
+FASTSAE_CLONES void divide(float* __restrict__ x, float s, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) x[i] /= s;
+}
 FASTSAE_CLONES float dot(const float* a, const float* b, int64_t n) { return dot_impl<float, 16>(a, b, n); }
 FASTSAE_CLONES double dot(const double* a, const double* b, int64_t n) { return dot_impl<double, 8>(a, b, n); }
 

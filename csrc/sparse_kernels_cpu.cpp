@@ -17,21 +17,6 @@
 namespace fastsae {
 namespace {
 
-// Items per parallel chunk so that a chunk holds at least ~32k multiply-adds: small inputs
-// then run on the calling thread instead of waking (and waiting for) the whole pool.
-inline int64_t grain_for(int64_t work_per_item) {
-  constexpr int64_t kMinWork = 1 << 15;
-  return std::max<int64_t>(1, kMinWork / std::max<int64_t>(1, work_per_item));
-}
-
-// Ask for a row that is read next: the rows of a sparse gather are scattered, and the hardware
-// prefetcher only follows a row once its first lines have missed.
-template <typename T>
-inline void prefetch_row(const T* row, int64_t d) {
-  const char* p = reinterpret_cast<const char*>(row);
-  for (int64_t off = 0; off < d * static_cast<int64_t>(sizeof(T)); off += 64) __builtin_prefetch(p + off);
-}
-
 // Where the per-latent rows go: row r of the output starts at base + r*s0 and steps by s1,
 // with r = the latent id (dense-shaped gradient) or the segment number (row-sparse).
 template <typename T>
@@ -49,7 +34,7 @@ void dvalues_kernel(const scalar_t* grad, const int64_t* idx, const scalar_t* W_
       const scalar_t* g = grad + b * d;
       for (int64_t s = 0; s < k; ++s) {
         const scalar_t* w = W_dec + idx[b * k + s] * d;
-        if (b * k + s + 1 < B * k) prefetch_row(W_dec + idx[b * k + s + 1] * d, d);
+        if (b * k + s + 1 < B * k) prefetch(W_dec + idx[b * k + s + 1] * d, d);
         out[b * k + s] = static_cast<scalar_t>(dot_acc<acc_t>(g, w, d));
       }
     }
@@ -119,8 +104,8 @@ void segment_sums_kernel(const LatentCSR& csr, int64_t k, int64_t d, bool dense_
           const int64_t e = ord[p], b = e / k;
           if (p + 1 < entries) {  // the next entry's rows (its segment's, or the next segment's first)
             const int64_t nb = ord[p + 1] / k;
-            if (dW_dec.base) prefetch_row(grad + nb * d, d);
-            if (dW_enc.base) prefetch_row(xin + nb * d, d);
+            if (dW_dec.base) prefetch(grad + nb * d, d);
+            if (dW_enc.base) prefetch(xin + nb * d, d);
           }
           if (dW_dec.base) axpy_acc<acc_t>(ad, static_cast<acc_t>(values[e]), grad + b * d, d);
           if (dvalues) {
@@ -260,6 +245,7 @@ void decode_cpu(const at::Tensor& values, const at::Tensor& indices, const at::T
       for (int64_t b = b0; b < b1; ++b)
         for (int64_t s = 0; s < k; ++s) {
           const acc_t c = v[b * k + s];
+          if (b * k + s + 1 < B * k) prefetch(w + ix[b * k + s + 1] * d, d);
           if (c != acc_t(0)) axpy_acc<acc_t>(o + b * d, c, w + ix[b * k + s] * d, d);
         }
     });
