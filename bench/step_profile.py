@@ -102,8 +102,10 @@ def parts(tr, x):
         "decode_selection": lambda: sae.decode_selection(sel),
         "sparse_backward": lambda: sae.sparse_backward(x, sel, (2.0 / x.shape[0]) * err),
         "dense Adam step_row_sparse": lambda: tr.opt.step_row_sparse(rows, db),
-        "auxk_loss fwd, scanning the dead columns (half dead)": lambda: sae.auxk_loss(x, -err, dead, tr.k_aux, 1.0),
-        "auxk_loss fwd, given the selection": lambda: sae.auxk_loss(x, -err, dead, tr.k_aux, 1.0, dead_preacts),
+        "AuxK's loss and gradients, scanning the dead columns (half dead)":
+            lambda: sae.auxk_grads(x, -err, dead, tr.k_aux, 1.0),
+        "AuxK's loss and gradients, given the selection": lambda: sae.auxk_grads(x, -err, dead, tr.k_aux, 1.0,
+                                                                                 dead_preacts),
     }
 
 

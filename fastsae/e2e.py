@@ -400,14 +400,14 @@ class E2ETrainer(Trainer):
         x2, y, sel = out.x2, out.y, out.sel
         with torch.no_grad():
             err, mse, fvu = reconstruction_terms(y, x2)
-        aux, u, leaves = self._auxk(x2, -err, self._auxk_dead())
-        if not self._agree(bool(torch.isfinite(out.loss.detach() + aux.detach())))[0]:
+        aux, aux_rows = self._auxk(x2, -err, self._auxk_dead())
+        if not self._agree(bool(torch.isfinite(out.loss.detach() + aux)))[0]:
             return None
-        self.step_row_sparse(*out.backward(sae), aux, u, leaves)  # the Trainer's sparse update
+        self.step_row_sparse(*out.backward(sae), aux_rows)  # the Trainer's sparse update
         acts = sel.acts
-        loss = float(out.loss.detach()) + float(aux.detach())
+        loss = float(out.loss.detach()) + float(aux)
         scalars = {"loss": loss, "kl": out.kl, "downstream": out.downstream, "mse": float(mse), "fvu": float(fvu),
-                   "l0": float((acts.values > 0).sum(-1).float().mean()), "auxk": float(aux.detach()),
+                   "l0": float((acts.values > 0).sum(-1).float().mean()), "auxk": float(aux),
                    "sparsity": 0.0}
         return scalars, y, x2, acts.indices[acts.values > 0]
 

@@ -102,40 +102,6 @@ def top_dead_preacts(x_in: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tenso
     return best_v, best_i
 
 
-def _selected_preacts_grads(grad, values, slots, x_in, W):
-    """topk_encode's gradient formula for W [d, u] and b [u] given the selection (values, slots)."""
-    op = ops.native("topk_encode_backward", W.device)
-    if op is not None:
-        _, dW, db, _ = op(grad.to(W.dtype), values.to(W.dtype), slots, x_in.to(W.dtype), W, None, False)
-        return dW, db
-    dpre = (grad * (values > 0)).to(W.dtype)
-    db = W.new_zeros(W.shape[1]).index_add_(0, slots.reshape(-1), dpre.reshape(-1))
-    dW = W.new_zeros(W.shape[1], W.shape[0])
-    rows = max(1, (1 << 22) // max(1, slots.shape[1] * W.shape[0]))  # bound the [rows·k, d] products
-    for r in range(0, slots.shape[0], rows):
-        s, g = slots[r:r + rows], dpre[r:r + rows]
-        prod = g.unsqueeze(-1) * x_in[r:r + rows].to(W.dtype).unsqueeze(1)
-        dW.index_add_(0, s.reshape(-1), prod.reshape(-1, W.shape[0]))
-    return dW.t(), db
-
-
-class SelectedPreacts(torch.autograd.Function):
-    """The ReLU'd pre-activations a top-k scan selected, values [B, k] of columns `slots` of
-    W [d, u] (+ b [u]) for constant input x_in, made differentiable with respect to W and b by
-    topk_encode's formula: AuxK's values without a second encoder pass."""
-
-    @staticmethod
-    def forward(ctx, values, slots, x_in, W, b):
-        ctx.save_for_backward(values, slots, x_in, W)
-        return values.clone()
-
-    @staticmethod
-    def backward(ctx, grad):
-        values, slots, x_in, W = ctx.saved_tensors
-        dW, db = _selected_preacts_grads(grad, values, slots, x_in, W)
-        return None, None, None, dW, db
-
-
 def auxk_loss(x_in: torch.Tensor, residual: torch.Tensor, idx: torch.Tensor, W_enc: torch.Tensor,
               b_enc: torch.Tensor, W_dec: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
     """AuxK: reconstruct the main model's (detached) residual from the chosen dead latents.

@@ -25,8 +25,9 @@ E' = B·k' and u' = min(E', n_dead) for AuxK over k' = min(k_aux, n_dead) dead l
                  candidates (S <= 64 latent splits); the selection E·(b + 8)
     AuxK         the dead-latent scan (n·(b + 1), 8·n_dead ids, the dead latents' encoder
                  columns gathered a chunk of at most 16 MiB at a time, the running top-k'
-                 values and ids), then the picked latents' leaf copies and their gradients
-                 4·u'·d·b (losses.top_dead_preacts, SelectedPreacts: no [B, k', d] gathers)
+                 values and ids), then the sparse backward of its selection: the picked
+                 latents' row-sparse gradients 2·u'·d·b and the op's working set
+                 (losses.top_dead_preacts, BaseSAE.auxk_grads: no [B, k', d] gathers)
     backward     row-sparse gradients 2·u·d·b (+ u·b), the op's gathered encoder columns
                  u·d·b and dx B·d·b, its CSR index (8·n + 16·E)
     merge        the main and AuxK rows and their union, 2·(u + u')·d·b each
@@ -168,21 +169,22 @@ def _transients(d, n, B, k, b, sparse_path, optimizer, row_sparse, state, master
     k2 = min(k_aux, n_dead)
     E2, u2 = B * k2, min(B * k2, n_dead)
     saved = E2 * (b + 16) if k2 else 0  # AuxK's selected values, slots and ids
-    leaves = 2 * u2 * d * b + u2 * (b + 8)  # AuxK's leaf copies; their gradients are as large
+    aux_rows = 2 * u2 * d * b + u2 * (b + 8)  # AuxK's row-sparse gradients
     rows = 2 * u * d * b + u * b
     scan_chunk = min(n_dead, max(k2, (1 << 24) // (d * b))) * d * b  # losses.top_dead_preacts's gather
     phases = {
         "encode": base + encode,
         "auxk_scan": base + (n * (b + 1) + 8 * n_dead + scan_chunk + 2 * E2 * (b + 8) if k2 else 0),
-        "backward": base + saved + leaves + rows + u * d * b + B * d * b + E * b + 8 * n + 16 * E + 16 * u,
+        "backward": base + saved + aux_rows + rows + u * d * b + B * d * b + E * b + 8 * n + 16 * E + 16 * u,
     }
     # what follows the scan also holds its last chunk's bytes: measured on CPU, where glibc keeps
     # the freed chunk in the heap (RSS) after raising its mmap threshold to the chunk's size
     base += scan_chunk if k2 else 0
     phases["backward"] += scan_chunk if k2 else 0
     if k2:
-        phases["auxk_backward"] = base + rows + saved + leaves + leaves
-        phases["merge"] = base + rows + 2 * leaves + 3 * (u + u2) * d * b
+        # before the main backward: its op's input copy, dvalues and CSR index beside its output
+        phases["auxk_backward"] = base + saved + aux_rows + B * d * b + E2 * b + 8 * n + 16 * E2 + 16 * u2
+        phases["merge"] = base + rows + aux_rows + 3 * (u + u2) * d * b
     merged = 2 * (u + u2) * d * b
     if optimizer == "adam" and state == "fp32" and master == "fp32":  # torch's fused Adam on kept buffers
         work = 2 * (u + u2) * d * 4
@@ -190,7 +192,7 @@ def _transients(d, n, B, k, b, sparse_path, optimizer, row_sparse, state, master
         chunk = min(u + u2, max(1, OPT_CHUNK // d)) * d if row_sparse else OPT_CHUNK
         copies = (9 if state == "fp32" else 12) + (3 if master == "stochastic" and b != 4 else 0) + (not row_sparse)
         work = copies * chunk * 4
-    phases["optimizer"] = base + merged + 2 * leaves + work
+    phases["optimizer"] = base + merged + aux_rows + work
     return phases
 
 

@@ -26,7 +26,7 @@ The public protocol the Trainer drives (and nothing else):
     sparse_backward(x2, sel, g)    ... the row-sparse gradients of the latents that fired, db_dec
                                    (and the .grad of dense_parameters())
     dense_parameters()             parameters trained densely on the sparse path (W_skip)
-    auxk_loss(x2, residual, dead, k_aux, scale, preacts)
+    auxk_grads(x2, residual, dead, k_aux, scale, preacts)  AuxK's loss and row-sparse gradients
     training_forward(x, target)    autograd path: loss and its terms
     normalize_input(x)             the input in the space the SAE encodes (init, resampling)
     encode_prepared(x2), decode    inference on a prepared input (resampling, fine-tuning stage)
@@ -54,7 +54,7 @@ from .checkpoint import CFG_NAME, WEIGHTS_NAME, read_checkpoint, save_sae
 from .config import SAEConfig
 from .errors import CheckpointError, ConfigError, InputError
 from .init import tied_init_
-from .losses import SelectedPreacts, top_dead_preacts, total_variance
+from .losses import top_dead_preacts, total_variance
 from .parallel import LOCAL, ParallelContext
 from .sparse import RowSparseGrads, Selection, SparseActs
 
@@ -415,8 +415,8 @@ class BaseSAE(nn.Module):
 
     def select_for_training(self, x2: torch.Tensor, dead: torch.Tensor | None, k_aux: int):
         """(select(x2, train=True), AuxK's selection among the `dead` global latent ids for
-        auxk_loss's `preacts`, or None where the architecture's pass cannot give it; then
-        auxk_loss scans the dead latents' encoder columns itself)."""
+        auxk_grads's `preacts`, or None where the architecture's pass cannot give it; then
+        auxk_grads scans the dead latents' encoder columns itself)."""
         return self.select(x2, train=True), None
 
     def local_dead(self, dead: torch.Tensor) -> torch.Tensor:
@@ -595,44 +595,41 @@ class BaseSAE(nn.Module):
                                   self.d_sae_local)
         return rows, db_dec
 
-    def auxk_loss(self, x2: torch.Tensor, residual: torch.Tensor, dead: torch.Tensor, k_aux: int,
-                  scale: float = 1.0, preacts: tuple[torch.Tensor, torch.Tensor] | None = None):
-        """AuxK (Gao et al. 2024): each row's k_aux largest pre-activations among the `dead`
-        global latent ids reconstruct the (detached) residual; the loss is normalised by the
-        residual's variance and scaled by `scale`. The gradient goes to leaf copies of the few
-        local latents that were picked, so nothing of the dictionary's size is allocated: returns
-        (loss, local latent ids u, (W_enc[:, u], b_enc[u], W_dec[u]) leaves); after loss.backward()
-        their .grad are AuxK's gradients of latents u. The work is the encoder GEMM over the dead
-        latents' columns plus O(rows·k_aux·d_in), or only the latter when `preacts` (this
-        module's (values, local ids) from select_for_training) gives the selection. Every shard
-        must call it with the same `dead`."""
-        x_in = self.encoder_input(x2).detach()
+    @torch.no_grad()
+    def auxk_grads(self, x2: torch.Tensor, residual: torch.Tensor, dead: torch.Tensor, k_aux: int,
+                   scale: float = 1.0, preacts: tuple[torch.Tensor, torch.Tensor] | None = None):
+        """AuxK (Gao et al. 2024) and its gradient, outside autograd: each row's k_aux largest
+        ReLU'd pre-activations among the `dead` global latent ids reconstruct the (detached)
+        residual; the loss is normalised by the residual's variance and scaled by `scale`.
+        Returns (loss, RowSparseGrads of this module's latents that AuxK picked with a nonzero
+        value, or None if none). The gradient is the sparse backward of that selection (the
+        TopK formula), so nothing of the dictionary's size is allocated and no parameter copy
+        is gathered. The work is the encoder GEMM over the dead latents' columns plus
+        O(rows·k_aux·d_in), or only the latter when `preacts` (this module's (values, local
+        ids) from select_for_training) gives the selection. Every shard must call it with the
+        same `dead`."""
+        x_in = self.encoder_input(x2)
         mine = self.local_dead(dead)
-        k_here = min(k_aux, mine.numel())
-        # each row's k_here largest ReLU'd pre-activations among this module's dead latents (a
-        # scan of their encoder columns only, unless the selection's pass gave them), then leaf
-        # copies of the few latents picked: the gradient goes to them, so nothing of the
-        # dictionary's size is allocated
         if preacts is not None:
             vals, ids = preacts
         else:
-            vals, ids = top_dead_preacts(x_in, self.W_enc.detach(), self.b_enc.detach(), mine, k_here,
+            vals, ids = top_dead_preacts(x_in, self.W_enc, self.b_enc, mine, min(k_aux, mine.numel()),
                                          self.op("topk_encode"))
-        u, slots = torch.unique(ids, return_inverse=True)
-        We = self.W_enc.detach()[:, u].clone().requires_grad_()
-        be = self.b_enc.detach()[u].clone().requires_grad_()
-        Wd = self.W_dec.detach()[u].clone().requires_grad_()
-        vals = SelectedPreacts.apply(vals, slots, x_in, We, be)
         width = min(k_aux, max(int(((dead >= s) & (dead < e)).sum()) for s, e in
                                (self.context.shard_range(self.d_sae, i) for i in range(self.context.shards))))
-        sel = self.context.merge_topk(vals, slots, min(k_aux, dead.numel()), self.shard_start, width, self.d_sae,
+        sel = self.context.merge_topk(vals, ids, min(k_aux, dead.numel()), self.shard_start, width, self.d_sae,
                                       what="AuxK")
-        partial = self.op("sparse_decode")(sel.values, sel.indices, Wd, None) if u.numel() \
-            else vals.new_zeros((x_in.shape[0], self.d_out))
+        partial = self.op("sparse_decode")(sel.values, sel.indices, self.W_dec, None) if sel.values.numel() \
+            else x_in.new_zeros((x_in.shape[0], self.d_out))
         recon = self.context.sum_shards(partial.to(self.dtype), "the AuxK reconstruction")
-        residual = residual.detach().float()
-        loss = scale * (recon.float() - residual).pow(2).sum() / total_variance(residual)
-        return loss, u, (We, be, Wd)
+        residual = residual.float()
+        variance = total_variance(residual)
+        err = recon.float() - residual
+        loss = scale * err.pow(2).sum() / variance
+        if not bool((sel.values != 0).any()):
+            return loss, None
+        rows, _ = self._latent_backward(x2, sel.values, sel.indices, (2.0 * scale / variance) * err)
+        return loss, rows
 
     # ---------------------------------------------------------------- whole / shards
     def to_full(self) -> BaseSAE:

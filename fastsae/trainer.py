@@ -229,21 +229,12 @@ class Trainer:
         return dead if dead.numel() else None
 
     def _auxk(self, x: torch.Tensor, residual: torch.Tensor, dead: torch.Tensor | None, preacts=None):
-        """AuxK's forward: (loss, latent ids, their leaf parameter copies), or (0, None, None)
-        when `dead` (_auxk_dead()) is None; preacts: the selection's AuxK part, if it has one."""
+        """AuxK: (loss, its RowSparseGrads or None), or (0, None) when `dead` (_auxk_dead())
+        is None; preacts: the selection's AuxK part, if it has one."""
         if dead is None:
-            return torch.zeros(()), None, None
-        loss, u, leaves = self.sae.auxk_loss(x, residual, dead, self.k_aux, min(dead.numel() / self.k_aux, 1.0),
-                                             preacts)
-        return self.cfg.auxk_coefficient * loss, u, leaves
-
-    def _auxk_grads(self, aux: torch.Tensor, u, leaves) -> RowSparseGrads | None:
-        if u is None:
-            return None
-        if aux.requires_grad:  # False on a shard none of whose latents AuxK picked
-            aux.backward()
-        grads = [t.grad if t.grad is not None else torch.zeros_like(t) for t in leaves]
-        return RowSparseGrads(u, *grads, self.sae.d_sae_local)
+            return torch.zeros(()), None
+        scale = self.cfg.auxk_coefficient * min(dead.numel() / self.k_aux, 1.0)
+        return self.sae.auxk_grads(x, residual, dead, self.k_aux, scale, preacts)
 
     def _sparse_step(self, x: torch.Tensor, target: torch.Tensor | None, sf: float):
         sae = self.sae
@@ -255,20 +246,19 @@ class Trainer:
             x_hat = sae.decode_selection(sel, x)
             err, mse, fvu = reconstruction_terms(x_hat, target)
             recon, grad_out = sae.sparse_loss(sel, x_hat, target)
-        aux, u, leaves = self._auxk(x, -err, dead, dead_preacts)
-        if not self._agree(bool(torch.isfinite(recon + aux.detach())))[0]:
+        aux, aux_rows = self._auxk(x, -err, dead, dead_preacts)
+        if not self._agree(bool(torch.isfinite(recon + aux)))[0]:
             return None
-        self.step_row_sparse(*sae.sparse_backward(x, sel, grad_out), aux, u, leaves)
+        self.step_row_sparse(*sae.sparse_backward(x, sel, grad_out), aux_rows)
         acts = sel.acts
         l0 = float((acts.values > 0).sum(-1).float().mean())
-        scalars = {"mse": float(mse), "fvu": float(fvu), "l0": l0, "auxk": float(aux.detach()),
-                   "sparsity": 0.0, "loss": float(recon) + float(aux.detach())}
+        scalars = {"mse": float(mse), "fvu": float(fvu), "l0": l0, "auxk": float(aux),
+                   "sparsity": 0.0, "loss": float(recon) + float(aux)}
         return scalars, x_hat, target, acts.indices[acts.values > 0]
 
-    def step_row_sparse(self, rows: RowSparseGrads, db_dec: torch.Tensor, aux: torch.Tensor, u, leaves) -> None:
+    def step_row_sparse(self, rows: RowSparseGrads, db_dec: torch.Tensor, aux_rows: RowSparseGrads | None) -> None:
         """The sparse path's update: the loss's row-sparse gradients plus AuxK's (from _auxk),
         reduced over the layout, then the optimizers' steps."""
-        aux_rows = self._auxk_grads(aux, u, leaves)
         if aux_rows is not None:
             rows = merge_row_sparse(rows, aux_rows)
         rows, db_dec = self.layout.reduce_row_sparse(rows, db_dec)
@@ -291,16 +281,16 @@ class Trainer:
         xn = sae.normalize_input(x)[0].detach()
         yn = xn if target is None else target  # what training_forward reconstructs
         loss = out.mse + out.aux + sf * out.sparsity
-        aux, u, leaves = self._auxk(xn, (yn.float() - out.x_hat.float()).detach(), self._auxk_dead())
-        if not self._agree(bool(torch.isfinite(loss.detach() + aux.detach())))[0]:
+        aux, aux_rows = self._auxk(xn, (yn.float() - out.x_hat.float()).detach(), self._auxk_dead())
+        if not self._agree(bool(torch.isfinite(loss.detach() + aux)))[0]:
             return None
         self.opt.zero_grad()
         loss.backward()
-        aux_rows = self._auxk_grads(aux, u, leaves)
         if aux_rows is not None:  # add the few AuxK latents' gradients into the dense ones
-            sae.W_enc.grad.index_add_(1, u, aux_rows.W_enc)
-            sae.b_enc.grad.index_add_(0, u, aux_rows.b_enc)
-            sae.W_dec.grad.index_add_(0, u, aux_rows.W_dec)
+            u = aux_rows.latents
+            sae.W_enc.grad.index_add_(1, u, aux_rows.W_enc.to(sae.W_enc.grad.dtype))
+            sae.b_enc.grad.index_add_(0, u, aux_rows.b_enc.to(sae.b_enc.grad.dtype))
+            sae.W_dec.grad.index_add_(0, u, aux_rows.W_dec.to(sae.W_dec.grad.dtype))
         self.layout.reduce_gradients(sae)
         self.opt.step()
         self.opt.zero_grad()

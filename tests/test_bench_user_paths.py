@@ -22,7 +22,7 @@ def test_step_profile_reports_every_path_against_the_gemm(tmp_path):
     rep = json.loads((tmp_path / "t.json").read_text())
     ratios = rep["results"][0]["x_gemm"]
     assert ratios["gemm"] == 1.0
-    for path in ("module loop", "trainer", "trainer+auxk", "auxk_loss fwd, given the selection"):
+    for path in ("module loop", "trainer", "trainer+auxk", "AuxK's loss and gradients, given the selection"):
         assert ratios[path] > 0
     assert "AuxK's share" in (tmp_path / "t.md").read_text()
 
@@ -47,3 +47,11 @@ def test_dropin_quality_runs_the_trainer_with_settings(tmp_path):
     assert 0 < runs[0]["heldout_fvu"] < 10
     with pytest.raises(SystemExit):
         dropin_quality.main(["--toy", "--trainer-settings", "no_equals_sign"])
+
+
+def test_optim_step_bench_prints_every_row(capsys):
+    from bench import optim_step
+
+    optim_step.main(["--shape", "4,32,5", "--rounds", "1"])
+    table = capsys.readouterr().out
+    assert "| 4 | 32 | 5 |" in table and table.count("x)") == 4

@@ -63,6 +63,48 @@ def test_sparse_and_autograd_steps_agree_with_input_normalisation(tmp_path, norm
         torch.testing.assert_close(v, _params(b)[k], rtol=1e-4, atol=1e-5, msg=k)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("apply_b_dec", [True, False])
+@pytest.mark.parametrize("B,n,k_aux,dead_every", [(9, 40, 6, 2), (1, 12, 1, 1), (0, 12, 3, 2), (7, 30, 30, 3)])
+def test_auxk_grads_equal_autograd_through_the_reference_loss(dtype, apply_b_dec, B, n, k_aux, dead_every):
+    """BaseSAE.auxk_grads computes AuxK's gradient by the sparse backward of its selection;
+    it must equal autograd through losses.auxk_loss (einsum over the full parameters) at the
+    same selection, from the scan and from the encoder pass's selection alike, with the
+    input, residual and parameters left untouched."""
+    from fastsae.losses import auxk_loss
+
+    torch.manual_seed(0)
+    sae = fastsae.TopKSAE(d_in=5, d_sae=n, k=2, dtype="float64" if dtype == torch.float64 else "float32",
+                          apply_b_dec_to_input=apply_b_dec)
+    with torch.no_grad():
+        sae.b_dec.normal_()
+        sae.b_enc.normal_()
+    x = torch.randn(B, 5, dtype=dtype)
+    residual = torch.randn(B, 5, dtype=dtype)
+    dead = torch.arange(0, n, dead_every)
+    saved = [t.detach().clone() for t in (x, residual, *sae.parameters())]
+    _, preacts = sae.select_for_training(x, dead, k_aux)
+    for given in (None, preacts):
+        loss, rows = sae.auxk_grads(x, residual, dead, k_aux, 0.7, given)
+        x_in = sae.encoder_input(x).detach()
+        idx = (x_in @ sae.W_enc.detach() + sae.b_enc.detach())[:, dead].topk(min(k_aux, dead.numel()), dim=1).indices
+        params = [p.detach().clone().requires_grad_() for p in (sae.W_enc, sae.b_enc, sae.W_dec)]
+        want = auxk_loss(x_in, residual, dead[idx], *params, scale=0.7)
+        tol = dict(rtol=1e-9, atol=1e-12) if dtype == torch.float64 else dict(rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(loss.double(), want.detach().double(), **tol)
+        if B == 0:
+            assert rows is None
+            continue
+        want.backward()
+        got = rows.to_dense()
+        for key, p in zip(("dW_enc", "db_enc", "dW_dec"), params):
+            torch.testing.assert_close(got[key], p.grad, **tol, msg=key)
+        # only latents with a nonzero gradient are listed
+        assert set(rows.latents.tolist()) <= set(dead.tolist())
+    for before, after in zip(saved, (x, residual, *sae.parameters())):
+        assert torch.equal(before, after.detach())
+
+
 def test_auxk_gradient_reaches_encoder_and_decoder(tmp_path):
     x = ToyData(d=16, n_features=32, seed=3).sample(1024)
     sae = dict(d_in=16, d_sae=256, architecture="topk", k=2)
