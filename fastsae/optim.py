@@ -60,9 +60,10 @@ def merge_row_sparse(a: RowSparseGrads, b: RowSparseGrads) -> RowSparseGrads:
     ids = torch.cat([a.latents, b.latents])
     latents, inverse = torch.unique(ids, return_inverse=True)
     u, d = latents.numel(), a.W_dec.shape[1]
+    ia, ib = inverse[:a.latents.numel()], inverse[a.latents.numel():]
 
-    def add(x, y, shape):
-        return x.new_zeros(shape).index_add_(0, inverse, torch.cat([x, y.to(x.dtype)]))
+    def add(x, y, shape):  # two scatters: concatenating the rows first would copy them all once more
+        return x.new_zeros(shape).index_add_(0, ia, x).index_add_(0, ib, y.to(x.dtype))
 
     W_enc = add(a.W_enc.t(), b.W_enc.t(), (u, d)).t()
     return RowSparseGrads(latents, W_enc, add(a.b_enc, b.b_enc, (u,)), add(a.W_dec, b.W_dec, (u, d)), a.d_sae)
