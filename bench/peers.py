@@ -268,7 +268,7 @@ class FastSAEAutograd(Adapter):
     distribution = "fastsae"
     backend: ClassVar[str] = ""
     notes = "fastsae.TopKSAE in a plain loop: training_forward().loss.backward(), torch Adam (fused)"
-    unavailable = FastSAE.unavailable
+    unavailable = classmethod(FastSAE.unavailable.__func__)  # bound to this class, so it reads this backend
 
     def __init__(self, shape, device, dtype, weights):
         super().__init__(shape, device, dtype, weights)

@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import torch
 
-from . import ops
-
 
 def mse(x_hat: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """Squared error summed over features, averaged over rows (the SAELens convention)."""
