@@ -67,11 +67,13 @@ void write_rows(const RowsOut<scalar_t>& out, const acc_t* acc, int64_t g0, int6
 // Segments are taken kSegBlock at a time so that the transposed writes can be blocked.
 constexpr int64_t kSegBlock = 16;
 
+// Given W_dec, dvalues is written here first, entry by entry: <grad[b(e)], W_dec[latent]>.
 template <typename scalar_t>
 void segment_sums_kernel(const LatentCSR& csr, int64_t k, int64_t d, bool dense_rows,
                          const scalar_t* values, const scalar_t* grad,      // for dW_dec
-                         const scalar_t* dvalues, const scalar_t* xin,      // for dW_enc, db_enc
-                         RowsOut<scalar_t> dW_dec, RowsOut<scalar_t> dW_enc, scalar_t* db_enc) {
+                         scalar_t* dvalues, const scalar_t* xin,            // for dW_enc, db_enc
+                         RowsOut<scalar_t> dW_dec, RowsOut<scalar_t> dW_enc, scalar_t* db_enc,
+                         const scalar_t* W_dec) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t u = csr.latents.numel();
   const int64_t* lat = csr.latents.data_ptr<int64_t>();
@@ -100,13 +102,16 @@ void segment_sums_kernel(const LatentCSR& csr, int64_t k, int64_t d, bool dense_
         if (dW_dec.base && dec_direct) std::fill(ad, ad + d, acc_t(0));
         if (dW_enc.base && enc_direct) std::fill(ae, ae + d, acc_t(0));
         acc_t acc_b = 0;
+        const scalar_t* w = W_dec ? W_dec + lat[g] * d : nullptr;
+        if (W_dec && g + 1 < u) prefetch(W_dec + lat[g + 1] * d, d);
         for (int64_t p = off[g]; p < off[g + 1]; ++p) {
           const int64_t e = ord[p], b = e / k;
           if (p + 1 < entries) {  // the next entry's rows (its segment's, or the next segment's first)
             const int64_t nb = ord[p + 1] / k;
-            if (dW_dec.base) prefetch(grad + nb * d, d);
+            if (dW_dec.base || W_dec) prefetch(grad + nb * d, d);
             if (dW_enc.base) prefetch(xin + nb * d, d);
           }
+          if (w) dvalues[e] = static_cast<scalar_t>(dot_acc<acc_t>(grad + b * d, w, d));
           if (dW_dec.base) axpy_acc<acc_t>(ad, static_cast<acc_t>(values[e]), grad + b * d, d);
           if (dvalues) {
             const acc_t dp = values[e] > scalar_t(0) ? static_cast<acc_t>(dvalues[e]) : acc_t(0);
@@ -205,7 +210,7 @@ void segment_sums_cpu(const LatentCSR& csr, const SegmentSums& a) {
                                 ? RowsOut<scalar_t>{ptr(a.dW_enc), 1, a.dW_enc.size(1)}
                                 : RowsOut<scalar_t>{ptr(a.dW_enc), d, 1};
     segment_sums_kernel<scalar_t>(csr, a.k, d, a.dense_rows, a.values.data_ptr<scalar_t>(), ptr(a.grad),
-                                  ptr(a.dvalues), ptr(a.xin), dec, enc, ptr(a.db_enc));
+                                  ptr(a.dvalues), ptr(a.xin), dec, enc, ptr(a.db_enc), ptr(a.W_dec));
   });
 }
 
@@ -262,8 +267,8 @@ void scatter_columns_cpu(const at::Tensor& dst, const at::Tensor& latents, const
 }
 
 const SparseKernels& cpu_kernels() {
-  static const SparseKernels table{&csr_by_latent, &dvalues_cpu, &segment_sums_cpu, &gather_columns_cpu,
-                                   &dx_cpu, &neg_row_dots_cpu, &decode_cpu};
+  static const SparseKernels table{&csr_by_latent, &dvalues_cpu,      &segment_sums_cpu, &gather_columns_cpu,
+                                   &dx_cpu,        &neg_row_dots_cpu, &decode_cpu,       true};
   return table;
 }
 
