@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 
 import torch
 
@@ -28,14 +27,9 @@ import fastsae
 from fastsae.optim import DenseAdam
 from fastsae.sparse import RowSparseGrads
 
+from .timing import cpu_ms
+
 SHAPES = [(256, 1024, 700), (384, 4096, 3000), (256, 16384, 12000)]
-
-
-def _cpu_ms(fn, number: int) -> float:
-    t = time.process_time()
-    for _ in range(number):
-        fn()
-    return (time.process_time() - t) * 1e3 / number
 
 
 def _rows(d_in: int, d_sae: int, u: int, seed: int = 0) -> RowSparseGrads:
@@ -73,11 +67,11 @@ def measure(d_in: int, d_sae: int, u: int, rounds: int, min_ms: float = 60.0) ->
     number = {}
     for name, fn in fns.items():  # warm up; enough calls per sample for min_ms
         fn()
-        number[name] = max(1, int(min_ms / max(_cpu_ms(fn, 1), 1e-3)))
+        number[name] = max(1, int(min_ms / max(cpu_ms(fn, 1), 1e-3)))
     samples: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(rounds):
         for name, fn in fns.items():
-            samples[name].append(_cpu_ms(fn, number[name]))
+            samples[name].append(cpu_ms(fn, number[name]))
     return {name: statistics.median(s) for name, s in samples.items()}
 
 

@@ -25,21 +25,14 @@ import json
 import os
 import statistics
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 
 from .report import RESULTS, git_info, machine_info
+from .timing import cpu_ms
 
 SHAPES = [(256, 16384, 32, 2048), (256, 16384, 32, 512), (384, 4096, 32, 1024), (256, 1024, 5, 256)]
-
-
-def _cpu_ms(fn, number: int) -> float:
-    t = time.process_time()
-    for _ in range(number):
-        fn()
-    return (time.process_time() - t) / number * 1e3
 
 
 def build(shape, seed=0):
@@ -114,11 +107,11 @@ def profile(shape, repeats: int) -> dict:
     fns.update(parts(tr, x))
     for fn in fns.values():  # warm-up, and a calibration of how many calls make ~0.2 s
         fn()
-    number = {name: max(1, int(0.2 / max(_cpu_ms(fn, 1) / 1e3, 1e-6))) for name, fn in fns.items()}
+    number = {name: max(1, int(0.2 / max(cpu_ms(fn, 1) / 1e3, 1e-6))) for name, fn in fns.items()}
     samples: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(repeats):
         for name, fn in fns.items():
-            samples[name].append(_cpu_ms(fn, number[name]))
+            samples[name].append(cpu_ms(fn, number[name]))
     med = {name: statistics.median(v) for name, v in samples.items()}
     gemm = med["gemm"]
     return {"shape": dict(zip(("d_in", "d_sae", "k", "batch"), shape)), "median_cpu_ms": med,
