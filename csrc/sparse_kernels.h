@@ -13,8 +13,8 @@ namespace fastsae {
 //   dW_dec[r]    = sum_e values[e] * grad[b(e)]                       (when dW_dec is defined)
 //   dW_enc row r = sum_e dpre[e] * xin[b(e)],  db_enc[r] = sum_e dpre[e]  (when dvalues is)
 // with dpre = dvalues * 1[values > 0]. enc_transposed: dW_enc is [d, n] and row r is its column r.
-// W_dec, where the table computes dvalues in this walk (dvalues_in_segment_sums): then dvalues
-// is an output, dvalues[e] = <grad[b(e)], W_dec[latent]>, and the kernels' dvalues is not called.
+// W_dec, for a table without a dvalues kernel: then dvalues is an output of this walk,
+// dvalues[e] = <grad[b(e)], W_dec[latent]>, each latent's decoder row read once for its segment.
 struct SegmentSums {
   int64_t k = 0;
   bool dense_rows = true;
@@ -24,7 +24,7 @@ struct SegmentSums {
 
 struct SparseKernels {
   LatentCSR (*csr_by_latent)(const at::Tensor& indices, int64_t n);
-  // out[b,s] = <grad[b], W_dec[indices[b,s]]>
+  // out[b,s] = <grad[b], W_dec[indices[b,s]]>; null where segment_sums computes it (SegmentSums::W_dec)
   void (*dvalues)(const at::Tensor& grad, const at::Tensor& indices, const at::Tensor& W_dec,
                   const at::Tensor& out);
   void (*segment_sums)(const LatentCSR& csr, const SegmentSums& a);
@@ -38,9 +38,6 @@ struct SparseKernels {
   // out[b] += sum_s values[b,s] * W_dec[indices[b,s]]; values and out in the op-math dtype
   void (*decode)(const at::Tensor& values, const at::Tensor& indices, const at::Tensor& W_dec,
                  const at::Tensor& out);
-  // segment_sums computes dvalues itself given SegmentSums::W_dec: a latent's decoder row is
-  // read once for its whole segment instead of once per entry
-  bool dvalues_in_segment_sums = false;
 };
 
 const SparseKernels& cpu_kernels();

@@ -25,22 +25,6 @@ struct RowsOut {
   int64_t s0 = 0, s1 = 0;
 };
 
-template <typename scalar_t>
-void dvalues_kernel(const scalar_t* grad, const int64_t* idx, const scalar_t* W_dec, scalar_t* out,
-                    int64_t B, int64_t k, int64_t d) {
-  using acc_t = at::opmath_type<scalar_t>;
-  at::parallel_for(0, B, grain_for(k * d), [&](int64_t b0, int64_t b1) {
-    for (int64_t b = b0; b < b1; ++b) {
-      const scalar_t* g = grad + b * d;
-      for (int64_t s = 0; s < k; ++s) {
-        const scalar_t* w = W_dec + idx[b * k + s] * d;
-        if (b * k + s + 1 < B * k) prefetch(W_dec + idx[b * k + s + 1] * d, d);
-        out[b * k + s] = static_cast<scalar_t>(dot_acc<acc_t>(g, w, d));
-      }
-    }
-  });
-}
-
 // Write the accumulated rows of segments g0..g1-1 (acc is [g1-g0, d]). A transposed output
 // (s1 != 1, the dense dW_enc [d, n]) is written column block by column block, so consecutive
 // latents fill whole cache lines instead of touching one line per element.
@@ -193,14 +177,6 @@ void neg_row_dots_kernel(const scalar_t* W_enc, const scalar_t* db_enc, int64_t 
 #define FASTSAE_DISPATCH(T, NAME, ...) \
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, (T).scalar_type(), NAME, __VA_ARGS__)
 
-void dvalues_cpu(const at::Tensor& grad, const at::Tensor& indices, const at::Tensor& W_dec,
-                 const at::Tensor& out) {
-  FASTSAE_DISPATCH(W_dec, "dvalues", [&] {
-    dvalues_kernel<scalar_t>(grad.data_ptr<scalar_t>(), indices.data_ptr<int64_t>(), W_dec.data_ptr<scalar_t>(),
-                             out.data_ptr<scalar_t>(), indices.size(0), indices.size(1), W_dec.size(1));
-  });
-}
-
 void segment_sums_cpu(const LatentCSR& csr, const SegmentSums& a) {
   const int64_t d = a.grad.defined() ? a.grad.size(1) : a.xin.size(1);
   FASTSAE_DISPATCH(a.values, "segment_sums", [&] {
@@ -267,8 +243,9 @@ void scatter_columns_cpu(const at::Tensor& dst, const at::Tensor& latents, const
 }
 
 const SparseKernels& cpu_kernels() {
-  static const SparseKernels table{&csr_by_latent, &dvalues_cpu,      &segment_sums_cpu, &gather_columns_cpu,
-                                   &dx_cpu,        &neg_row_dots_cpu, &decode_cpu,       true};
+  // no dvalues kernel: segment_sums computes dvalues in its walk (SegmentSums::W_dec)
+  static const SparseKernels table{&csr_by_latent, nullptr, &segment_sums_cpu, &gather_columns_cpu,
+                                   &dx_cpu, &neg_row_dots_cpu, &decode_cpu};
   return table;
 }
 

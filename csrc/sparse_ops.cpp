@@ -61,11 +61,11 @@ std::tuple<at::Tensor, at::Tensor> sparse_decode_backward(const at::Tensor& grad
   a.values = values.contiguous();
   a.grad = g;
   a.dW_dec = at::zeros({n, d}, W_dec.options());
-  if (K.dvalues_in_segment_sums) {
+  if (K.dvalues) {
+    K.dvalues(g, idx, W, dvalues);
+  } else {
     a.W_dec = W;
     a.dvalues = dvalues;  // written by the walk
-  } else {
-    K.dvalues(g, idx, W, dvalues);
   }
   K.segment_sums(K.csr_by_latent(idx, n), a);
   return {dvalues, a.dW_dec};
@@ -148,10 +148,10 @@ topk_sae_backward(const at::Tensor& x, const at::Tensor& values, const at::Tenso
   a.dW_dec = row_sparse ? at::empty({u, d}, opts) : at::zeros({n, d}, opts);
   a.dW_enc = row_sparse ? at::empty({u, d}, opts) : at::zeros({d, n}, opts);
   a.db_enc = row_sparse ? at::empty({u}, opts) : at::zeros({n}, opts);
-  if (K.dvalues_in_segment_sums)
-    a.W_dec = W_dec.contiguous();
-  else
+  if (K.dvalues)
     K.dvalues(a.grad, idx, W_dec.contiguous(), a.dvalues);
+  else
+    a.W_dec = W_dec.contiguous();
   K.segment_sums(csr, a);
   auto db_dec = a.grad.sum(0);
   if (!need_dx) {

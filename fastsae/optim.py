@@ -148,7 +148,7 @@ class DenseAdam:
             fill(g["W_enc"], g["b_enc"], g["W_dec"], u, rows.W_enc.t(), rows.b_enc, rows.W_dec,
                  self.master["W_dec"] if unit else None)
             for name, buf in g.items():
-                if name not in ("W_enc", "b_enc", "W_dec"):
+                if name not in ("W_enc", "b_enc", "W_dec", "b_dec"):  # b_dec is copied below
                     buf.zero_()
         else:
             for buf in g.values():
