@@ -400,7 +400,7 @@ class E2ETrainer(Trainer):
         x2, y, sel = out.x2, out.y, out.sel
         with torch.no_grad():
             err, mse, fvu = reconstruction_terms(y, x2)
-        aux, aux_rows = self._auxk(x2, -err, self._auxk_dead())
+        aux, aux_rows = self._auxk(x2, err, self._auxk_dead())
         if not self._agree(bool(torch.isfinite(out.loss.detach() + aux)))[0]:
             return None
         self.step_row_sparse(*out.backward(sae), aux_rows)  # the Trainer's sparse update

@@ -108,13 +108,21 @@ class TrainOutput:
         return out
 
 
+def sum_of_squares(t: torch.Tensor) -> torch.Tensor:
+    """Σ t² as one BLAS dot (no squared copy: a training step's per-batch sums are passes over
+    [N, d] tensors, and a fresh [N, d] temporary costs more than the sum itself)."""
+    flat = t.reshape(-1)
+    return torch.dot(flat, flat)
+
+
 def reconstruction_terms(x_hat: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(err, mse, fvu) of a reconstruction x_hat of x [N, d] (TrainOutput's definitions)."""
     err = (x_hat - x).float()
-    sq = err.pow(2)
-    mse = sq.sum() / max(x.shape[0], 1)
-    var = (x.float() - x.float().mean(0)).pow(2).sum() if x.shape[0] else sq.new_zeros(())
-    fvu = sq.sum() / var if float(var) > 0 else sq.new_full((), float("nan"))
+    sq = sum_of_squares(err)
+    mse = sq / max(x.shape[0], 1)
+    xf = x.float()
+    var = sum_of_squares(xf - xf.mean(0)) if x.shape[0] else sq.new_zeros(())
+    fvu = sq / var if float(var) > 0 else sq.new_full((), float("nan"))
     return err, mse, fvu
 
 
@@ -555,7 +563,9 @@ class BaseSAE(nn.Module):
         2/N·(x_hat - target) [N, d_out] (Matryoshka: its levels' summed losses and the
         gradient per level)."""
         err = (x_hat - target).float()
-        return err.pow(2).sum() / max(target.shape[0], 1), (2.0 / max(target.shape[0], 1)) * err
+        n = max(target.shape[0], 1)
+        loss = sum_of_squares(err) / n
+        return loss, err.mul_(2.0 / n)  # err is this call's own tensor
 
     @torch.no_grad()
     def sparse_backward(self, x2: torch.Tensor, sel: Selection, grad_out: torch.Tensor):

@@ -58,9 +58,9 @@ class Tracker:
             self.sums[k] += float(scalars.get(k, 0.0))
         self.steps_in_window += 1
         self.tokens_in_window += n_tokens
-        xh, xf = x_hat.float(), x.float()
-        self.xhat_sq += float(xh.pow(2).sum())
-        self.xhat_dot_x += float((xh * xf).sum())
+        xh, xf = x_hat.float().reshape(-1), x.float().reshape(-1)
+        self.xhat_sq += float(torch.dot(xh, xh))
+        self.xhat_dot_x += float(torch.dot(xh, xf))
 
     def dead_latents(self) -> torch.Tensor:
         """Ids of latents that have not fired for `dead_tokens` tokens."""

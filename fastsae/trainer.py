@@ -208,7 +208,8 @@ class Trainer:
                 f"{where} has activation dimension {x.shape[-1]} (shape {tuple(x.shape)}), but the SAE has "
                 f"{what}: train on the hook point the SAE was built for"
             )
-        bad = int((~torch.isfinite(x)).sum())
+        # A sum holding NaN or inf is never finite: one cheap pass for the usual clean batch.
+        bad = 0 if bool(torch.isfinite(x.sum())) else int((~torch.isfinite(x)).sum())
         if self._agree(bad == 0, device=device)[0]:
             return True
         if self.cfg.nonfinite == "raise":
@@ -228,13 +229,14 @@ class Trainer:
         dead = self.tracker.dead_latents()
         return dead if dead.numel() else None
 
-    def _auxk(self, x: torch.Tensor, residual: torch.Tensor, dead: torch.Tensor | None, preacts=None):
-        """AuxK: (loss, its RowSparseGrads or None), or (0, None) when `dead` (_auxk_dead())
-        is None; preacts: the selection's AuxK part, if it has one."""
+    def _auxk(self, x: torch.Tensor, err: torch.Tensor, dead: torch.Tensor | None, preacts=None):
+        """AuxK on the residual -err (err = x_hat - target): (loss, its RowSparseGrads or None),
+        or (0, None) when `dead` (_auxk_dead()) is None; preacts: the selection's AuxK part, if
+        it has one."""
         if dead is None:
             return torch.zeros(()), None
         scale = self.cfg.auxk_coefficient * min(dead.numel() / self.k_aux, 1.0)
-        return self.sae.auxk_grads(x, residual, dead, self.k_aux, scale, preacts)
+        return self.sae.auxk_grads(x, -err, dead, self.k_aux, scale, preacts)
 
     def _sparse_step(self, x: torch.Tensor, target: torch.Tensor | None, sf: float):
         sae = self.sae
@@ -246,7 +248,7 @@ class Trainer:
             x_hat = sae.decode_selection(sel, x)
             err, mse, fvu = reconstruction_terms(x_hat, target)
             recon, grad_out = sae.sparse_loss(sel, x_hat, target)
-        aux, aux_rows = self._auxk(x, -err, dead, dead_preacts)
+        aux, aux_rows = self._auxk(x, err, dead, dead_preacts)
         if not self._agree(bool(torch.isfinite(recon + aux)))[0]:
             return None
         self.step_row_sparse(*sae.sparse_backward(x, sel, grad_out), aux_rows)
@@ -281,7 +283,7 @@ class Trainer:
         xn = sae.normalize_input(x)[0].detach()
         yn = xn if target is None else target  # what training_forward reconstructs
         loss = out.mse + out.aux + sf * out.sparsity
-        aux, aux_rows = self._auxk(xn, (yn.float() - out.x_hat.float()).detach(), self._auxk_dead())
+        aux, aux_rows = self._auxk(xn, (out.x_hat.float() - yn.float()).detach(), self._auxk_dead())
         if not self._agree(bool(torch.isfinite(loss.detach() + aux)))[0]:
             return None
         self.opt.zero_grad()
