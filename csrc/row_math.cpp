@@ -1,6 +1,9 @@
 // Multi-versioned row primitives (see row_math.h). No torch headers: this file compiles fast.
 #include "row_math.h"
 
+#include <algorithm>
+#include <limits>
+
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 #define FASTSAE_CLONES __attribute__((target_clones("default", "avx2", "avx512f")))
 #define FASTSAE_AVX2_SCAN 1
@@ -86,6 +89,55 @@ __attribute__((target("avx2"))) int64_t find_above_avx2(const double* x, int64_t
   return n;
 }
 
+// x + bias (or x) at i, the scan's value: the same single add as the scalar tail's.
+template <bool kBias>
+__attribute__((target("avx2"))) inline __m256 row_values(const float* x, const float* bias, int64_t i) {
+  const __m256 v = _mm256_loadu_ps(x + i);
+  return kBias ? _mm256_add_ps(v, _mm256_loadu_ps(bias + i)) : v;
+}
+
+template <bool kBias>
+__attribute__((target("avx2"))) int64_t collect_at_least_avx2(const float* x, const float* bias, int64_t n, float t,
+                                                             int32_t* out) {
+  const __m256 tv = _mm256_set1_ps(t);
+  int64_t m = 0, i = 0;
+  // 32 entries per test: one branch per block, then one iteration per hit
+  for (; i + 32 <= n; i += 32) {
+    uint32_t hits = 0;
+    for (int b = 0; b < 4; ++b)
+      hits |= static_cast<uint32_t>(_mm256_movemask_ps(_mm256_cmp_ps(row_values<kBias>(x, bias, i + 8 * b), tv,
+                                                                     _CMP_NLT_UQ)))
+              << (8 * b);
+    while (hits) {
+      out[m++] = static_cast<int32_t>(i + __builtin_ctz(hits));
+      hits &= hits - 1;
+    }
+  }
+  for (; i < n; ++i) {
+    const float v = kBias ? x[i] + bias[i] : x[i];
+    if (!(v < t)) out[m++] = static_cast<int32_t>(i);
+  }
+  return m;
+}
+
+template <bool kBias>
+__attribute__((target("avx2"))) float kth_lower_bound_avx2(const float* x, const float* bias, int64_t n, int64_t k) {
+  const int64_t sets = (k + 7) / 8, vecs = n / 8;
+  const float inf = std::numeric_limits<float>::infinity();
+  if (k <= 0 || vecs < sets) return -inf;
+  __m256 lo = _mm256_set1_ps(inf);
+  for (int64_t s = 0; s < sets; ++s) {
+    __m256 mx = _mm256_set1_ps(-inf);
+    // max_ps returns its second operand when the first is NaN: NaN entries are skipped
+    for (int64_t v = s * vecs / sets; v < (s + 1) * vecs / sets; ++v)
+      mx = _mm256_max_ps(row_values<kBias>(x, bias, 8 * v), mx);
+    lo = _mm256_min_ps(lo, mx);
+  }
+  float lanes[8];
+  _mm256_storeu_ps(lanes, lo);
+  return *std::min_element(lanes, lanes + 8);
+}
+
 bool cpu_has_avx2() {
   __builtin_cpu_init();  // this runs in a static initialiser, possibly before libgcc's
   return __builtin_cpu_supports("avx2");
@@ -110,9 +162,23 @@ int64_t find_above(const float* x, int64_t n, float t) {
 int64_t find_above(const double* x, int64_t n, double t) {
   return kHasAvx2 ? find_above_avx2(x, n, t) : find_above_impl<double, 8>(x, n, t);
 }
+int64_t collect_at_least(const float* x, const float* bias, int64_t n, float t, int32_t* out) {
+  if (!kHasAvx2) return collect_at_least_portable(x, bias, n, t, out);
+  return bias ? collect_at_least_avx2<true>(x, bias, n, t, out) : collect_at_least_avx2<false>(x, bias, n, t, out);
+}
+float kth_lower_bound(const float* x, const float* bias, int64_t n, int64_t k) {
+  if (!kHasAvx2) return kth_lower_bound_portable(x, bias, n, k);
+  return bias ? kth_lower_bound_avx2<true>(x, bias, n, k) : kth_lower_bound_avx2<false>(x, bias, n, k);
+}
 #else
 int64_t find_above(const float* x, int64_t n, float t) { return find_above_impl<float, 16>(x, n, t); }
 int64_t find_above(const double* x, int64_t n, double t) { return find_above_impl<double, 8>(x, n, t); }
+int64_t collect_at_least(const float* x, const float* bias, int64_t n, float t, int32_t* out) {
+  return collect_at_least_portable(x, bias, n, t, out);
+}
+float kth_lower_bound(const float* x, const float* bias, int64_t n, int64_t k) {
+  return kth_lower_bound_portable(x, bias, n, k);
+}
 #endif
 
 }  // namespace fastsae

@@ -5,6 +5,7 @@
 // in a fixed order: the same inputs give the same bits on a given machine.
 #pragma once
 #include <cstdint>
+#include <limits>
 #include <type_traits>
 
 namespace fastsae {
@@ -17,6 +18,14 @@ double dot(const double* a, const double* b, int64_t n);
 // The first i with x[i] > t or x[i] NaN, n if none.
 int64_t find_above(const float* x, int64_t n, float t);
 int64_t find_above(const double* x, int64_t n, double t);
+// A top-k scan's two passes over a row of pre-activations v[i] = x[i] + bias[i] (bias may be
+// null: v = x). collect_at_least writes the positions i with v[i] >= t or NaN to out (n
+// slots) and returns how many. kth_lower_bound returns a value the k-th largest v is at least
+// (NaN counting as largest): the least of the maxima of >= k disjoint groups of entries
+// (entry i is in group (i % 8, which eighth-block set its vector falls in)); -inf when the row
+// is too short for k groups of whole 8-entry vectors.
+int64_t collect_at_least(const float* x, const float* bias, int64_t n, float t, int32_t* out);
+float kth_lower_bound(const float* x, const float* bias, int64_t n, int64_t k);
 
 // The same for mixed storage (fp16/bf16 rows summed in fp32): plain loops.
 template <typename acc_t, typename scalar_t>
@@ -53,6 +62,55 @@ inline int64_t grain_for(int64_t work_per_item) {
   constexpr int64_t kMinWork = 1 << 15;
   const int64_t w = work_per_item > 1 ? work_per_item : 1;
   return kMinWork / w > 1 ? kMinWork / w : 1;
+}
+
+// The portable scans (any storage type, summed in acc_t): fp64, fp16 and bf16 rows, and fp32
+// on a CPU without AVX2.
+template <typename acc_t, typename scalar_t>
+inline int64_t collect_at_least_portable(const scalar_t* x, const acc_t* bias, int64_t n, acc_t t, int32_t* out) {
+  int64_t m = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    const acc_t v = bias ? static_cast<acc_t>(x[i]) + bias[i] : static_cast<acc_t>(x[i]);
+    if (!(v < t)) out[m++] = static_cast<int32_t>(i);
+  }
+  return m;
+}
+
+template <typename acc_t, typename scalar_t>
+inline acc_t kth_lower_bound_portable(const scalar_t* x, const acc_t* bias, int64_t n, int64_t k) {
+  const int64_t sets = (k + 7) / 8, vecs = n / 8;
+  const acc_t inf = std::numeric_limits<acc_t>::infinity();
+  if (k <= 0 || vecs < sets) return -inf;
+  acc_t lo = inf;
+  for (int64_t s = 0; s < sets; ++s)
+    for (int64_t l = 0; l < 8; ++l) {
+      acc_t mx = -inf;
+      for (int64_t v = s * vecs / sets; v < (s + 1) * vecs / sets; ++v) {
+        const int64_t i = 8 * v + l;
+        const acc_t e = bias ? static_cast<acc_t>(x[i]) + bias[i] : static_cast<acc_t>(x[i]);
+        if (e > mx) mx = e;  // NaN is skipped: a group's best is at least its largest number
+      }
+      if (mx < lo) lo = mx;
+    }
+  return lo;
+}
+
+template <typename acc_t, typename scalar_t>
+inline int64_t collect_at_least_acc(const scalar_t* x, const acc_t* bias, int64_t n, acc_t t, int32_t* out) {
+  if constexpr (std::is_same_v<acc_t, float> && std::is_same_v<scalar_t, float>) {
+    return collect_at_least(x, bias, n, t, out);
+  } else {
+    return collect_at_least_portable(x, bias, n, t, out);
+  }
+}
+
+template <typename acc_t, typename scalar_t>
+inline acc_t kth_lower_bound_acc(const scalar_t* x, const acc_t* bias, int64_t n, int64_t k) {
+  if constexpr (std::is_same_v<acc_t, float> && std::is_same_v<scalar_t, float>) {
+    return kth_lower_bound(x, bias, n, k);
+  } else {
+    return kth_lower_bound_portable(x, bias, n, k);
+  }
 }
 
 template <typename acc_t, typename scalar_t>

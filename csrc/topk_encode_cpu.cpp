@@ -3,9 +3,9 @@
 //
 // The work is cut into tasks (a block of rows x a range of latents). A task computes one
 // cache-sized tile pre[rows, chunk] at a time with a BLAS call on sub-matrices, then merges
-// the tile into each row's running top-k (a buffer cut to the k best when full): only entries
-// above the row's bar are looked at again, so after the first chunks the merge is a vector
-// compare per 16 entries. When the
+// the tile into each row's running top-k (a buffer cut to the k best when full): one vector
+// pass per row adds b_enc and lists the entries at or above the row's threshold (its bar, or
+// a bound from group maxima before the first cut), and only those are offered. When the
 // latents are split across several tasks (few rows, many threads), their partial top-k lists
 // are merged at the end. Ties are broken toward the smaller latent id; NaN ranks highest, as
 // in torch.topk.
@@ -101,6 +101,9 @@ struct RunningTopK {
   E bar{};              // the k-th best at the last cut (valid once `cut`)
   value_t bar_v = 0;    // its value: what a scan compares against
   bool cut = false;
+  // A value the k best are known to reach (kth_lower_bound of a tile already seen): entries
+  // below it need no look, even before the first cut.
+  value_t floor = -std::numeric_limits<value_t>::infinity();
 
   void offer(const E& e, int64_t k) {
     if (cut && !ranks_before(e, bar)) return;
@@ -113,24 +116,35 @@ struct RunningTopK {
       cut = true;
     }
   }
+
+  // The least value an entry of a larger id than those offered may have and still enter: one
+  // equal to the bar ranks below it. NaN (a NaN bar) lets every entry through to offer().
+  value_t threshold() const {
+    if (!cut) return floor;
+    const value_t above = std::nextafter(bar_v, std::numeric_limits<value_t>::infinity());
+    return above < floor ? floor : above;
+  }
 };
 
 // Merge one tile pre[rows, width] (latent ids first_id..first_id+width-1) into the rows' top-k.
+// bias (the tile's b_enc, or null when the tile holds it already) is added here, in the scan.
+// Per row: the tile's group-maxima bound raises the floor, one vector pass lists the entries
+// at or above the threshold, and only those are offered (offer() checks them against the bar
+// again, which may rise within the row).
 template <typename scalar_t, typename E>
-void merge_tile(const scalar_t* tile, int64_t rows, int64_t width, int64_t first_id, int64_t k,
-                RunningTopK<E>* state) {
+void merge_tile(const scalar_t* tile, const typename RunningTopK<E>::value_t* bias, int64_t rows, int64_t width,
+                int64_t first_id, int64_t k, RunningTopK<E>* state, int32_t* candidates) {
   using acc_t = typename RunningTopK<E>::value_t;
   for (int64_t r = 0; r < rows; ++r) {
     RunningTopK<E>& st = state[r];
     const scalar_t* row = tile + r * width;
-    // Once there is a bar, only entries above it (or NaN) need a look: latent ids ascend, so
-    // an entry equal to the bar ranks below it.
-    for (int64_t c = 0; c < width; ++c) {
-      if (st.cut) {
-        c += find_above_acc<acc_t>(row + c, width - c, st.bar_v);
-        if (c == width) break;
-      }
-      st.offer(E::make(static_cast<acc_t>(row[c]), first_id + c), k);
+    const acc_t bound = kth_lower_bound_acc<acc_t>(row, bias, width, k);
+    if (bound > st.floor) st.floor = bound;
+    const int64_t m = collect_at_least_acc<acc_t>(row, bias, width, st.threshold(), candidates);
+    for (int64_t i = 0; i < m; ++i) {
+      const int64_t c = candidates[i];
+      const acc_t v = bias ? static_cast<acc_t>(row[c]) + bias[c] : static_cast<acc_t>(row[c]);
+      st.offer(E::make(v, first_id + c), k);
     }
   }
 }
@@ -167,9 +181,10 @@ struct TilePlan {
   }
 };
 
+// with_bias=false: the tiles hold xin @ W alone (the visitor adds the bias).
 template <typename scalar_t, typename Visit>
 void for_each_tile(const TilePlan& plan, const at::Tensor& xin, const at::Tensor& W, const at::Tensor& bias,
-                   const Visit& visit) {
+                   const Visit& visit, bool with_bias = true) {
   const at::Tensor Wd = W.contiguous().detach(), bd = bias.contiguous().detach();
   at::parallel_for(0, plan.row_blocks * plan.parts, 1, [&](int64_t t0, int64_t t1) {
     at::AutoDispatchBelowADInplaceOrView worker_below_autograd;
@@ -183,7 +198,10 @@ void for_each_tile(const TilePlan& plan, const at::Tensor& xin, const at::Tensor
       for (int64_t c0 = c_begin; c0 < c_end; c0 += kChunk) {
         const int64_t width = std::min(kChunk, c_end - c0);
         auto out = tile.narrow(0, 0, rows * width).view({rows, width});
-        at::addmm_out(out, bd.narrow(0, c0, width), xrows, Wd.narrow(1, c0, width));
+        if (with_bias)
+          at::addmm_out(out, bd.narrow(0, c0, width), xrows, Wd.narrow(1, c0, width));
+        else
+          at::mm_out(out, xrows, Wd.narrow(1, c0, width));
         visit(static_cast<const scalar_t*>(out.data_ptr<scalar_t>()), r0, rows, c0, width, p);
       }
     }
@@ -242,14 +260,15 @@ void write_best(const std::vector<std::vector<RunningTopK<E>>>& partial, int64_t
 
 // Merge the tile's columns listed in dead[lo, hi) (ascending latent ids) into the rows' top-k.
 template <typename scalar_t, typename E>
-void merge_dead(const scalar_t* tile, int64_t rows, int64_t width, int64_t first_id, const int64_t* dead,
-                int64_t lo, int64_t hi, int64_t k, RunningTopK<E>* state) {
+void merge_dead(const scalar_t* tile, const typename RunningTopK<E>::value_t* bias, int64_t rows, int64_t width,
+                int64_t first_id, const int64_t* dead, int64_t lo, int64_t hi, int64_t k, RunningTopK<E>* state) {
   using acc_t = typename RunningTopK<E>::value_t;
   for (int64_t r = 0; r < rows; ++r) {
     RunningTopK<E>& st = state[r];
     const scalar_t* row = tile + r * width;
     for (int64_t i = lo; i < hi; ++i) {
-      const acc_t v = static_cast<acc_t>(row[dead[i] - first_id]);
+      const int64_t c = dead[i] - first_id;
+      const acc_t v = bias ? static_cast<acc_t>(row[c]) + bias[c] : static_cast<acc_t>(row[c]);
       // ids ascend, so an entry equal to the bar ranks below it: only a larger one (or NaN) enters
       if (!st.cut || !(v <= st.bar_v)) st.offer(E::make(v, dead[i]), k);
     }
@@ -288,14 +307,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> encode_with_dead(
     // partial[p][b]: row b's top-k among the latents of part p (aux: among its dead latents).
     std::vector<std::vector<Top>> partial(plan.parts, std::vector<Top>(k ? B : 0));
     std::vector<std::vector<Top>> aux(plan.parts, std::vector<Top>(ka ? B : 0));
-    for_each_tile<scalar_t>(plan, xin, W_enc, b_enc,
-                            [&](const scalar_t* tile, int64_t r0, int64_t rows, int64_t c0, int64_t width, int64_t p) {
-                              if (k) merge_tile(tile, rows, width, c0, k, partial[p].data() + r0);
-                              const int64_t c = c0 / kChunk;
-                              if (ka && chunk_lo[c] < chunk_lo[c + 1])
-                                merge_dead(tile, rows, width, c0, dd, chunk_lo[c], chunk_lo[c + 1], ka,
-                                           aux[p].data() + r0);
-                            });
+    // Where the sums are kept at the weights' precision, the scan adds b_enc itself (one add,
+    // as mm then + b_enc rounds); fp16/bf16 tiles take it in the GEMM, rounded there.
+    constexpr bool scan_adds_bias = std::is_same_v<scalar_t, acc_t>;
+    const at::Tensor bias = b_enc.detach().contiguous();
+    const acc_t* bias_all = scan_adds_bias ? reinterpret_cast<const acc_t*>(bias.data_ptr<scalar_t>()) : nullptr;
+    std::vector<std::vector<int32_t>> candidates(at::get_num_threads(), std::vector<int32_t>(kChunk));
+    for_each_tile<scalar_t>(
+        plan, xin, W_enc, b_enc,
+        [&](const scalar_t* tile, int64_t r0, int64_t rows, int64_t c0, int64_t width, int64_t p) {
+          const acc_t* b = bias_all ? bias_all + c0 : nullptr;
+          if (k)
+            merge_tile(tile, b, rows, width, c0, k, partial[p].data() + r0,
+                       candidates[at::get_thread_num()].data());
+          const int64_t c = c0 / kChunk;
+          if (ka && chunk_lo[c] < chunk_lo[c + 1])
+            merge_dead(tile, b, rows, width, c0, dd, chunk_lo[c], chunk_lo[c + 1], ka, aux[p].data() + r0);
+        },
+        !scan_adds_bias);
     write_best(partial, B, k, values.data_ptr<scalar_t>(), indices.data_ptr<int64_t>());
     write_best(aux, B, ka, dvalues.data_ptr<scalar_t>(), dindices.data_ptr<int64_t>());
   });
