@@ -128,9 +128,9 @@ struct RunningTopK {
 
 // Merge one tile pre[rows, width] (latent ids first_id..first_id+width-1) into the rows' top-k.
 // bias (the tile's b_enc, or null when the tile holds it already) is added here, in the scan.
-// Per row: the tile's group-maxima bound raises the floor, one vector pass lists the entries
-// at or above the threshold, and only those are offered (offer() checks them against the bar
-// again, which may rise within the row).
+// Per row: until the first cut, the tile's group-maxima bound raises the floor; one vector
+// pass lists the entries at or above the threshold, and only those are offered (offer()
+// checks them against the bar again, which may rise within the row).
 template <typename scalar_t, typename E>
 void merge_tile(const scalar_t* tile, const typename RunningTopK<E>::value_t* bias, int64_t rows, int64_t width,
                 int64_t first_id, int64_t k, RunningTopK<E>* state, int32_t* candidates) {
@@ -138,8 +138,10 @@ void merge_tile(const scalar_t* tile, const typename RunningTopK<E>::value_t* bi
   for (int64_t r = 0; r < rows; ++r) {
     RunningTopK<E>& st = state[r];
     const scalar_t* row = tile + r * width;
-    const acc_t bound = kth_lower_bound_acc<acc_t>(row, bias, width, k);
-    if (bound > st.floor) st.floor = bound;
+    if (!st.cut) {  // after a cut the bar is the k-th of many tiles: one tile's bound is below it
+      const acc_t bound = kth_lower_bound_acc<acc_t>(row, bias, width, k);
+      if (bound > st.floor) st.floor = bound;
+    }
     const int64_t m = collect_at_least_acc<acc_t>(row, bias, width, st.threshold(), candidates);
     for (int64_t i = 0; i < m; ++i) {
       const int64_t c = candidates[i];
@@ -181,11 +183,12 @@ struct TilePlan {
   }
 };
 
-// with_bias=false: the tiles hold xin @ W alone (the visitor adds the bias).
+// An undefined bias: the tiles hold xin @ W alone (the visitor adds the bias).
 template <typename scalar_t, typename Visit>
 void for_each_tile(const TilePlan& plan, const at::Tensor& xin, const at::Tensor& W, const at::Tensor& bias,
-                   const Visit& visit, bool with_bias = true) {
-  const at::Tensor Wd = W.contiguous().detach(), bd = bias.contiguous().detach();
+                   const Visit& visit) {
+  const bool with_bias = bias.defined();
+  const at::Tensor Wd = W.contiguous().detach(), bd = with_bias ? bias.contiguous().detach() : bias;
   at::parallel_for(0, plan.row_blocks * plan.parts, 1, [&](int64_t t0, int64_t t1) {
     at::AutoDispatchBelowADInplaceOrView worker_below_autograd;
     auto tile = at::empty({kRowBlock * kChunk}, Wd.options());
@@ -314,7 +317,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> encode_with_dead(
     const acc_t* bias_all = scan_adds_bias ? reinterpret_cast<const acc_t*>(bias.data_ptr<scalar_t>()) : nullptr;
     std::vector<std::vector<int32_t>> candidates(at::get_num_threads(), std::vector<int32_t>(kChunk));
     for_each_tile<scalar_t>(
-        plan, xin, W_enc, b_enc,
+        plan, xin, W_enc, scan_adds_bias ? at::Tensor() : b_enc,
         [&](const scalar_t* tile, int64_t r0, int64_t rows, int64_t c0, int64_t width, int64_t p) {
           const acc_t* b = bias_all ? bias_all + c0 : nullptr;
           if (k)
@@ -323,8 +326,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> encode_with_dead(
           const int64_t c = c0 / kChunk;
           if (ka && chunk_lo[c] < chunk_lo[c + 1])
             merge_dead(tile, b, rows, width, c0, dd, chunk_lo[c], chunk_lo[c + 1], ka, aux[p].data() + r0);
-        },
-        !scan_adds_bias);
+        });
     write_best(partial, B, k, values.data_ptr<scalar_t>(), indices.data_ptr<int64_t>());
     write_best(aux, B, ka, dvalues.data_ptr<scalar_t>(), dindices.data_ptr<int64_t>());
   });
