@@ -199,3 +199,33 @@ def test_encode_decode_is_encode_and_forward_in_one(arch, norm):
     dense = acts.to_dense() if isinstance(acts, fastsae.SparseActs) else acts
     torch.testing.assert_close(dense, want.to_dense() if isinstance(want, fastsae.SparseActs) else want)
     assert x_hat.shape == x.shape and dense.shape == (3, 5, N)
+
+
+@pytest.mark.parametrize("rows", [0, 1, 5])
+@pytest.mark.parametrize("strided", [False, True])
+def test_reconstruction_terms_and_sparse_loss_match_the_plain_formulas(rows, strided):
+    """The step's sums (one BLAS dot each) against squared copies summed in fp64; the inputs,
+    strided ones included, are left as they were."""
+    from fastsae.sae import reconstruction_terms
+
+    g = torch.Generator().manual_seed(rows)
+    x_hat, x = torch.randn(rows, 14, generator=g), torch.randn(rows, 14, generator=g) + 3.0
+    if strided:
+        x_hat, x = x_hat[:, ::2], x[:, ::2]
+    kept = (x_hat.clone(), x.clone())
+    err, mse, fvu = reconstruction_terms(x_hat, x)
+    e64 = x_hat.double() - x.double()
+    n = max(rows, 1)
+    fp32 = dict(rtol=1e-5, atol=1e-6)  # fp32 results against fp64 sums
+    torch.testing.assert_close(err, e64.float())
+    torch.testing.assert_close(mse.double(), e64.pow(2).sum() / n, **fp32)
+    if rows > 1:
+        var = (x.double() - x.double().mean(0)).pow(2).sum()
+        torch.testing.assert_close(fvu.double(), e64.pow(2).sum() / var, **fp32)
+    else:  # no spread to explain
+        assert torch.isnan(fvu)
+    sae = fastsae.TopKSAE(SAEConfig(d_in=x.shape[1], d_sae=4, architecture="topk", k=1))
+    loss, grad_out = sae.sparse_loss(None, x_hat, x)
+    torch.testing.assert_close(loss.double(), e64.pow(2).sum() / n, **fp32)
+    torch.testing.assert_close(grad_out.double(), 2.0 / n * e64, **fp32)
+    assert torch.equal(x_hat, kept[0]) and torch.equal(x, kept[1])
