@@ -155,6 +155,99 @@ FASTSAE_CLONES void divide(float* __restrict__ x, float s, int64_t n) {
 FASTSAE_CLONES float dot(const float* a, const float* b, int64_t n) { return dot_impl<float, 16>(a, b, n); }
 FASTSAE_CLONES double dot(const double* a, const double* b, int64_t n) { return dot_impl<double, 8>(a, b, n); }
 
+// The helpers below pass vectors by value between inlined functions only: no ABI crosses.
+#pragma GCC diagnostic ignored "-Wpsabi"
+namespace {
+// 16 floats as one value: 1 zmm, 2 ymm or 4 xmm in the clones. Loads and stores are unaligned.
+typedef float v16 __attribute__((vector_size(64)));
+typedef float v16u __attribute__((vector_size(64), aligned(4)));
+inline v16 load16(const float* p) { return *reinterpret_cast<const v16u*>(p); }
+inline void store16(float* p, v16 x) { *reinterpret_cast<v16u*>(p) = x; }
+constexpr int64_t kBlock = 64;  // floats per register block: four v16 accumulators
+
+inline float fold16(const float* x) {  // 16 lanes, pairwise, in a fixed order
+  float t[16];
+  for (int l = 0; l < 16; ++l) t[l] = x[l];
+  for (int half = 8; half > 0; half /= 2)
+    for (int l = 0; l < half; ++l) t[l] += t[l + half];
+  return t[0];
+}
+}  // namespace
+
+FASTSAE_CLONES void weighted_row_sum(const float* const* rows, const float* v, int64_t m, int64_t d, float* out) {
+  int64_t c = 0;
+  for (; c + kBlock <= d; c += kBlock) {
+    v16 a0 = load16(out + c), a1 = load16(out + c + 16), a2 = load16(out + c + 32), a3 = load16(out + c + 48);
+    for (int64_t p = 0; p < m; ++p) {
+      const float* r = rows[p] + c;
+      const float s = v[p];
+      a0 += s * load16(r);
+      a1 += s * load16(r + 16);
+      a2 += s * load16(r + 32);
+      a3 += s * load16(r + 48);
+    }
+    store16(out + c, a0);
+    store16(out + c + 16, a1);
+    store16(out + c + 32, a2);
+    store16(out + c + 48, a3);
+  }
+  for (; c + 16 <= d; c += 16) {
+    v16 a = load16(out + c);
+    for (int64_t p = 0; p < m; ++p) a += v[p] * load16(rows[p] + c);
+    store16(out + c, a);
+  }
+  for (; c < d; ++c) {
+    float a = out[c];
+    for (int64_t p = 0; p < m; ++p) a += v[p] * rows[p][c];
+    out[c] = a;
+  }
+}
+
+FASTSAE_CLONES void dots_and_weighted_sum(const float* const* rows, const float* v, int64_t m, const float* w,
+                                          int64_t d, float* dv, float* out, float* scratch) {
+  for (int64_t p = 0; p < m; ++p) store16(scratch + 16 * p, v16{});
+  int64_t c = 0;
+  for (; c + kBlock <= d; c += kBlock) {
+    const v16 w0 = load16(w + c), w1 = load16(w + c + 16), w2 = load16(w + c + 32), w3 = load16(w + c + 48);
+    v16 a0 = {}, a1 = {}, a2 = {}, a3 = {};
+    for (int64_t p = 0; p < m; ++p) {
+      const float* r = rows[p] + c;
+      const float s = v[p];
+      const v16 g0 = load16(r), g1 = load16(r + 16), g2 = load16(r + 32), g3 = load16(r + 48);
+      a0 += s * g0;
+      a1 += s * g1;
+      a2 += s * g2;
+      a3 += s * g3;
+      store16(scratch + 16 * p, load16(scratch + 16 * p) + ((g0 * w0 + g1 * w1) + (g2 * w2 + g3 * w3)));
+    }
+    store16(out + c, a0);
+    store16(out + c + 16, a1);
+    store16(out + c + 32, a2);
+    store16(out + c + 48, a3);
+  }
+  for (; c + 16 <= d; c += 16) {
+    const v16 w0 = load16(w + c);
+    v16 a = {};
+    for (int64_t p = 0; p < m; ++p) {
+      const v16 g = load16(rows[p] + c);
+      a += v[p] * g;
+      store16(scratch + 16 * p, load16(scratch + 16 * p) + g * w0);
+    }
+    store16(out + c, a);
+  }
+  const int64_t tail = c;
+  for (; c < d; ++c) {
+    float a = 0;
+    for (int64_t p = 0; p < m; ++p) a += v[p] * rows[p][c];
+    out[c] = a;
+  }
+  for (int64_t p = 0; p < m; ++p) {
+    float s = fold16(scratch + 16 * p);
+    for (int64_t i = tail; i < d; ++i) s += rows[p][i] * w[i];
+    dv[p] = s;
+  }
+}
+
 #ifdef FASTSAE_AVX2_SCAN
 int64_t find_above(const float* x, int64_t n, float t) {
   return kHasAvx2 ? find_above_avx2(x, n, t) : find_above_impl<float, 16>(x, n, t);

@@ -15,6 +15,16 @@ void axpy(double* y, double a, const double* x, int64_t n);
 void divide(float* x, float s, int64_t n);  // x /= s (a division, not a multiply by 1/s)
 float dot(const float* a, const float* b, int64_t n);
 double dot(const double* a, const double* b, int64_t n);
+// Sums over a list of m rows (pointers to d floats), summed in list order: a sparse kernel's
+// rows gathered by index. Each 64-float block of the result is accumulated in registers over
+// the whole list and stored once (no read-modify-write of out per row), and the list's rows
+// are loaded block by block, several rows' misses in flight at a time.
+//   weighted_row_sum:  out += sum_p v[p] * rows[p]  (added to out's values in list order)
+//   dots_and_weighted_sum: dv[p] = <rows[p], w> and out = sum_p v[p] * rows[p] (overwritten); scratch holds
+//   16*m floats (each row's partial dot lanes, folded pairwise at the end).
+void weighted_row_sum(const float* const* rows, const float* v, int64_t m, int64_t d, float* out);
+void dots_and_weighted_sum(const float* const* rows, const float* v, int64_t m, const float* w, int64_t d,
+                           float* dv, float* out, float* scratch);
 // The first i with x[i] > t or x[i] NaN, n if none.
 int64_t find_above(const float* x, int64_t n, float t);
 int64_t find_above(const double* x, int64_t n, double t);

@@ -72,10 +72,16 @@ void segment_sums_kernel(const LatentCSR& csr, int64_t k, int64_t d, bool dense_
   auto direct_row = [&](const RowsOut<scalar_t>& out, int64_t g) {
     return reinterpret_cast<acc_t*>(out.base + (dense_rows ? lat[g] : g) * out.s0);
   };
+  // fp32 with every output wanted (the training backward): each segment's three sums as
+  // register-blocked passes over its gathered rows (row_math's weighted sums).
+  constexpr bool kFloat = std::is_same_v<scalar_t, float>;
+  const bool blocked = kFloat && W_dec && dW_dec.base && dvalues && dW_enc.base;
   at::parallel_for(0, blocks, grain_for(kSegBlock * d * (entries / std::max<int64_t>(u, 1) + 1)),
                    [&](int64_t c0, int64_t c1) {
     std::vector<acc_t> acc_dec(dW_dec.base && !dec_direct ? kSegBlock * d : 0),
         acc_enc(dW_enc.base && !enc_direct ? kSegBlock * d : 0);
+    std::vector<const float*> rows;  // the blocked path's gathered rows, values and scratch
+    std::vector<float> vals, dots, scratch;
     for (int64_t c = c0; c < c1; ++c) {
       const int64_t g0 = c * kSegBlock, g1 = std::min(u, g0 + kSegBlock);
       std::fill(acc_dec.begin(), acc_dec.end(), acc_t(0));
@@ -83,6 +89,34 @@ void segment_sums_kernel(const LatentCSR& csr, int64_t k, int64_t d, bool dense_
       for (int64_t g = g0; g < g1; ++g) {
         acc_t* ad = dW_dec.base && dec_direct ? direct_row(dW_dec, g) : acc_dec.data() + (g - g0) * d;
         acc_t* ae = dW_enc.base && enc_direct ? direct_row(dW_enc, g) : acc_enc.data() + (g - g0) * d;
+        if constexpr (kFloat) {
+          if (blocked) {
+            const int64_t m = off[g + 1] - off[g];
+            rows.resize(m);
+            vals.resize(m);
+            dots.resize(m);
+            scratch.resize(16 * m);
+            for (int64_t p = 0; p < m; ++p) {
+              const int64_t e = ord[off[g] + p];
+              rows[p] = grad + (e / k) * d;
+              vals[p] = values[e];
+            }
+            dots_and_weighted_sum(rows.data(), vals.data(), m, W_dec + lat[g] * d, d, dots.data(), ad,
+                                  scratch.data());
+            float acc_b = 0;
+            for (int64_t p = 0; p < m; ++p) {
+              const int64_t e = ord[off[g] + p];
+              dvalues[e] = dots[p];
+              vals[p] = values[e] > 0.0f ? dots[p] : 0.0f;  // dpre
+              acc_b += vals[p];
+              rows[p] = xin + (e / k) * d;
+            }
+            std::fill(ae, ae + d, 0.0f);
+            weighted_row_sum(rows.data(), vals.data(), m, d, ae);
+            if (db_enc) db_enc[dense_rows ? lat[g] : g] = acc_b;
+            continue;
+          }
+        }
         if (dW_dec.base && dec_direct) std::fill(ad, ad + d, acc_t(0));
         if (dW_enc.base && enc_direct) std::fill(ae, ae + d, acc_t(0));
         acc_t acc_b = 0;
@@ -213,23 +247,39 @@ void neg_row_dots_cpu(const at::Tensor& W_enc, const at::Tensor& db_enc, const a
   });
 }
 
-void decode_cpu(const at::Tensor& values, const at::Tensor& indices, const at::Tensor& W_dec,
-                const at::Tensor& out) {
-  FASTSAE_DISPATCH(W_dec, "sparse_decode", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    const int64_t B = indices.size(0), k = indices.size(1), d = W_dec.size(1);
-    const scalar_t* w = W_dec.data_ptr<scalar_t>();
-    const acc_t* v = values.data_ptr<acc_t>();
-    const int64_t* ix = indices.data_ptr<int64_t>();
-    acc_t* o = out.data_ptr<acc_t>();
-    at::parallel_for(0, B, grain_for(k * d), [&](int64_t b0, int64_t b1) {
+// out[b] += sum_s values[b,s] * W_dec[indices[b,s]] over the nonzero slots, in slot order.
+template <typename scalar_t, typename acc_t>
+void decode_kernel(const scalar_t* w, const acc_t* v, const int64_t* ix, int64_t B, int64_t k, int64_t d, acc_t* o) {
+  at::parallel_for(0, B, grain_for(k * d), [&](int64_t b0, int64_t b1) {
+    if constexpr (std::is_same_v<scalar_t, float>) {  // the row's nonzero slots, register-blocked
+      std::vector<const float*> rows(k);
+      std::vector<float> vals(k);
+      for (int64_t b = b0; b < b1; ++b) {
+        int64_t m = 0;
+        for (int64_t s = 0; s < k; ++s)
+          if (v[b * k + s] != 0.0f) {
+            rows[m] = w + ix[b * k + s] * d;
+            vals[m++] = v[b * k + s];
+          }
+        weighted_row_sum(rows.data(), vals.data(), m, d, o + b * d);
+      }
+    } else {
       for (int64_t b = b0; b < b1; ++b)
         for (int64_t s = 0; s < k; ++s) {
           const acc_t c = v[b * k + s];
           if (b * k + s + 1 < B * k) prefetch(w + ix[b * k + s + 1] * d, d);
           if (c != acc_t(0)) axpy_acc<acc_t>(o + b * d, c, w + ix[b * k + s] * d, d);
         }
-    });
+    }
+  });
+}
+
+void decode_cpu(const at::Tensor& values, const at::Tensor& indices, const at::Tensor& W_dec,
+                const at::Tensor& out) {
+  FASTSAE_DISPATCH(W_dec, "sparse_decode", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    decode_kernel<scalar_t, acc_t>(W_dec.data_ptr<scalar_t>(), values.data_ptr<acc_t>(), indices.data_ptr<int64_t>(),
+                                   indices.size(0), indices.size(1), W_dec.size(1), out.data_ptr<acc_t>());
   });
 }
 

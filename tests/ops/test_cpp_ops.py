@@ -63,6 +63,29 @@ def test_sparse_decode_and_topk_encode_backward_match_reference(kind):
     check_autograd_backward_ops(sparse_case(24, 9, 40, 5, kind))
 
 
+@pytest.mark.parametrize("d", [16, 64, 100, 147])
+@pytest.mark.parametrize("kind", KINDS)
+def test_fp32_register_blocked_sums_match_fp64(d, kind):
+    """fp32 sums over gathered rows run in blocks of 64 and 16 floats plus a scalar tail: every
+    width mix, long segments (one latent in every row) and slots with value 0."""
+    c = sparse_case(40, d, 50, 6, kind)
+    c32 = {k: v.float() if v.is_floating_point() else v for k, v in c.items()}
+    for row_sparse in (False, True):
+        got = cpp_ops.topk_sae_backward(**c32, row_sparse=row_sparse, need_dx=True)
+        ref = reference.topk_sae_backward(**c, row_sparse=row_sparse)
+        keys = ("dvalues", "dx", "db_dec") + (() if row_sparse else ("dW_enc", "db_enc", "dW_dec"))
+        for key in keys:
+            torch.testing.assert_close(got[key].double(), ref[key], rtol=1e-5, atol=1e-4, msg=key)
+        if row_sparse:
+            assert torch.equal(got["rows"].latents, ref["rows"].latents)
+            for name in ("W_enc", "b_enc", "W_dec"):
+                torch.testing.assert_close(getattr(got["rows"], name).double(), getattr(ref["rows"], name),
+                                           rtol=1e-5, atol=1e-4, msg=name)
+    want = reference.sparse_decode(c["values"], c["indices"], c["W_dec"], c["b_dec"])
+    got = F.sparse_decode(c32["values"], c32["indices"], c32["W_dec"], c32["b_dec"])
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-4)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_backward_low_precision_tracks_fp64(dtype):
     c = sparse_case(16, 12, 30, 4, "few_latents")
