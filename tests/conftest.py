@@ -3,6 +3,11 @@ import os
 import pytest
 import torch
 
+from fastsae.model import import_pypi_kernels
+
+# The peers import transformers, which imports the PyPI `kernels`: not the repository's kernels/.
+import_pypi_kernels()
+
 # Triton kernels run on CPU tensors only under the interpreter, which must be chosen
 # before triton is first imported.
 if not torch.cuda.is_available():
