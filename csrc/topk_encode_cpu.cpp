@@ -126,29 +126,33 @@ struct RunningTopK {
   }
 };
 
+// Merge one row of pre-activations (latent ids id_of(0..width-1), ascending) into its top-k.
+// bias (the row's b_enc, or null when the row holds it already) is added here, in the scan.
+// Until the first cut, the row's group-maxima bound raises the floor; one vector pass lists
+// the entries at or above the threshold, and only those are offered (offer() checks them
+// against the bar again, which may rise within the row).
+template <typename scalar_t, typename E, typename Ids>
+void merge_row(const scalar_t* row, const typename RunningTopK<E>::value_t* bias, int64_t width, const Ids& id_of,
+               int64_t k, RunningTopK<E>& st, int32_t* candidates) {
+  using acc_t = typename RunningTopK<E>::value_t;
+  if (!st.cut) {  // after a cut the bar is the k-th of many tiles: one tile's bound is below it
+    const acc_t bound = kth_lower_bound_acc<acc_t>(row, bias, width, k);
+    if (bound > st.floor) st.floor = bound;
+  }
+  const int64_t m = collect_at_least_acc<acc_t>(row, bias, width, st.threshold(), candidates);
+  for (int64_t i = 0; i < m; ++i) {
+    const int64_t c = candidates[i];
+    const acc_t v = bias ? static_cast<acc_t>(row[c]) + bias[c] : static_cast<acc_t>(row[c]);
+    st.offer(E::make(v, id_of(c)), k);
+  }
+}
+
 // Merge one tile pre[rows, width] (latent ids first_id..first_id+width-1) into the rows' top-k.
-// bias (the tile's b_enc, or null when the tile holds it already) is added here, in the scan.
-// Per row: until the first cut, the tile's group-maxima bound raises the floor; one vector
-// pass lists the entries at or above the threshold, and only those are offered (offer()
-// checks them against the bar again, which may rise within the row).
 template <typename scalar_t, typename E>
 void merge_tile(const scalar_t* tile, const typename RunningTopK<E>::value_t* bias, int64_t rows, int64_t width,
                 int64_t first_id, int64_t k, RunningTopK<E>* state, int32_t* candidates) {
-  using acc_t = typename RunningTopK<E>::value_t;
-  for (int64_t r = 0; r < rows; ++r) {
-    RunningTopK<E>& st = state[r];
-    const scalar_t* row = tile + r * width;
-    if (!st.cut) {  // after a cut the bar is the k-th of many tiles: one tile's bound is below it
-      const acc_t bound = kth_lower_bound_acc<acc_t>(row, bias, width, k);
-      if (bound > st.floor) st.floor = bound;
-    }
-    const int64_t m = collect_at_least_acc<acc_t>(row, bias, width, st.threshold(), candidates);
-    for (int64_t i = 0; i < m; ++i) {
-      const int64_t c = candidates[i];
-      const acc_t v = bias ? static_cast<acc_t>(row[c]) + bias[c] : static_cast<acc_t>(row[c]);
-      st.offer(E::make(v, first_id + c), k);
-    }
-  }
+  const auto id_of = [first_id](int64_t c) { return first_id + c; };
+  for (int64_t r = 0; r < rows; ++r) merge_row(tile + r * width, bias, width, id_of, k, state[r], candidates);
 }
 
 // Checks shared by the encoders; returns xin = x - b_dec (or x), detached and contiguous.
@@ -238,9 +242,10 @@ std::tuple<at::Tensor, at::Tensor> pack_rows(const std::vector<std::vector<Entry
 
 namespace {
 
-// Row b's k best of the parts' partial lists, ReLU'd, into vo/io [B, k].
+// Row b's k best of the parts' partial lists, ReLU'd, into vo/io [B, k]: best first when
+// `ranked`, else in the (deterministic) order the selection leaves them.
 template <typename scalar_t, typename E>
-void write_best(const std::vector<std::vector<RunningTopK<E>>>& partial, int64_t B, int64_t k,
+void write_best(const std::vector<std::vector<RunningTopK<E>>>& partial, int64_t B, int64_t k, bool ranked,
                 scalar_t* vo, int64_t* io) {
   using acc_t = typename RunningTopK<E>::value_t;
   if (k == 0) return;
@@ -251,7 +256,7 @@ void write_best(const std::vector<std::vector<RunningTopK<E>>>& partial, int64_t
       for (const auto& part : partial) all.insert(all.end(), part[b].best.begin(), part[b].best.end());
       if (static_cast<int64_t>(all.size()) > k)
         std::nth_element(all.begin(), all.begin() + (k - 1), all.end(), RankFirst<E>{});
-      std::sort(all.begin(), all.begin() + k, RankFirst<E>{});
+      if (ranked) std::sort(all.begin(), all.begin() + k, RankFirst<E>{});
       for (int64_t s = 0; s < k; ++s) {
         const acc_t v = all[s].value();
         vo[b * k + s] = static_cast<scalar_t>(v < acc_t(0) ? acc_t(0) : v);  // ReLU, NaN kept
@@ -261,20 +266,22 @@ void write_best(const std::vector<std::vector<RunningTopK<E>>>& partial, int64_t
   });
 }
 
-// Merge the tile's columns listed in dead[lo, hi) (ascending latent ids) into the rows' top-k.
+// Merge the tile's columns listed in dead[lo, hi) (ascending latent ids) into the rows' top-k:
+// each row's dead entries gathered (b_enc added) into `gathered`, then merged as a row.
 template <typename scalar_t, typename E>
 void merge_dead(const scalar_t* tile, const typename RunningTopK<E>::value_t* bias, int64_t rows, int64_t width,
-                int64_t first_id, const int64_t* dead, int64_t lo, int64_t hi, int64_t k, RunningTopK<E>* state) {
+                int64_t first_id, const int64_t* dead, int64_t lo, int64_t hi, int64_t k, RunningTopK<E>* state,
+                typename RunningTopK<E>::value_t* gathered, int32_t* candidates) {
   using acc_t = typename RunningTopK<E>::value_t;
+  const auto id_of = [dead, lo](int64_t i) { return dead[lo + i]; };
   for (int64_t r = 0; r < rows; ++r) {
-    RunningTopK<E>& st = state[r];
     const scalar_t* row = tile + r * width;
     for (int64_t i = lo; i < hi; ++i) {
       const int64_t c = dead[i] - first_id;
-      const acc_t v = bias ? static_cast<acc_t>(row[c]) + bias[c] : static_cast<acc_t>(row[c]);
-      // ids ascend, so an entry equal to the bar ranks below it: only a larger one (or NaN) enters
-      if (!st.cut || !(v <= st.bar_v)) st.offer(E::make(v, dead[i]), k);
+      gathered[i - lo] = bias ? static_cast<acc_t>(row[c]) + bias[c] : static_cast<acc_t>(row[c]);
     }
+    merge_row(static_cast<const acc_t*>(gathered), static_cast<const acc_t*>(nullptr), hi - lo, id_of, k, state[r],
+              candidates);
   }
 }
 
@@ -316,6 +323,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> encode_with_dead(
     const at::Tensor bias = b_enc.detach().contiguous();
     const acc_t* bias_all = scan_adds_bias ? reinterpret_cast<const acc_t*>(bias.data_ptr<scalar_t>()) : nullptr;
     std::vector<std::vector<int32_t>> candidates(at::get_num_threads(), std::vector<int32_t>(kChunk));
+    std::vector<std::vector<acc_t>> gathered(ka ? at::get_num_threads() : 0, std::vector<acc_t>(kChunk));
     for_each_tile<scalar_t>(
         plan, xin, W_enc, scan_adds_bias ? at::Tensor() : b_enc,
         [&](const scalar_t* tile, int64_t r0, int64_t rows, int64_t c0, int64_t width, int64_t p) {
@@ -325,10 +333,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> encode_with_dead(
                        candidates[at::get_thread_num()].data());
           const int64_t c = c0 / kChunk;
           if (ka && chunk_lo[c] < chunk_lo[c + 1])
-            merge_dead(tile, b, rows, width, c0, dd, chunk_lo[c], chunk_lo[c + 1], ka, aux[p].data() + r0);
+            merge_dead(tile, b, rows, width, c0, dd, chunk_lo[c], chunk_lo[c + 1], ka, aux[p].data() + r0,
+                       gathered[at::get_thread_num()].data(), candidates[at::get_thread_num()].data());
         });
-    write_best(partial, B, k, values.data_ptr<scalar_t>(), indices.data_ptr<int64_t>());
-    write_best(aux, B, ka, dvalues.data_ptr<scalar_t>(), dindices.data_ptr<int64_t>());
+    write_best(partial, B, k, true, values.data_ptr<scalar_t>(), indices.data_ptr<int64_t>());
+    // AuxK's selection is summed (decoded, differentiated), never read in rank order
+    write_best(aux, B, ka, false, dvalues.data_ptr<scalar_t>(), dindices.data_ptr<int64_t>());
   });
   return {values, indices, dvalues, dindices};
 }
@@ -345,7 +355,8 @@ std::tuple<at::Tensor, at::Tensor> topk_encode_cpu(const at::Tensor& x, const at
 
 // topk_encode plus AuxK's selection in the same pass over the pre-activations: each row's
 // k_aux largest ReLU'd pre-activations among the `dead` latent ids (ascending, unique), as
-// (values, latent ids) [B, min(k_aux, #dead)], ranked as topk_encode ranks.
+// (values, latent ids) [B, min(k_aux, #dead)], chosen as topk_encode ranks (ties toward the
+// smaller id, NaN highest) but in no particular order within a row.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> topk_encode_dead_cpu(
     const at::Tensor& x, const at::Tensor& W_enc, const at::Tensor& b_enc, const std::optional<at::Tensor>& b_dec,
     int64_t k, const at::Tensor& dead, int64_t k_aux) {

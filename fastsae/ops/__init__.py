@@ -20,7 +20,8 @@ Op signatures (x is 2-D [N, d_in]; b_dec is None when it is not applied to the i
     topk_encode(x, W_enc, b_enc, b_dec, k)                 -> (values [N,k], indices [N,k])
     topk_encode_dead(x, W_enc, b_enc, b_dec, k, dead, k_aux)
         -> topk_encode's pair plus AuxK's from the same pass: each row's min(k_aux, #dead)
-           largest ReLU'd pre-activations among the latent ids `dead` (ascending), (values, ids)
+           largest ReLU'd pre-activations among the latent ids `dead` (ascending), (values, ids),
+           in an order each backend chooses (the set is exact; the sums over it do not care)
     batchtopk_encode(x, W_enc, b_enc, b_dec, k)            -> SparseActs
     threshold_encode(x, W_enc, b_enc, b_dec, threshold)    -> SparseActs
     relu_encode(x, W_enc, b_enc, b_dec)                    -> dense [N, d_sae]

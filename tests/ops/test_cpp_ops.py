@@ -183,10 +183,10 @@ def test_topk_encode_fp32_ranks_ties_nan_inf_and_signed_zero(k):
     vals, idx, dvals, didx = torch.ops.fastsae.topk_encode_dead(x, W, b, None, k, dead, min(k, 50))
     want = _ranked(b.tolist(), list(range(n)))[:k]
     want_dead = _ranked(b.tolist(), dead.tolist())[:min(k, 50)]
-    for r in range(3):
-        assert idx[r].tolist() == want and didx[r].tolist() == want_dead
+    for r in range(3):  # AuxK's selection: the same set, in no particular order
+        assert idx[r].tolist() == want and sorted(didx[r].tolist()) == sorted(want_dead)
     torch.testing.assert_close(vals, b[want].relu().expand(3, -1), equal_nan=True)
-    torch.testing.assert_close(dvals, b[want_dead].relu().expand(3, -1), equal_nan=True)
+    torch.testing.assert_close(dvals, b[didx].relu(), equal_nan=True)
     assert torch.equal(F.topk_encode(x, W, b, None, k)[1], idx)
 
 
