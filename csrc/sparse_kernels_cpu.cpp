@@ -72,16 +72,16 @@ void segment_sums_kernel(const LatentCSR& csr, int64_t k, int64_t d, bool dense_
   auto direct_row = [&](const RowsOut<scalar_t>& out, int64_t g) {
     return reinterpret_cast<acc_t*>(out.base + (dense_rows ? lat[g] : g) * out.s0);
   };
-  // fp32 with every output wanted (the training backward): each segment's three sums as
-  // register-blocked passes over its gathered rows (row_math's weighted sums).
+  // fp32 (unless dvalues is wanted without dW_dec): each segment's sums as register-blocked
+  // passes over its gathered rows (row_math's weighted sums), the decoder's and dvalues' in one.
   constexpr bool kFloat = std::is_same_v<scalar_t, float>;
-  const bool blocked = kFloat && W_dec && dW_dec.base && dvalues && dW_enc.base;
+  const bool blocked = kFloat && (!W_dec || dW_dec.base);
   at::parallel_for(0, blocks, grain_for(kSegBlock * d * (entries / std::max<int64_t>(u, 1) + 1)),
                    [&](int64_t c0, int64_t c1) {
     std::vector<acc_t> acc_dec(dW_dec.base && !dec_direct ? kSegBlock * d : 0),
         acc_enc(dW_enc.base && !enc_direct ? kSegBlock * d : 0);
-    std::vector<const float*> rows;  // the blocked path's gathered rows, values and scratch
-    std::vector<float> vals, dots, scratch;
+    std::vector<const float*> rows;  // the blocked path's gathered rows, weights and scratch
+    std::vector<float> weights, dots, scratch;
     for (int64_t c = c0; c < c1; ++c) {
       const int64_t g0 = c * kSegBlock, g1 = std::min(u, g0 + kSegBlock);
       std::fill(acc_dec.begin(), acc_dec.end(), acc_t(0));
@@ -91,29 +91,39 @@ void segment_sums_kernel(const LatentCSR& csr, int64_t k, int64_t d, bool dense_
         acc_t* ae = dW_enc.base && enc_direct ? direct_row(dW_enc, g) : acc_enc.data() + (g - g0) * d;
         if constexpr (kFloat) {
           if (blocked) {
+            const int64_t* seg = ord + off[g];
             const int64_t m = off[g + 1] - off[g];
             rows.resize(m);
-            vals.resize(m);
+            weights.resize(m);
             dots.resize(m);
             scratch.resize(16 * m);
-            for (int64_t p = 0; p < m; ++p) {
-              const int64_t e = ord[off[g] + p];
-              rows[p] = grad + (e / k) * d;
-              vals[p] = values[e];
+            if (dW_dec.base) {  // sum_e values[e]*grad[b(e)], and with W_dec each <grad[b(e)], w>
+              for (int64_t p = 0; p < m; ++p) {
+                rows[p] = grad + (seg[p] / k) * d;
+                weights[p] = values[seg[p]];
+              }
+              if (W_dec) {
+                dots_and_weighted_sum(rows.data(), weights.data(), m, W_dec + lat[g] * d, d, dots.data(), ad,
+                                      scratch.data());
+                for (int64_t p = 0; p < m; ++p) dvalues[seg[p]] = dots[p];
+              } else {
+                std::fill(ad, ad + d, 0.0f);
+                weighted_row_sum(rows.data(), weights.data(), m, d, ad);
+              }
             }
-            dots_and_weighted_sum(rows.data(), vals.data(), m, W_dec + lat[g] * d, d, dots.data(), ad,
-                                  scratch.data());
-            float acc_b = 0;
-            for (int64_t p = 0; p < m; ++p) {
-              const int64_t e = ord[off[g] + p];
-              dvalues[e] = dots[p];
-              vals[p] = values[e] > 0.0f ? dots[p] : 0.0f;  // dpre
-              acc_b += vals[p];
-              rows[p] = xin + (e / k) * d;
+            if (dvalues) {  // dpre = dvalues where the value is positive: db_enc and the encoder row
+              float acc_b = 0;
+              for (int64_t p = 0; p < m; ++p) {
+                weights[p] = values[seg[p]] > 0.0f ? dvalues[seg[p]] : 0.0f;
+                acc_b += weights[p];
+                rows[p] = xin ? xin + (seg[p] / k) * d : nullptr;
+              }
+              if (dW_enc.base) {
+                std::fill(ae, ae + d, 0.0f);
+                weighted_row_sum(rows.data(), weights.data(), m, d, ae);
+              }
+              if (db_enc) db_enc[dense_rows ? lat[g] : g] = acc_b;
             }
-            std::fill(ae, ae + d, 0.0f);
-            weighted_row_sum(rows.data(), vals.data(), m, d, ae);
-            if (db_enc) db_enc[dense_rows ? lat[g] : g] = acc_b;
             continue;
           }
         }

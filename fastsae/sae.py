@@ -403,6 +403,15 @@ class BaseSAE(nn.Module):
         x_in = x2 - self.b_dec if self.cfg.apply_b_dec_to_input else x2
         return self.context.enter_shards(x_in)
 
+    def encoder_args(self, x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(x, b_dec) for an encode op. A whole module hands b_dec to the op, whose backward
+        then gives b_dec's gradient as W_enc @ db_enc instead of an [N, d_in] dx summed over
+        rows; a shard subtracts it before entering the shards (encoder_input), which sum the
+        input's gradient over them."""
+        if self.cfg.apply_b_dec_to_input and not self.sharded:
+            return x2, self.b_dec
+        return self.encoder_input(x2), None
+
     def pre_activations(self, x2: torch.Tensor) -> torch.Tensor:
         """(x - b_dec) @ W_enc + b_enc of this module's latents [N, d_sae_local] (dense: for
         facades and tests, not the training path)."""

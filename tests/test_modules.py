@@ -62,6 +62,27 @@ def test_encode_decode_forward_match_formulas(arch, backend, apply_b_dec):
             torch.testing.assert_close(sae.decode(sae.encode(x)), sae(x))
 
 
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("arch", ["topk", "batchtopk"])
+@pytest.mark.parametrize("x_grad", [False, True], ids=["x_const", "x_grad"])
+def test_training_gradients_match_the_formulas(arch, backend, x_grad):
+    """The loss's gradients for every parameter (and x when it asks for one): the encode op
+    takes b_dec itself, so b_dec's gradient through the encoder comes from the op's backward
+    (W_enc @ db_enc without dx, or with dx when x needs it) instead of autograd's subtraction."""
+    sae = make(arch, backend=backend)
+    x = torch.randn(9, D, dtype=torch.float64, requires_grad=x_grad)
+    sae.training_forward(x).loss.backward()
+    got = [p.grad for p in sae.parameters()] + ([x.grad] if x_grad else [])
+    sae.zero_grad()
+    x.grad = None
+    mask = (manual_acts(sae, x) != 0).detach()  # the selection, then differentiate the formula
+    acts = manual_pre(sae, x) * mask
+    ((acts @ sae.W_dec + sae.b_dec - x) ** 2).sum(-1).mean().backward()
+    want = [p.grad for p in sae.parameters()] + ([x.grad] if x_grad else [])
+    for (name, _), a, b in zip(list(sae.named_parameters()) + [("x", None)], got, want):
+        torch.testing.assert_close(a, b, msg=lambda m, name=name: f"{name}: {m}")
+
+
 @pytest.mark.parametrize("arch", ARCHS)
 def test_leading_dims_and_dense_option(arch):
     sae = make(arch)

@@ -35,8 +35,8 @@ class BatchTopKSAE(BaseSAE):
             raise ConfigError(f"batchtopk_threshold_momentum must be in [0, 1), got {cfg.batchtopk_threshold_momentum}")
 
     def select(self, x2, train: bool = False) -> Selection:
-        x_in = self.encoder_input(x2)
-        args = (x_in, self.W_enc, self.b_enc, None)
+        x_in, b_dec = self.encoder_args(x2)
+        args = (x_in, self.W_enc, self.b_enc, b_dec)
         if not (train or self.training or float(self.threshold) < 0):
             acts = self.op("threshold_encode")(*args, self.threshold.to(self.dtype))
             return self.context.gather_selection(acts.values, acts.indices, self.shard_start, self.d_sae)

@@ -19,9 +19,9 @@ class TopKSAE(BaseSAE):
     encoder_init_scale = TOPK_ENCODER_INIT_SCALE
 
     def select(self, x2, train: bool = False) -> Selection:
-        x_in = self.encoder_input(x2)
+        x_in, b_dec = self.encoder_args(x2)
         k = self.cfg.k
-        vals, idx = self.op("topk_encode")(x_in, self.W_enc, self.b_enc, None, min(k, self.d_sae_local))
+        vals, idx = self.op("topk_encode")(x_in, self.W_enc, self.b_enc, b_dec, min(k, self.d_sae_local))
         return self._merge(vals, idx)
 
     def select_for_training(self, x2, dead, k_aux: int):
@@ -32,7 +32,8 @@ class TopKSAE(BaseSAE):
                 ops.provider("topk_encode", self.backend, self.device):
             return super().select_for_training(x2, dead, k_aux)
         mine = self.local_dead(dead)
-        vals, idx, dead_vals, dead_ids = self.op(fused)(self.encoder_input(x2), self.W_enc, self.b_enc, None,
+        x_in, b_dec = self.encoder_args(x2)
+        vals, idx, dead_vals, dead_ids = self.op(fused)(x_in, self.W_enc, self.b_enc, b_dec,
                                                         min(self.cfg.k, self.d_sae_local), mine, k_aux)
         return self._merge(vals, idx), (dead_vals, dead_ids)
 
