@@ -90,9 +90,15 @@ void segment_sums_kernel(const LatentCSR& csr, int64_t k, int64_t d, bool dense_
         acc_t* ad = dW_dec.base && dec_direct ? direct_row(dW_dec, g) : acc_dec.data() + (g - g0) * d;
         acc_t* ae = dW_enc.base && enc_direct ? direct_row(dW_enc, g) : acc_enc.data() + (g - g0) * d;
         if constexpr (kFloat) {
-          if (blocked) {
+          const int64_t m = off[g + 1] - off[g];
+          if (blocked && m > 1) {  // one entry: the per-entry loop below (measured no slower)
             const int64_t* seg = ord + off[g];
-            const int64_t m = off[g + 1] - off[g];
+            if (g + 1 < u) {  // the next segment's decoder row and first rows: short segments wait on them
+              const int64_t nb = ord[off[g + 1]] / k;
+              if (W_dec) prefetch(W_dec + lat[g + 1] * d, d);
+              if (dW_dec.base) prefetch(grad + nb * d, d);
+              if (dW_enc.base) prefetch(xin + nb * d, d);
+            }
             rows.resize(m);
             weights.resize(m);
             dots.resize(m);
