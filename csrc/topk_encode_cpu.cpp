@@ -52,8 +52,8 @@ inline bool ranks_before(const Entry<acc_t>& a, const Entry<acc_t>& b) {
 
 // The same ranking for fp32 sums and ids below 2^32, as one unsigned 64-bit key: the value's
 // bits mapped to an order-preserving uint32 (NaN on top, -0 as +0) above the id's complement.
-// One integer compare instead of the NaN-aware comparator: the cuts (nth_element) are most
-// of a top-k's selection once k reaches AuxK's hundreds.
+// One integer compare instead of the NaN-aware comparator, and keys a radix selection can cut
+// by their bits: the cuts are most of a top-k's selection once k reaches AuxK's hundreds.
 struct Key32 {
   uint64_t key;
   static uint32_t order_bits(float v) {
