@@ -63,13 +63,19 @@ def test_sparse_decode_and_topk_encode_backward_match_reference(kind):
     check_autograd_backward_ops(sparse_case(24, 9, 40, 5, kind))
 
 
+@pytest.mark.parametrize("rows,n,k", [(40, 50, 6), (1, 50, 6), (0, 50, 6), (7, 1, 1)],
+                         ids=["40rows", "1row", "0rows", "1latent"])
 @pytest.mark.parametrize("d", [16, 64, 100, 147])
 @pytest.mark.parametrize("kind", KINDS)
-def test_fp32_register_blocked_sums_match_fp64(d, kind):
+def test_fp32_register_blocked_sums_match_fp64(d, kind, rows, n, k):
     """fp32 sums over gathered rows run in blocks of 64 and 16 floats plus a scalar tail: every
-    width mix, long segments (one latent in every row) and slots with value 0."""
-    c = sparse_case(40, d, 50, 6, kind)
-    c32 = {k: v.float() if v.is_floating_point() else v for k, v in c.items()}
+    width mix, long segments (one latent in every row), slots with value 0, 1 and 0 rows and a
+    single latent; no input is written."""
+    if kind == "one_latent_everywhere" and k < 2:
+        k = 2 if n > 1 else k
+    c = sparse_case(rows, d, n, k, kind)
+    c32 = {name: v.float() if v.is_floating_point() else v for name, v in c.items()}
+    before = {name: v.clone() for name, v in c32.items()}
     for row_sparse in (False, True):
         got = cpp_ops.topk_sae_backward(**c32, row_sparse=row_sparse, need_dx=True)
         ref = reference.topk_sae_backward(**c, row_sparse=row_sparse)
@@ -84,6 +90,8 @@ def test_fp32_register_blocked_sums_match_fp64(d, kind):
     want = reference.sparse_decode(c["values"], c["indices"], c["W_dec"], c["b_dec"])
     got = F.sparse_decode(c32["values"], c32["indices"], c32["W_dec"], c32["b_dec"])
     torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-4)
+    for name, t in c32.items():
+        assert torch.equal(t, before[name]), f"{name} was written"
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
