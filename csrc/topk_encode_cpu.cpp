@@ -56,15 +56,17 @@ inline bool ranks_before(const Entry<acc_t>& a, const Entry<acc_t>& b) {
 // by their bits: the cuts are most of a top-k's selection once k reaches AuxK's hundreds.
 struct Key32 {
   uint64_t key;
-  static uint32_t order_bits(float v) {
-    if (std::isnan(v)) return 0xFFFFFFFFu;  // +inf maps to 0xFF800000
-    if (v == 0.0f) v = 0.0f;
+  Key32() {}  // left unset: a running top-k's buffer grows by the entries written next
+  explicit Key32(uint64_t k) : key(k) {}
+  static uint32_t order_bits(float v) {  // without branches: they mispredict on random values
     uint32_t u;
     std::memcpy(&u, &v, sizeof u);
-    return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+    u = u == 0x80000000u ? 0u : u;  // -0 as +0 (by its bits: no float op a denormal mode could change)
+    const uint32_t flip = static_cast<uint32_t>(static_cast<int32_t>(u) >> 31) | 0x80000000u;
+    return std::isnan(v) ? 0xFFFFFFFFu : u ^ flip;  // +inf maps to 0xFF800000
   }
   static Key32 make(float value, int64_t index) {
-    return {(static_cast<uint64_t>(order_bits(value)) << 32) | (0xFFFFFFFFu - static_cast<uint32_t>(index))};
+    return Key32((static_cast<uint64_t>(order_bits(value)) << 32) | (0xFFFFFFFFu - static_cast<uint32_t>(index)));
   }
   float value() const {
     const uint32_t o = static_cast<uint32_t>(key >> 32);
@@ -162,13 +164,39 @@ struct RunningTopK {
   void offer(const E& e, int64_t k) {
     if (cut && !ranks_before(e, bar)) return;
     best.push_back(e);
-    if (static_cast<int64_t>(best.size()) >= 2 * k + 16) {
-      select_best(best.data(), static_cast<int64_t>(best.size()), k);
-      best.resize(k);
-      bar = best[k - 1];
-      bar_v = bar.value();
-      cut = true;
+    cut_if_full(k);
+  }
+
+  // offer() of make(0..m-1), with one check for a full buffer at the end: the entries that
+  // clear the bar are appended without a branch each. The k best come out the same (a cut
+  // between them would only have dropped entries that k others outrank).
+  template <typename Make>
+  void offer_many(int64_t m, const Make& make, int64_t k) {
+    const size_t n0 = best.size();
+    best.resize(n0 + m);
+    E* out = best.data() + n0;
+    int64_t kept = m;
+    if (cut) {
+      kept = 0;
+      for (int64_t i = 0; i < m; ++i) {
+        const E e = make(i);
+        out[kept] = e;
+        kept += ranks_before(e, bar);
+      }
+    } else {
+      for (int64_t i = 0; i < m; ++i) out[i] = make(i);
     }
+    best.resize(n0 + kept);
+    cut_if_full(k);
+  }
+
+  void cut_if_full(int64_t k) {
+    if (static_cast<int64_t>(best.size()) < 2 * k + 16) return;
+    select_best(best.data(), static_cast<int64_t>(best.size()), k);
+    best.resize(k);
+    bar = best[k - 1];
+    bar_v = bar.value();
+    cut = true;
   }
 
   // The least value an entry of a larger id than those offered may have and still enter: one
@@ -194,11 +222,14 @@ void merge_row(const scalar_t* row, const typename RunningTopK<E>::value_t* bias
     if (bound > st.floor) st.floor = bound;
   }
   const int64_t m = collect_at_least_acc<acc_t>(row, bias, width, st.threshold(), candidates);
-  for (int64_t i = 0; i < m; ++i) {
-    const int64_t c = candidates[i];
-    const acc_t v = bias ? static_cast<acc_t>(row[c]) + bias[c] : static_cast<acc_t>(row[c]);
-    st.offer(E::make(v, id_of(c)), k);
-  }
+  st.offer_many(
+      m,
+      [&](int64_t i) {
+        const int64_t c = candidates[i];
+        const acc_t v = bias ? static_cast<acc_t>(row[c]) + bias[c] : static_cast<acc_t>(row[c]);
+        return E::make(v, id_of(c));
+      },
+      k);
 }
 
 // Merge one tile pre[rows, width] (latent ids first_id..first_id+width-1) into the rows' top-k.

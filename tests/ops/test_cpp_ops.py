@@ -186,7 +186,7 @@ def test_topk_encode_fp32_ranks_ties_nan_inf_and_signed_zero(k):
     pool = torch.tensor([float("nan"), float("inf"), float("-inf"), -0.0, 0.0, 1.5, -2.25, 3.0, 1e-38, -1e-38])
     b = pool[torch.randint(len(pool), (n,), generator=g)]
     b[::7] = torch.randn(len(range(0, n, 7)), generator=g)
-    x, W = torch.ones(3, 4), torch.zeros(4, n)  # pre-activations = b_enc exactly
+    x, W = torch.ones(3, 1), torch.full((1, n), -0.0)  # pre-activations = b_enc exactly, -0 + -0 = -0 kept
     dead = torch.arange(1, n, 3)
     vals, idx, dvals, didx = torch.ops.fastsae.topk_encode_dead(x, W, b, None, k, dead, min(k, 50))
     want = _ranked(b.tolist(), list(range(n)))[:k]
