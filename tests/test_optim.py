@@ -6,7 +6,7 @@ import torch
 import fastsae
 from fastsae.metrics import mmcs
 from fastsae.optim import DenseAdam, RowSparseAdam, merge_row_sparse
-from fastsae.sparse import RowSparseGrads
+from fastsae.sparse import RowSparseGrads, Selection, SparseActs
 from fastsae.toy.data import ToyData
 from fastsae.trainer import TrainConfig, Trainer
 
@@ -426,3 +426,27 @@ def test_dense_adam_native_bookkeeping_matches_plain_pytorch(dtype):
     for name, m in opts[0].master.items():
         torch.testing.assert_close(m, opts[1].master[name], rtol=1e-5, atol=1e-5, msg=name)
     assert opts[0].opt.state_dict()["state"].keys() == opts[1].opt.state_dict()["state"].keys()
+
+
+@pytest.mark.parametrize("zeros", [False, True])
+def test_sparse_backward_lists_the_latents_kept_with_a_nonzero_value(zeros):
+    """rows.latents is exactly the latents some slot kept with a value != 0 (a latent picked
+    only with value 0 has no gradient), both when no value is 0 (the early return) and when
+    some are; the rows match autograd of the selection's decode."""
+    torch.manual_seed(0)
+    sae = fastsae.TopKSAE(fastsae.SAEConfig(d_in=8, d_sae=12, architecture="topk", k=3), dtype=torch.float64)
+    x = torch.randn(4, 8, dtype=torch.float64)
+    indices = torch.tensor([[0, 5, 7], [5, 2, 9], [11, 0, 3], [7, 9, 2]])
+    values = torch.rand(4, 3, dtype=torch.float64) + 0.5
+    if zeros:
+        values[0, 0] = values[2, 1] = 0.0  # latent 0 only with value 0
+        values[2, 2] = 0.0  # latent 3 only with value 0
+    sel = Selection(values, indices, SparseActs(values, indices, 12))
+    grad_out = torch.randn(4, 8, dtype=torch.float64)
+    rows, _ = sae.sparse_backward(x, sel, grad_out)
+    want = sorted({int(i) for i, v in zip(indices.flatten(), values.flatten()) if v != 0})
+    assert rows.latents.tolist() == want
+    W_dec = sae.W_dec.detach().clone().requires_grad_(True)
+    x_hat = torch.zeros(4, 12, dtype=torch.float64).scatter_add(1, indices, values) @ W_dec
+    (x_hat * grad_out).sum().backward()
+    torch.testing.assert_close(rows.W_dec, W_dec.grad[rows.latents])
