@@ -3,6 +3,7 @@
 
 #include <algorithm>
 #include <limits>
+#include <vector>
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 #define FASTSAE_CLONES __attribute__((target_clones("default", "avx2", "avx512f")))
@@ -143,9 +144,64 @@ bool cpu_has_avx2() {
   return __builtin_cpu_supports("avx2");
 }
 const bool kHasAvx2 = cpu_has_avx2();
+
+// d[c * ld + r] = s[r * ls + c] for r, c < 8: unpack pairs, shuffle quads, swap 128-bit halves.
+__attribute__((target("avx2"))) void transpose8x8_avx2(const float* s, int64_t ls, float* d, int64_t ld) {
+  __m256 r[8], t[8], u[8];
+  for (int q = 0; q < 8; ++q) r[q] = _mm256_loadu_ps(s + q * ls);
+  for (int q = 0; q < 8; q += 2) {
+    t[q] = _mm256_unpacklo_ps(r[q], r[q + 1]);
+    t[q + 1] = _mm256_unpackhi_ps(r[q], r[q + 1]);
+  }
+  for (int q = 0; q < 8; q += 4) {
+    u[q] = _mm256_shuffle_ps(t[q], t[q + 2], _MM_SHUFFLE(1, 0, 1, 0));
+    u[q + 1] = _mm256_shuffle_ps(t[q], t[q + 2], _MM_SHUFFLE(3, 2, 3, 2));
+    u[q + 2] = _mm256_shuffle_ps(t[q + 1], t[q + 3], _MM_SHUFFLE(1, 0, 1, 0));
+    u[q + 3] = _mm256_shuffle_ps(t[q + 1], t[q + 3], _MM_SHUFFLE(3, 2, 3, 2));
+  }
+  for (int q = 0; q < 4; ++q) {
+    _mm256_storeu_ps(d + q * ld, _mm256_permute2f128_ps(u[q], u[q + 4], 0x20));
+    _mm256_storeu_ps(d + (q + 4) * ld, _mm256_permute2f128_ps(u[q], u[q + 4], 0x31));
+  }
+}
 #endif
 
 }  // namespace
+
+void transpose_block(const float* src, int64_t ls, int64_t rows, int64_t cols, float* dst, int64_t ld) {
+  int64_t r = 0;
+#ifdef FASTSAE_AVX2_SCAN
+  if (kHasAvx2) {
+    for (; r + 8 <= rows; r += 8) {
+      int64_t c = 0;
+      for (; c + 8 <= cols; c += 8) transpose8x8_avx2(src + r * ls + c, ls, dst + c * ld + r, ld);
+      for (; c < cols; ++c)
+        for (int64_t q = 0; q < 8; ++q) dst[c * ld + r + q] = src[(r + q) * ls + c];
+    }
+  }
+#endif
+  for (int64_t c = 0; c < cols; ++c)  // the rows left, a short contiguous run of each dst row at a time
+    for (int64_t q = r; q < rows; ++q) dst[c * ld + q] = src[q * ls + c];
+}
+
+void rows_to_columns(const float* src, int64_t ls, int64_t m, int64_t h, const int64_t* cols, int64_t col0,
+                     float* dst, int64_t ld) {
+  thread_local std::vector<int64_t> rest;  // rows outside whole 8-row groups of a run
+  rest.clear();
+  for (int64_t r = 0; r < m;) {
+    int64_t run = 1;
+    while (r + run < m && cols[r + run] == cols[r] + run) ++run;
+    const int64_t whole = run & ~int64_t(7);
+    if (whole > 0) transpose_block(src + r * ls, ls, whole, h, dst + (cols[r] - col0), ld);
+    for (int64_t q = whole; q < run; ++q) rest.push_back(r + q);
+    r += run;
+  }
+  if (rest.empty()) return;
+  for (int64_t i = 0; i < h; ++i) {  // one dst row at a time: its few touched lines stay in cache
+    float* o = dst + i * ld - col0;
+    for (const int64_t r : rest) o[cols[r]] = src[r * ls + i];
+  }
+}
 
 FASTSAE_CLONES void axpy(float* y, float a, const float* x, int64_t n) { axpy_impl(y, a, x, n); }
 FASTSAE_CLONES void axpy(double* y, double a, const double* x, int64_t n) { axpy_impl(y, a, x, n); }

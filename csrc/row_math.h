@@ -25,6 +25,16 @@ double dot(const double* a, const double* b, int64_t n);
 void weighted_row_sum(const float* const* rows, const float* v, int64_t m, int64_t d, float* out);
 void dots_and_weighted_sum(const float* const* rows, const float* v, int64_t m, const float* w, int64_t d,
                            float* dv, float* out, float* scratch);
+// Transposed writes of fp32 rows, 8 x 8 blocks at a time (AVX2 shuffles where the CPU has
+// them) instead of one scalar store per value, each into another row of the output.
+//   transpose_block: dst[c * ld + r] = src[r * ls + c] for r < rows, c < cols.
+//   rows_to_columns: dst[i * ld + cols[r] - col0] = src[r * ls + i] for r < m, i < h (cols
+//   ascending): rows summed in a small buffer written into the columns of a [d, n] matrix.
+//   Runs of 8+ consecutive column ids go by 8 x 8 blocks; the other rows by one pass per dst
+//   row (h passes over src, which is meant to be cache-resident).
+void transpose_block(const float* src, int64_t ls, int64_t rows, int64_t cols, float* dst, int64_t ld);
+void rows_to_columns(const float* src, int64_t ls, int64_t m, int64_t h, const int64_t* cols, int64_t col0,
+                     float* dst, int64_t ld);
 // The first i with x[i] > t or x[i] NaN, n if none.
 int64_t find_above(const float* x, int64_t n, float t);
 int64_t find_above(const double* x, int64_t n, double t);

@@ -39,6 +39,12 @@ void write_rows(const RowsOut<scalar_t>& out, const acc_t* acc, int64_t g0, int6
     }
     return;
   }
+  if constexpr (std::is_same_v<scalar_t, float> && std::is_same_v<acc_t, float>) {
+    if (dense_rows && out.s0 == 1) {  // the dense dW_enc [d, n]: 8 x 8 blocks where latents run
+      rows_to_columns(acc, d, g1 - g0, d, lat + g0, 0, out.base, out.s1);
+      return;
+    }
+  }
   for (int64_t i = 0; i < d; ++i) {
     scalar_t* o = out.base + i * out.s1;
     for (int64_t g = g0; g < g1; ++g)
