@@ -104,6 +104,7 @@ class DenseAdam:
             self.opt = torch.optim.Adam(masters, lr=lr, betas=betas, eps=eps)
         self._grads: dict[str, torch.Tensor] | None = None  # step_row_sparse's buffers
         self.native = True  # False: the plain-PyTorch bookkeeping around Adam (tests, benchmarks)
+        self.direct = self._kernel_applies()  # False: through torch.optim.Adam.step() (tests, benchmarks)
         fused = bool(self.opt.defaults.get("fused"))
         for p in masters:  # allocate the state now, so memory does not jump at step 1
             self.opt.state[p]["step"] = torch.tensor(0.0, device=p.device if fused else "cpu")
@@ -160,11 +161,7 @@ class DenseAdam:
                 remove_parallel_component_(w_dec, self.master["W_dec"][u], native=self.native)
             g["W_dec"].index_copy_(0, u, w_dec)
         g["b_dec"].copy_(db_dec)
-        for name, m in self.master.items():
-            m.grad = g[name]
-        self._apply()
-        for m in self.master.values():
-            m.grad = None
+        self._apply([g[name] for name in self.master])
 
     def _native_grads_from_rows(self, unit: bool):
         """The C++ op that builds step_row_sparse's buffers in one pass, where it applies
@@ -193,8 +190,47 @@ class DenseAdam:
             if master is not self.params[name]:
                 master.index_copy_(dim, u, self.params[name].detach().index_select(dim, u).float())
 
-    def _apply(self) -> None:
-        self.opt.step()
+    def _kernel_applies(self) -> bool:
+        """Whether _adam may call torch's fused Adam kernel itself: one group of CPU tensors,
+        fused, plain Adam (no amsgrad, maximize or decoupled decay)."""
+        groups = self.opt.param_groups
+        if len(groups) != 1 or not hasattr(torch, "_fused_adam_"):
+            return False
+        g = groups[0]
+        return (bool(g.get("fused")) and all(p.device.type == "cpu" for p in g["params"]) and not g["amsgrad"]
+                and not g["maximize"] and not g.get("decoupled_weight_decay", False))
+
+    def _adam(self, grads: list[torch.Tensor]) -> None:
+        """What torch.optim.Adam(fused=True).step() computes for these gradients (self.master's
+        order), bit for bit: the same step-count increment and aten kernel with the same
+        arguments, without the Python around them (grouping by device, hooks, checks), which
+        costs as much as the kernel itself at half a million parameters."""
+        group = self.opt.param_groups[0]
+        masters = list(self.master.values())
+        states = [self.opt.state[m] for m in masters]
+        steps = [st["step"] for st in states]
+        torch._foreach_add_(steps, 1)
+        beta1, beta2 = group["betas"]
+        torch._fused_adam_(masters, grads, [st["exp_avg"] for st in states], [st["exp_avg_sq"] for st in states], [],
+                           steps, amsgrad=False, lr=group["lr"], beta1=beta1, beta2=beta2,
+                           weight_decay=group["weight_decay"], eps=group["eps"], maximize=False, grad_scale=None,
+                           found_inf=None)
+
+    def _apply(self, grads: list[torch.Tensor] | None = None) -> None:
+        """Adam on the masters with `grads` (self.master's order) or their .grad, then the
+        unit-norm rows and the copies back into low-precision parameters."""
+        if grads is None and self.direct and all(m.grad is not None for m in self.master.values()):
+            grads = [m.grad for m in self.master.values()]  # (a parameter without one: torch skips it)
+        if grads is not None and self.direct:
+            self._adam(grads)
+        elif grads is None:
+            self.opt.step()
+        else:
+            for m, g in zip(self.master.values(), grads):
+                m.grad = g
+            self.opt.step()
+            for m in self.master.values():
+                m.grad = None
         for name in self.unit_norm_rows:
             normalize_rows_(self.master[name], native=self.native)
         for name, p in self.params.items():

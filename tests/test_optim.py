@@ -450,3 +450,45 @@ def test_sparse_backward_lists_the_latents_kept_with_a_nonzero_value(zeros):
     x_hat = torch.zeros(4, 12, dtype=torch.float64).scatter_add(1, indices, values) @ W_dec
     (x_hat * grad_out).sum().backward()
     torch.testing.assert_close(rows.W_dec, W_dec.grad[rows.latents])
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_dense_adam_kernel_call_equals_torch_optim_step(dtype):
+    """DenseAdam calls torch's fused Adam kernel itself (direct); it must give torch.optim's
+    step() bits exactly: weights, moments and step counts, through lr changes, both step
+    paths (row-sparse buffers and .grad), and a state_dict round trip into a fresh optimizer."""
+    torch.manual_seed(0)
+    mods = [fastsae.TopKSAE(d_in=9, d_sae=40, k=3, dtype=dtype) for _ in range(2)]
+    mods[1].load_state_dict(mods[0].state_dict())
+    opts = [DenseAdam(dict(m.named_parameters()), lr=1e-2, unit_norm_rows=("W_dec",)) for m in mods]
+    assert opts[0].direct
+    opts[1].direct = False
+    g = torch.Generator().manual_seed(5)
+    for step in range(8):
+        if step == 4:  # resume both from their state dicts
+            states = [o.state_dict() for o in opts]
+            opts = [DenseAdam(dict(m.named_parameters()), lr=1e-2, unit_norm_rows=("W_dec",)) for m in mods]
+            opts[1].direct = False
+            for o, st in zip(opts, states):
+                o.load_state_dict(st)
+        u = torch.nonzero(torch.rand(40, generator=g) < 0.5).flatten()
+        rows = RowSparseGrads(u, torch.randn(len(u), 9, generator=g).t().to(mods[0].dtype),
+                              torch.randn(len(u), generator=g).to(mods[0].dtype),
+                              torch.randn(len(u), 9, generator=g).to(mods[0].dtype), 40)
+        db = torch.randn(9, generator=g).to(mods[0].dtype)
+        grads = [torch.randn(p.shape, generator=g).to(p.dtype) for p in mods[0].parameters()]
+        for o, m in zip(opts, mods):
+            o.set_lr(1e-2 / (1 + step))
+            if step % 2:
+                o.step_row_sparse(rows, db)
+            else:
+                for p, gr in zip(m.parameters(), grads):
+                    p.grad = gr.clone()
+                o.step()
+                o.zero_grad()
+    for name in opts[0].master:
+        assert torch.equal(opts[0].master[name], opts[1].master[name]), name
+        sa, sb = (o.opt.state[o.master[name]] for o in opts)
+        assert all(torch.equal(sa[k], sb[k]) for k in ("step", "exp_avg", "exp_avg_sq")), name
+    assert float(opts[0].opt.state[opts[0].master["W_enc"]]["step"]) == 8
+    assert all(p.grad is None for m in mods for p in m.parameters())
