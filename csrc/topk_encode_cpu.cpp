@@ -154,7 +154,7 @@ template <typename E>
 struct RunningTopK {
   using value_t = decltype(std::declval<E>().value());
   std::vector<E> best;
-  E bar{};              // the k-th best at the last cut (valid once `cut`)
+  E bar = E::make(0, 0);  // the k-th best at the last cut (meaningful once `cut`)
   value_t bar_v = 0;    // its value: what a scan compares against
   bool cut = false;
   // A value the k best are known to reach (kth_lower_bound of a tile already seen): entries
