@@ -12,7 +12,8 @@ change on a shared machine hits every row alike:
                   tracking), with no dead latent
   trainer+auxk    the same with half the latents dead, so AuxK runs every step (its selection
                   taken in the encoder's pass where the backend has topk_encode_dead)
-and, for the Trainer step, its parts (select, decode, backward, optimizer, AuxK). Times are
+and, for the Trainer step, its parts (select, decode, backward, optimizer, AuxK) and the fused Adam
+kernel alone (the optimizer's floor). Times are
 CPU seconds of this process (time.process_time), steadier than wall time when other jobs share
 the cores; the median over rounds is reported as a multiple of the GEMM's. Writes
 bench/results/step_profile-<slug>.{json,md}.
@@ -89,12 +90,24 @@ def parts(tr, x):
     rows, db = sae.sparse_backward(x, sel, (2.0 / x.shape[0]) * err)
     dead = torch.arange(sae.d_sae // 2)
     _, dead_preacts = sae.select_for_training(x, dead, tr.k_aux)
+    # torch's fused Adam kernel alone over tensors of the parameters' shapes: the optimizer's
+    # floor (what dense Adam costs with no gradient buffer to build and no Python around it)
+    shapes = [p.shape for p in sae.parameters()]
+    params, grads, exp_avg = ([torch.randn(s) for s in shapes] for _ in range(3))
+    exp_avg_sq, steps = [torch.rand(s) for s in shapes], [torch.tensor(1.0) for _ in shapes]
+
+    def adam_kernel():
+        torch._foreach_add_(steps, 1)
+        torch._fused_adam_(params, grads, exp_avg, exp_avg_sq, [], steps, amsgrad=False, lr=1e-4, beta1=0.9,
+                           beta2=0.999, weight_decay=0.0, eps=1e-8, maximize=False)
+
     return {
         "select (topk_encode)": lambda: sae.select(x, train=True),
         "select + AuxK's selection (half dead)": lambda: sae.select_for_training(x, dead, tr.k_aux),
         "decode_selection": lambda: sae.decode_selection(sel),
         "sparse_backward": lambda: sae.sparse_backward(x, sel, (2.0 / x.shape[0]) * err),
         "dense Adam step_row_sparse": lambda: tr.opt.step_row_sparse(rows, db),
+        "Adam kernel alone (the optimizer's floor)": adam_kernel,
         "AuxK's loss and gradients, scanning the dead columns (half dead)":
             lambda: sae.auxk_grads(x, -err, dead, tr.k_aux, 1.0),
         "AuxK's loss and gradients, given the selection": lambda: sae.auxk_grads(x, -err, dead, tr.k_aux, 1.0,
