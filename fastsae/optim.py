@@ -219,8 +219,9 @@ class DenseAdam:
     def _apply(self, grads: list[torch.Tensor] | None = None) -> None:
         """Adam on the masters with `grads` (self.master's order) or their .grad, then the
         unit-norm rows and the copies back into low-precision parameters."""
+        # (a master without .grad, which torch.optim would skip, takes torch.optim's path)
         if grads is None and self.direct and all(m.grad is not None for m in self.master.values()):
-            grads = [m.grad for m in self.master.values()]  # (a parameter without one: torch skips it)
+            grads = [m.grad for m in self.master.values()]
         if grads is not None and self.direct:
             self._adam(grads)
         elif grads is None:
