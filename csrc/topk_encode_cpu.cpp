@@ -147,9 +147,9 @@ void select_best(E* a, int64_t n, int64_t k) {
 }
 
 // A row's running top-k: a buffer that holds a superset of the k best entries offered so far.
-// When it reaches 2k + 16 entries it is cut to the k best (select_best), whose worst becomes the
-// bar a new entry must clear. Amortised O(1) per accepted entry, where a heap pays O(log k):
-// AuxK's k_aux (hundreds) made the heap the larger part of the selection.
+// Once it holds 2k + 16 entries or more it is cut to the k best (select_best), whose worst
+// becomes the bar a new entry must clear. Amortised O(1) per accepted entry, where a heap pays
+// O(log k): AuxK's k_aux (hundreds) made the heap the larger part of the selection.
 template <typename E>
 struct RunningTopK {
   using value_t = decltype(std::declval<E>().value());
@@ -200,7 +200,7 @@ struct RunningTopK {
   }
 
   // The least value an entry of a larger id than those offered may have and still enter: one
-  // equal to the bar ranks below it. NaN (a NaN bar) lets every entry through to offer().
+  // equal to the bar ranks below it. NaN (a NaN bar) lets every entry through to offer_many().
   value_t threshold() const {
     if (!cut) return floor;
     const value_t above = std::nextafter(bar_v, std::numeric_limits<value_t>::infinity());
@@ -211,8 +211,8 @@ struct RunningTopK {
 // Merge one row of pre-activations (latent ids id_of(0..width-1), ascending) into its top-k.
 // bias (the row's b_enc, or null when the row holds it already) is added here, in the scan.
 // Until the first cut, the row's group-maxima bound raises the floor; one vector pass lists
-// the entries at or above the threshold, and only those are offered (offer() checks them
-// against the bar again, which may rise within the row).
+// the entries at or above the threshold, and only those are offered (offer_many() checks
+// them against the bar again: the threshold passes every entry when the bar is NaN).
 template <typename scalar_t, typename E, typename Ids>
 void merge_row(const scalar_t* row, const typename RunningTopK<E>::value_t* bias, int64_t width, const Ids& id_of,
                int64_t k, RunningTopK<E>& st, int32_t* candidates) {
