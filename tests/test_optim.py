@@ -428,11 +428,12 @@ def test_dense_adam_native_bookkeeping_matches_plain_pytorch(dtype):
     assert opts[0].opt.state_dict()["state"].keys() == opts[1].opt.state_dict()["state"].keys()
 
 
+@pytest.mark.parametrize("n_rows", [4, 1, 0])
 @pytest.mark.parametrize("zeros", [False, True])
-def test_sparse_backward_lists_the_latents_kept_with_a_nonzero_value(zeros):
+def test_sparse_backward_lists_the_latents_kept_with_a_nonzero_value(zeros, n_rows):
     """rows.latents is exactly the latents some slot kept with a value != 0 (a latent picked
     only with value 0 has no gradient), both when no value is 0 (the early return) and when
-    some are; the rows match autograd of the selection's decode."""
+    some are, at 4, 1 and 0 rows; the rows match autograd of the selection's decode."""
     torch.manual_seed(0)
     sae = fastsae.TopKSAE(fastsae.SAEConfig(d_in=8, d_sae=12, architecture="topk", k=3), dtype=torch.float64)
     x = torch.randn(4, 8, dtype=torch.float64)
@@ -441,13 +442,14 @@ def test_sparse_backward_lists_the_latents_kept_with_a_nonzero_value(zeros):
     if zeros:
         values[0, 0] = values[2, 1] = 0.0  # latent 0 only with value 0
         values[2, 2] = 0.0  # latent 3 only with value 0
+    x, indices, values = x[:n_rows], indices[:n_rows], values[:n_rows]
     sel = Selection(values, indices, SparseActs(values, indices, 12))
-    grad_out = torch.randn(4, 8, dtype=torch.float64)
+    grad_out = torch.randn(n_rows, 8, dtype=torch.float64)
     rows, _ = sae.sparse_backward(x, sel, grad_out)
     want = sorted({int(i) for i, v in zip(indices.flatten(), values.flatten()) if v != 0})
     assert rows.latents.tolist() == want
     W_dec = sae.W_dec.detach().clone().requires_grad_(True)
-    x_hat = torch.zeros(4, 12, dtype=torch.float64).scatter_add(1, indices, values) @ W_dec
+    x_hat = torch.zeros(n_rows, 12, dtype=torch.float64).scatter_add(1, indices, values) @ W_dec
     (x_hat * grad_out).sum().backward()
     torch.testing.assert_close(rows.W_dec, W_dec.grad[rows.latents])
 
@@ -456,7 +458,8 @@ def test_sparse_backward_lists_the_latents_kept_with_a_nonzero_value(zeros):
 def test_dense_adam_kernel_call_equals_torch_optim_step(dtype):
     """DenseAdam calls torch's fused Adam kernel itself (direct); it must give torch.optim's
     step() bits exactly: weights, moments and step counts, through lr changes, both step
-    paths (row-sparse buffers and .grad), and a state_dict round trip into a fresh optimizer."""
+    paths (row-sparse buffers and .grad, steps where no latent and one latent fired), and a
+    state_dict round trip into a fresh optimizer."""
     torch.manual_seed(0)
     mods = [fastsae.TopKSAE(d_in=9, d_sae=40, k=3, dtype=dtype) for _ in range(2)]
     mods[1].load_state_dict(mods[0].state_dict())
@@ -472,6 +475,7 @@ def test_dense_adam_kernel_call_equals_torch_optim_step(dtype):
             for o, st in zip(opts, states):
                 o.load_state_dict(st)
         u = torch.nonzero(torch.rand(40, generator=g) < 0.5).flatten()
+        u = {3: u[:0], 5: u[:1]}.get(step, u)  # row-sparse steps where no latent and one latent fired
         rows = RowSparseGrads(u, torch.randn(len(u), 9, generator=g).t().to(mods[0].dtype),
                               torch.randn(len(u), generator=g).to(mods[0].dtype),
                               torch.randn(len(u), 9, generator=g).to(mods[0].dtype), 40)
