@@ -8,6 +8,10 @@
 //       rows [m,d] (a dense step()).
 //   normalize_rows_: w /= max(||w||, 1e-12) for every row of a contiguous fp32 [n,d] matrix
 //       (constraints.normalize_rows_).
+//   adam_rows_step_: dense Adam on W_enc, b_enc, W_dec, b_dec fed that row-sparse gradient
+//       directly, bit for bit what dense_grads_from_rows_, torch's fused Adam kernel and
+//       normalize_rows_ (unit_norm) give, without the gradient buffers: each column block's
+//       or row's gradient is built in a small local buffer and stepped at once.
 // As separate torch ops (zero, scatter, gather, projection, norm) these cost several times
 // the Adam step itself. Every row (and column block) is written by one worker, summing in a
 // fixed order: the results do not depend on the number of threads.
@@ -68,6 +72,26 @@ std::vector<int64_t> chunk_starts(const int64_t* lat, int64_t u, int64_t chunks,
   return first;
 }
 
+// Column block c (Cols columns wide) of the encoder's gradient, Piece buffer rows at a time:
+// tile (rows padded to Pitch) gets the values of the source rows first[c]..first[c+1]-1 for
+// buffer rows i0..i0+h, zeros elsewhere; then fn(i0, h) consumes it.
+template <int64_t Cols, int64_t Piece, int64_t Pitch, typename scalar_t, typename Fn>
+void encoder_block(float* tile, int64_t c, int64_t d, const int64_t* lat, const std::vector<int64_t>& first,
+                   const scalar_t* rows, Fn&& fn) {
+  const int64_t j0 = c * Cols;
+  for (int64_t i0 = 0; i0 < d; i0 += Piece) {
+    const int64_t h = std::min(d, i0 + Piece) - i0;
+    std::fill(tile, tile + Piece * Pitch, 0.0f);
+    for (int64_t g = first[c]; g < first[c + 1]; ++g) {
+      const scalar_t* src = rows + g * d + i0;
+      prefetch(src + 2 * d, h);  // two rows ahead: a row's piece is too short to train the prefetcher
+      float* dst = tile + (lat[g] - j0);
+      for (int64_t i = 0; i < h; ++i) dst[i * Pitch] = static_cast<float>(src[i]);
+    }
+    fn(i0, h);
+  }
+}
+
 template <typename scalar_t>
 void encoder_columns(float* gW_enc, int64_t n, int64_t d, const int64_t* lat, int64_t u, const scalar_t* rows) {
   const int64_t chunks = (n + kCols - 1) / kCols;
@@ -76,18 +100,10 @@ void encoder_columns(float* gW_enc, int64_t n, int64_t d, const int64_t* lat, in
     std::vector<float> tile(kPiece * kPitch);
     for (int64_t c = c0; c < c1; ++c) {
       const int64_t j0 = c * kCols, w = std::min(n, j0 + kCols) - j0;
-      for (int64_t i0 = 0; i0 < d; i0 += kPiece) {
-        const int64_t h = std::min(d, i0 + kPiece) - i0;
-        std::fill(tile.begin(), tile.end(), 0.0f);
-        for (int64_t g = first[c]; g < first[c + 1]; ++g) {
-          const scalar_t* src = rows + g * d + i0;
-          prefetch(src + 2 * d, h);  // two rows ahead: a row's piece is too short to train the prefetcher
-          float* dst = tile.data() + (lat[g] - j0);
-          for (int64_t i = 0; i < h; ++i) dst[i * kPitch] = static_cast<float>(src[i]);
-        }
+      encoder_block<kCols, kPiece, kPitch>(tile.data(), c, d, lat, first, rows, [&](int64_t i0, int64_t h) {
         for (int64_t i = 0; i < h; ++i)
           std::memcpy(gW_enc + (i0 + i) * n + j0, tile.data() + i * kPitch, w * sizeof(float));
-      }
+      });
     }
   });
 }
@@ -117,6 +133,66 @@ void decoder_rows(float* gb_enc, float* gW_dec, int64_t n, int64_t d, const int6
         ++g;
         if (master != nullptr) remove_parallel(out, master + j * d, d);
       }
+    }
+  });
+}
+
+// adam_rows_step_'s passes. The encoder [d, n]: each block's gradient tile (zeros where no
+// latent fired) steps that block of W_enc in place. The blocks are wider and shorter than
+// encoder_columns' (kAdamCols x kAdamPiece): the step reads and writes three [d, n] tensors,
+// which then stream in 2 KB runs instead of 256-byte ones.
+constexpr int64_t kAdamCols = 512, kAdamPiece = 16, kAdamPitch = kAdamCols + 16;
+
+template <typename scalar_t>
+void adam_encoder(float* W, float* m, float* v, int64_t n, int64_t d, const int64_t* lat, int64_t u,
+                  const scalar_t* rows, const AdamScalars& s) {
+  const int64_t chunks = (n + kAdamCols - 1) / kAdamCols;
+  const std::vector<int64_t> first = chunk_starts(lat, u, chunks, kAdamCols);
+  at::parallel_for(0, chunks, grain_for(kAdamCols * d), [&](int64_t c0, int64_t c1) {
+    std::vector<float> tile(kAdamPiece * kAdamPitch);
+    for (int64_t c = c0; c < c1; ++c) {
+      const int64_t j0 = c * kAdamCols, w = std::min(n, j0 + kAdamCols) - j0;
+      const auto step = [&](int64_t i0, int64_t h, const float* t) {
+        for (int64_t i = i0; i < i0 + h; ++i)
+          adam_update(W + i * n + j0, m + i * n + j0, v + i * n + j0, t ? t + (i - i0) * kAdamPitch : nullptr, w, s);
+      };
+      if (first[c] == first[c + 1]) {  // no latent fired here: a zero gradient, no tile
+        step(0, d, nullptr);
+        continue;
+      }
+      encoder_block<kAdamCols, kAdamPiece, kAdamPitch>(tile.data(), c, d, lat, first, rows,
+                                                       [&](int64_t i0, int64_t h) { step(i0, h, tile.data()); });
+    }
+  });
+}
+
+// The decoder [n, d] row by row (a fired row's gradient projected against its pre-step row
+// when unit_norm, and the row normalised after the step), and b_enc [n] kRows at a time.
+template <typename scalar_t>
+void adam_decoder(float* W, float* m, float* v, float* b, float* mb, float* vb, int64_t n, int64_t d,
+                  const int64_t* lat, int64_t u, const scalar_t* rb_enc, const scalar_t* rW_dec, bool unit_norm,
+                  const AdamScalars& s_dec, const AdamScalars& s_b) {
+  const int64_t blocks = (n + kRows - 1) / kRows;
+  const std::vector<int64_t> first = chunk_starts(lat, u, blocks, kRows);
+  at::parallel_for(0, blocks, grain_for(kRows * d), [&](int64_t b0, int64_t b1) {
+    std::vector<float> grad(d), gb(kRows);
+    for (int64_t blk = b0; blk < b1; ++blk) {
+      const int64_t r0 = blk * kRows, r1 = std::min(n, r0 + kRows);
+      int64_t g = first[blk];
+      for (int64_t j = r0; j < r1; ++j) {
+        float* w = W + j * d;
+        const bool fired = g < first[blk + 1] && lat[g] == j;
+        gb[j - r0] = fired ? static_cast<float>(rb_enc[g]) : 0.0f;
+        if (fired) {
+          if (g + 1 < first[blk + 1]) prefetch(rW_dec + (g + 1) * d, d);
+          to_float(grad.data(), rW_dec + g * d, d);
+          ++g;
+          if (unit_norm) remove_parallel(grad.data(), w, d);
+        }
+        adam_update(w, m + j * d, v + j * d, fired ? grad.data() : nullptr, d, s_dec);
+        if (unit_norm) normalize_row(w, d);
+      }
+      adam_update(b + r0, mb + r0, vb + r0, gb.data(), r1 - r0, s_b);
     }
   });
 }
@@ -181,6 +257,53 @@ void dense_grads_from_rows_(const at::Tensor& gW_enc, const at::Tensor& gb_enc, 
   });
 }
 
+void adam_rows_step_(at::TensorList params, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
+                     const at::Tensor& latents, const at::Tensor& rW_enc, const at::Tensor& rb_enc,
+                     const at::Tensor& rW_dec, const at::Tensor& db_dec, at::ArrayRef<double> steps, double lr,
+                     double beta1, double beta2, double eps, bool unit_norm) {
+  const char* op = "adam_rows_step_";
+  const char* names[] = {"W_enc", "b_enc", "W_dec", "b_dec"};
+  TORCH_CHECK(params.size() == 4 && exp_avgs.size() == 4 && exp_avg_sqs.size() == 4 && steps.size() == 4, op,
+              ": params, exp_avgs, exp_avg_sqs and steps must each hold W_enc, b_enc, W_dec, b_dec (4 entries)");
+  TORCH_CHECK(params[2].dim() == 2, op, ": W_dec must be 2-D [n, d], got shape ", params[2].sizes());
+  const int64_t n = params[2].size(0), d = params[2].size(1);
+  for (int i = 0; i < 4; ++i) {
+    const std::vector<int64_t> shape = i == 0 ? std::vector<int64_t>{d, n} : i == 1 ? std::vector<int64_t>{n}
+                                       : i == 2 ? std::vector<int64_t>{n, d} : std::vector<int64_t>{d};
+    for (const at::Tensor* t : {&params[i], &exp_avgs[i], &exp_avg_sqs[i]}) {
+      TORCH_CHECK(t->sizes() == at::IntArrayRef(shape), op, ": ", names[i], "'s tensors must have shape ",
+                  at::IntArrayRef(shape), ", got ", t->sizes());
+      check_buffer(*t, names[i], op);
+    }
+  }
+  check_ascending_latents(latents, n, op);
+  const int64_t u = latents.size(0);
+  check_float_matrix(rW_dec, "rW_dec", op);
+  check_shape2(rW_dec, u, d, "rW_dec", op);
+  check_shape2(rW_enc, u, d, "rW_enc", op);
+  check_vector(rb_enc, u, "rb_enc", op);
+  check_same_dtype(rW_enc, rW_dec, "rW_enc", "rW_dec", op);
+  check_same_dtype(rb_enc, rW_dec, "rb_enc", "rW_dec", op);
+  check_vector(db_dec, d, "db_dec", op);
+  check_buffer(db_dec, "db_dec", op);
+  for (auto& [t, name] : {std::pair{&rW_enc, "rW_enc"}, {&rb_enc, "rb_enc"}, {&rW_dec, "rW_dec"}})
+    TORCH_CHECK(t->is_cpu(), op, ": ", name, " must be a CPU tensor, got one on ", t->device());
+  AdamScalars s[4];
+  for (int i = 0; i < 4; ++i) s[i] = adam_scalars(lr, beta1, beta2, eps, steps[i]);
+  auto ptr = [](const at::Tensor& t) { return t.data_ptr<float>(); };
+  const at::Tensor lat = latents.contiguous(), e = rW_enc.contiguous(), b = rb_enc.contiguous(),
+                   w = rW_dec.contiguous();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, w.scalar_type(), "adam_rows_step_", [&] {
+    const int64_t* l = lat.data_ptr<int64_t>();
+    adam_encoder<scalar_t>(ptr(params[0]), ptr(exp_avgs[0]), ptr(exp_avg_sqs[0]), n, d, l, u,
+                           e.data_ptr<scalar_t>(), s[0]);
+    adam_decoder<scalar_t>(ptr(params[2]), ptr(exp_avgs[2]), ptr(exp_avg_sqs[2]), ptr(params[1]), ptr(exp_avgs[1]),
+                           ptr(exp_avg_sqs[1]), n, d, l, u, b.data_ptr<scalar_t>(), w.data_ptr<scalar_t>(),
+                           unit_norm, s[2], s[1]);
+  });
+  adam_update(ptr(params[3]), ptr(exp_avgs[3]), ptr(exp_avg_sqs[3]), db_dec.data_ptr<float>(), d, s[3]);
+}
+
 void remove_parallel_component_(const at::Tensor& grad, const at::Tensor& rows) {
   const char* op = "remove_parallel_component_";
   TORCH_CHECK(grad.dim() == 2, op, ": grad must be 2-D [m, d], got shape ", grad.sizes());
@@ -212,12 +335,17 @@ TORCH_LIBRARY_FRAGMENT(fastsae, m) {
   m.def(
       "dense_grads_from_rows_(Tensor(a!) gW_enc, Tensor(b!) gb_enc, Tensor(c!) gW_dec, Tensor latents, "
       "Tensor rW_enc, Tensor rb_enc, Tensor rW_dec, Tensor? W_dec_master) -> ()");
+  m.def(
+      "adam_rows_step_(Tensor(a!)[] params, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, Tensor latents, "
+      "Tensor rW_enc, Tensor rb_enc, Tensor rW_dec, Tensor db_dec, float[] steps, float lr, float beta1, "
+      "float beta2, float eps, bool unit_norm) -> ()");
   m.def("remove_parallel_component_(Tensor(a!) grad, Tensor rows) -> ()");
   m.def("normalize_rows_(Tensor(a!) weight) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(fastsae, CPU, m) {
   m.impl("dense_grads_from_rows_", &fastsae::dense_grads_from_rows_);
+  m.impl("adam_rows_step_", &fastsae::adam_rows_step_);
   m.impl("remove_parallel_component_", &fastsae::remove_parallel_component_);
   m.impl("normalize_rows_", &fastsae::normalize_rows_);
 }

@@ -2,7 +2,10 @@
 #include "row_math.h"
 
 #include <algorithm>
+#include <cmath>
+#include <cstdlib>
 #include <limits>
+#include <string>
 #include <vector>
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
@@ -139,11 +142,61 @@ __attribute__((target("avx2"))) float kth_lower_bound_avx2(const float* x, const
   return *std::min_element(lanes, lanes + 8);
 }
 
-bool cpu_has_avx2() {
+// What the CPU has, capped by FASTSAE_CPU_ISA ("avx2": no AVX-512 paths; "baseline": no
+// AVX2 either), so that the tests can run the narrower paths on a wider CPU.
+bool cpu_has(const std::string& what) {
   __builtin_cpu_init();  // this runs in a static initialiser, possibly before libgcc's
+  const char* env = std::getenv("FASTSAE_CPU_ISA");
+  const std::string cap = env ? env : "";
+  if (cap == "baseline" || (cap == "avx2" && what == "avx512f")) return false;
+  if (what == "fma") return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  if (what == "avx512f") return __builtin_cpu_supports("avx512f");
   return __builtin_cpu_supports("avx2");
 }
-const bool kHasAvx2 = cpu_has_avx2();
+const bool kHasAvx2 = cpu_has("avx2");
+const bool kHasFma = cpu_has("fma");
+const bool kHasAvx512 = cpu_has("avx512f");
+
+// adam_update's vector bodies: one fused multiply-add where torch's kernel has one (m', and
+// the compiler's contraction in v'), separate roundings everywhere else.
+__attribute__((target("avx512f"))) void adam_update_avx512(float* p, float* m, float* v, const float* g, int64_t n,
+                                                            const AdamScalars& s) {
+  const __m512 coeff = _mm512_set1_ps(s.coeff), beta2 = _mm512_set1_ps(s.beta2), c2 = _mm512_set1_ps(s.sq_coeff),
+               bc2 = _mm512_set1_ps(s.bc2_sqrt), step = _mm512_set1_ps(s.neg_step), eps = _mm512_set1_ps(s.eps);
+  const bool base_g = s.base_is_grad != 0.0f;
+  for (int64_t i = 0; i < n; i += 16) {
+    const __mmask16 k = n - i >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (n - i)) - 1);
+    const __m512 gv = g ? _mm512_maskz_loadu_ps(k, g + i) : _mm512_setzero_ps();
+    const __m512 mv = _mm512_maskz_loadu_ps(k, m + i), vv = _mm512_maskz_loadu_ps(k, v + i);
+    const __m512 m1 = _mm512_fmadd_ps(coeff, _mm512_sub_ps(gv, mv), base_g ? gv : mv);
+    const __m512 v1 = _mm512_fmadd_ps(_mm512_mul_ps(c2, gv), gv, _mm512_mul_ps(vv, beta2));
+    const __m512 den = _mm512_add_ps(_mm512_div_ps(_mm512_sqrt_ps(v1), bc2), eps);
+    const __m512 p1 = _mm512_add_ps(_mm512_maskz_loadu_ps(k, p + i), _mm512_div_ps(_mm512_mul_ps(step, m1), den));
+    _mm512_mask_storeu_ps(m + i, k, m1);
+    _mm512_mask_storeu_ps(v + i, k, v1);
+    _mm512_mask_storeu_ps(p + i, k, p1);
+  }
+}
+
+__attribute__((target("avx2,fma"))) int64_t adam_update_avx2(float* p, float* m, float* v, const float* g, int64_t n,
+                                                              const AdamScalars& s) {
+  const __m256 coeff = _mm256_set1_ps(s.coeff), beta2 = _mm256_set1_ps(s.beta2), c2 = _mm256_set1_ps(s.sq_coeff),
+               bc2 = _mm256_set1_ps(s.bc2_sqrt), step = _mm256_set1_ps(s.neg_step), eps = _mm256_set1_ps(s.eps);
+  const bool base_g = s.base_is_grad != 0.0f;
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m256 gv = g ? _mm256_loadu_ps(g + i) : _mm256_setzero_ps();
+    const __m256 mv = _mm256_loadu_ps(m + i), vv = _mm256_loadu_ps(v + i);
+    const __m256 m1 = _mm256_fmadd_ps(coeff, _mm256_sub_ps(gv, mv), base_g ? gv : mv);
+    const __m256 v1 = _mm256_fmadd_ps(_mm256_mul_ps(c2, gv), gv, _mm256_mul_ps(vv, beta2));
+    const __m256 den = _mm256_add_ps(_mm256_div_ps(_mm256_sqrt_ps(v1), bc2), eps);
+    const __m256 p1 = _mm256_add_ps(_mm256_loadu_ps(p + i), _mm256_div_ps(_mm256_mul_ps(step, m1), den));
+    _mm256_storeu_ps(m + i, m1);
+    _mm256_storeu_ps(v + i, v1);
+    _mm256_storeu_ps(p + i, p1);
+  }
+  return i;
+}
 
 // d[c * ld + r] = s[r * ls + c] for r, c < 8: unpack pairs, shuffle quads, swap 128-bit halves.
 __attribute__((target("avx2"))) void transpose8x8_avx2(const float* s, int64_t ls, float* d, int64_t ld) {
@@ -301,6 +354,37 @@ FASTSAE_CLONES void dots_and_weighted_sum(const float* const* rows, const float*
     float s = fold16(scratch + 16 * p);
     for (int64_t i = tail; i < d; ++i) s += rows[p][i] * w[i];
     dv[p] = s;
+  }
+}
+
+AdamScalars adam_scalars(double lr, double beta1, double beta2, double eps, double step) {
+  const float w = static_cast<float>(1 - beta1);
+  const bool small = std::abs(w) < 0.5f;
+  return AdamScalars{small ? w : w - 1.0f,
+                     small ? 0.0f : 1.0f,
+                     static_cast<float>(beta2),
+                     static_cast<float>(1 - beta2),
+                     static_cast<float>(std::sqrt(1 - std::pow(beta2, step))),
+                     static_cast<float>(-(lr / (1 - std::pow(beta1, step)))),
+                     static_cast<float>(eps)};
+}
+
+void adam_update(float* p, float* m, float* v, const float* g, int64_t n, const AdamScalars& s) {
+  int64_t i = 0;
+#ifdef FASTSAE_AVX2_SCAN
+  if (kHasAvx512) return adam_update_avx512(p, m, v, g, n, s);
+  if (kHasFma) i = adam_update_avx2(p, m, v, g, n, s);
+#endif
+  for (; i < n; ++i) {  // the same roundings one entry at a time (std::fma rounds once)
+    const float gi = g ? g[i] : 0.0f;
+    const float m1 = std::fma(s.coeff, gi - m[i], s.base_is_grad != 0.0f ? gi : m[i]);
+    const float prod = v[i] * s.beta2;
+    const float v1 = std::fma(s.sq_coeff * gi, gi, prod);
+    const float den = std::sqrt(v1) / s.bc2_sqrt + s.eps;
+    const float step = s.neg_step * m1;
+    p[i] = p[i] + step / den;
+    m[i] = m1;
+    v[i] = v1;
   }
 }
 

@@ -35,6 +35,21 @@ void dots_and_weighted_sum(const float* const* rows, const float* v, int64_t m, 
 void transpose_block(const float* src, int64_t ls, int64_t rows, int64_t cols, float* dst, int64_t ld);
 void rows_to_columns(const float* src, int64_t ls, int64_t m, int64_t h, const int64_t* cols, int64_t col0,
                      float* dst, int64_t ld);
+// One Adam step over n fp32 entries in place, with the arithmetic of torch's fused CPU
+// kernel (aten::_fused_adam_, fp32, no weight decay, amsgrad or maximize) in its vector body:
+//   m' = fma(coeff, g - m, base)   (exp_avg.lerp_(g, 1 - beta1): coeff = w, base = m when
+//                                   |w| < 0.5, else coeff = w - 1, base = g; w = f(1 - beta1))
+//   v' = fma(f(1 - beta2) * g, g, v * f(beta2))
+//   p' = p + (f(-lr / bc1) * m') / (sqrt(v') / f(sqrt(bc2)) + f(eps))
+// with bc = 1 - beta^step and the scalars computed in double, then rounded to fp32 (f), as
+// the kernel does. Each entry's result does not depend on the vector width, so the same
+// bits come out on every path here. g null: a zero gradient.
+struct AdamScalars {
+  float coeff, base_is_grad, beta2, sq_coeff, bc2_sqrt, neg_step, eps;
+};
+AdamScalars adam_scalars(double lr, double beta1, double beta2, double eps, double step);
+void adam_update(float* p, float* m, float* v, const float* g, int64_t n, const AdamScalars& s);
+
 // The first i with x[i] > t or x[i] NaN, n if none.
 int64_t find_above(const float* x, int64_t n, float t);
 int64_t find_above(const double* x, int64_t n, double t);

@@ -5,7 +5,9 @@ Per rank, with n = ceil(d_sae / shards) latents, d = d_in, P = (2d + 1)·n + d p
 
     parameters   P·b
     gradients    dense Adam (torch's, fp32 state): autograd .grad P·b, + 4·P fp32 copies
-                 when b != 4; on the TopK sparse path fp32 buffers 4·P kept between steps.
+                 when b != 4; on the TopK sparse path fp32 buffers 4·P kept between steps,
+                 except on CPU where every parameter has a multiple of 16 entries (Adam is
+                 then fed the rows directly: DenseAdam's adam_rows_step_).
                  Compact dense Adam: autograd .grad P·b; sparse path nothing kept.
                  Row-sparse: nothing kept (the fired rows' gradients are transient).
     optimizer    per moment (Adam 2, Signum 1, signSGD 0): 4 bytes/value (fp32), 2 (bf16),
@@ -124,7 +126,8 @@ def estimate(d_in: int, d_sae: int, dtype: str = "float32", optimizer: str = "ad
         if row_sparse:
             grads = 0
         elif torch_adam:
-            grads = 4 * elems if sparse_path else elems * b + (4 * elems if low else 0)
+            rows_fed = sparse_path and device == "cpu" and all(v % 16 == 0 for v in (d * n, *vectors))
+            grads = (0 if rows_fed else 4 * elems) if sparse_path else elems * b + (4 * elems if low else 0)
         else:
             grads = 0 if sparse_path else elems * b
         n_mom = 2 if optimizer.endswith("adam") else (1 if betas[0] > 0 else 0)

@@ -102,7 +102,8 @@ class DenseAdam:
             self.opt = torch.optim.Adam(masters, lr=lr, betas=betas, eps=eps, fused=fused)
         except (RuntimeError, TypeError):  # a torch without a fused kernel for this device
             self.opt = torch.optim.Adam(masters, lr=lr, betas=betas, eps=eps)
-        self._grads: dict[str, torch.Tensor] | None = None  # step_row_sparse's buffers
+        self._grads: dict[str, torch.Tensor] | None = None  # step_row_sparse's buffers (where it needs them)
+        self._rows_shapes_ok: bool | None = None  # _rows_kernel_applies' static part, once known
         self.native = True  # False: the plain-PyTorch bookkeeping around Adam (tests, benchmarks)
         self.direct = self._kernel_applies()  # False: through torch.optim.Adam.step() (tests, benchmarks)
         fused = bool(self.opt.defaults.get("fused"))
@@ -140,10 +141,13 @@ class DenseAdam:
         gradient is zero outside rows.latents, so it is written into fp32 buffers kept between
         steps (no [d_in, d_sae] allocation and scatter per step) and the unit-norm projection
         touches those rows only. Dense Adam still moves every latent (its momentum)."""
+        unit = "W_dec" in self.unit_norm_rows
+        if self._rows_kernel_applies():
+            self._fused_rows_step(rows, db_dec, unit)
+            return
         if self._grads is None:
             self._grads = {n: torch.zeros_like(m, dtype=torch.float32) for n, m in self.master.items()}
         g, u = self._grads, rows.latents
-        unit = "W_dec" in self.unit_norm_rows
         fill = self._native_grads_from_rows(unit)
         if fill is not None:  # one pass writes the three latent-indexed buffers (zeros elsewhere)
             fill(g["W_enc"], g["b_enc"], g["W_dec"], u, rows.W_enc.t(), rows.b_enc, rows.W_dec,
@@ -162,6 +166,42 @@ class DenseAdam:
             g["W_dec"].index_copy_(0, u, w_dec)
         g["b_dec"].copy_(db_dec)
         self._apply([g[name] for name in self.master])
+
+    def _rows_kernel_applies(self) -> bool:
+        """Whether step_row_sparse may run the C++ op adam_rows_step_ (Adam fed the rows
+        directly, no gradient buffers): torch's fused kernel called directly (`direct`), no
+        weight decay, the four fp32 contiguous CPU masters W_enc, b_enc, W_dec, b_dec, each
+        with a multiple of 16 entries (torch's kernel takes a scalar double path for the last
+        numel % 16, which the op does not reproduce), and the op matching torch's kernel bit
+        for bit on this machine (checked once per process, _rows_kernel_matches_torch)."""
+        if not (self.native and self.direct) or self.opt.param_groups[0]["weight_decay"] != 0:
+            return False
+        if self._rows_shapes_ok is None:
+            m = self.master
+            self._rows_shapes_ok = (
+                tuple(m) == _ROW_PARAMS and set(self.unit_norm_rows) <= {"W_dec"}
+                and all(t.dtype == torch.float32 and t.device.type == "cpu" and t.is_contiguous()
+                        and t.numel() % 16 == 0 for t in m.values())
+                and ops.native("adam_rows_step_", "cpu") is not None)
+        if not self._rows_shapes_ok:
+            return False
+        group = self.opt.param_groups[0]
+        return _rows_kernel_matches_torch(*group["betas"], group["eps"])
+
+    def _fused_rows_step(self, rows: RowSparseGrads, db_dec: torch.Tensor, unit: bool) -> None:
+        """step_row_sparse's Adam (and unit-norm projection and renormalisation) in one C++
+        pass over each parameter: what dense_grads_from_rows_, _adam and normalize_rows_ give."""
+        masters = list(self.master.values())
+        states = [self.opt.state[m] for m in masters]
+        steps = [st["step"] for st in states]
+        torch._foreach_add_(steps, 1)
+        group = self.opt.param_groups[0]
+        beta1, beta2 = group["betas"]
+        ops.native("adam_rows_step_", "cpu")(
+            masters, [st["exp_avg"] for st in states], [st["exp_avg_sq"] for st in states], rows.latents,
+            rows.W_enc.t(), rows.b_enc, rows.W_dec, db_dec.to(torch.float32).contiguous(),
+            [float(t) for t in steps], float(group["lr"]), beta1, beta2, group["eps"], unit)
+        self._finish(normalized=True)
 
     def _native_grads_from_rows(self, unit: bool):
         """The C++ op that builds step_row_sparse's buffers in one pass, where it applies
@@ -232,8 +272,14 @@ class DenseAdam:
             self.opt.step()
             for m in self.master.values():
                 m.grad = None
-        for name in self.unit_norm_rows:
-            normalize_rows_(self.master[name], native=self.native)
+        self._finish()
+
+    def _finish(self, normalized: bool = False) -> None:
+        """After Adam: the unit-norm rows renormalised (unless the step did it), and the masters
+        copied into low-precision parameters."""
+        if not normalized:
+            for name in self.unit_norm_rows:
+                normalize_rows_(self.master[name], native=self.native)
         for name, p in self.params.items():
             if self.master[name] is not p:
                 p.copy_(self.master[name])
@@ -247,6 +293,58 @@ class DenseAdam:
         with torch.no_grad():
             for n, m in state["masters"].items():
                 self.master[n].copy_(m)
+
+
+_ROW_PARAMS = ("W_enc", "b_enc", "W_dec", "b_dec")
+_rows_kernel_checks: dict[tuple[float, float, float], bool] = {}
+
+
+def _rows_kernel_matches_torch(beta1: float, beta2: float, eps: float) -> bool:
+    """Whether adam_rows_step_ gives the bits of dense_grads_from_rows_ + torch's fused Adam
+    kernel + normalize_rows_ on this machine and torch build for these hyperparameters,
+    checked once per process on small random tensors over steps 1, 2 and 1000 and two learning
+    rates: the op reproduces the kernel's fp32 arithmetic, which depends on how torch was
+    compiled (which multiply-adds are fused) and could differ elsewhere. On a mismatch
+    DenseAdam keeps the buffered path."""
+    key = (float(beta1), float(beta2), float(eps))
+    if key not in _rows_kernel_checks:
+        _rows_kernel_checks[key] = _check_rows_kernel(*key)
+    return _rows_kernel_checks[key]
+
+
+@torch.no_grad()
+def _check_rows_kernel(beta1: float, beta2: float, eps: float) -> bool:
+    if ops.native("adam_rows_step_", "cpu") is None:
+        return False
+    gen = torch.Generator().manual_seed(0)
+    d, n, u = 32, 96, 40
+    shapes = {"W_enc": (d, n), "b_enc": (n,), "W_dec": (n, d), "b_dec": (d,)}
+    init = {k: torch.randn(s, generator=gen) for k, s in shapes.items()}
+    init["W_dec"] = torch.nn.functional.normalize(init["W_dec"], dim=1)
+    ok = True
+    for unit in (False, True):
+        pair = [DenseAdam({k: nn.Parameter(v.clone()) for k, v in init.items()}, lr=1e-3, betas=(beta1, beta2),
+                          eps=eps, unit_norm_rows=("W_dec",) if unit else ()) for _ in range(2)]
+        pair[1]._rows_shapes_ok = False  # the reference: gradient buffers and torch's kernel
+        for step, lr in ((1, 1e-3), (2, 3e-4), (1000, 1e-3)):
+            lat = torch.randperm(n, generator=gen)[:u].sort().values
+            scale = 10.0 ** torch.randint(-6, 2, (u, 1), generator=gen)  # gradients of several magnitudes
+            grads = [torch.randn(u, d, generator=gen) * scale, torch.randn(u, generator=gen),
+                     torch.randn(u, d, generator=gen) * scale]
+            grads[0][0] = 0.0
+            db = torch.randn(d, generator=gen)
+            rows = RowSparseGrads(lat, grads[0].t(), grads[1], grads[2], n)
+            for opt in pair:
+                for st in opt.opt.state.values():
+                    st["step"].fill_(step - 1)
+                opt.set_lr(lr)
+            pair[0]._fused_rows_step(rows, db, unit)
+            pair[1].step_row_sparse(rows, db)
+        a, b = pair
+        ok = ok and all(torch.equal(a.master[k], b.master[k]) and
+                        all(torch.equal(a.opt.state[a.master[k]][s], b.opt.state[b.master[k]][s])
+                            for s in ("exp_avg", "exp_avg_sq")) for k in shapes)
+    return ok
 
 
 def _adam_rows(moments: list[Moments], rows, g: torch.Tensor, w: torch.Tensor, lr: float, betas, eps: float,

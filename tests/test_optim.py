@@ -1,5 +1,9 @@
 """Optimizers: row-sparse Adam against dense Adam, bf16 masters, the sparse step path."""
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -400,6 +404,117 @@ def test_optim_ops_refuse_bad_arguments():
         F.normalize_rows_(torch.zeros(3, 4).t())
 
 
+def _adam_rows_case(d, n, u, dtype, seed=0, noncontig=False):
+    """Parameters and moments (fp32: W_enc, b_enc, W_dec with unit rows, b_dec), a row-sparse
+    gradient and db_dec, for adam_rows_step_."""
+    g = torch.Generator().manual_seed(seed + 1)
+    params = [torch.randn(d, n, generator=g), torch.randn(n, generator=g),
+              torch.nn.functional.normalize(torch.randn(n, d, generator=g), dim=1), torch.randn(d, generator=g)]
+    exp_avg = [torch.randn(p.shape, generator=g) * 1e-2 for p in params]
+    exp_avg_sq = [torch.rand(p.shape, generator=g) * 1e-3 for p in params]
+    latents, rW_enc, rb_enc, rW_dec, _ = _sparse_case(d, n, u, dtype, seed, noncontig)
+    return params, exp_avg, exp_avg_sq, (latents, rW_enc, rb_enc, rW_dec, torch.randn(d, generator=g))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("shape", GRAD_SHAPES + [(16, 64, 30)], ids=str)
+@pytest.mark.parametrize("noncontig", [False, True])
+def test_adam_rows_step_matches_buffers_and_torch_kernel(dtype, shape, noncontig):
+    """adam_rows_step_ (Adam fed the row-sparse gradient, no buffers) against the buffered
+    sequence it replaces: dense_grads_from_rows_, torch's fused Adam kernel, normalize_rows_.
+    The same bits wherever torch's kernel takes its vector body (all but the last numel % 16
+    entries of a tensor, where it computes in double), within fp32 rounding there; with and
+    without the unit-norm projection, over steps 1 and 9 and beta1 on both sides of 0.5; the
+    gradient rows, latents and db_dec left alone."""
+    F = _native_optim_ops()
+    d, n, u = shape
+    for unit, beta1, step in ((True, 0.9, 1.0), (False, 0.9, 9.0), (True, 0.3, 9.0)):
+        params, exp_avg, exp_avg_sq, grads = _adam_rows_case(d, n, u, dtype, noncontig=noncontig)
+        latents, rW_enc, rb_enc, rW_dec, db = grads
+        saved = [t.clone() for t in grads]
+        ref = [[t.clone() for t in ts] for ts in (params, exp_avg, exp_avg_sq)]
+        bufs = [torch.zeros(d, n), torch.zeros(n), torch.zeros(n, d)]
+        F.dense_grads_from_rows_(*bufs, latents, rW_enc, rb_enc, rW_dec, ref[0][2] if unit else None)
+        torch._fused_adam_(ref[0], bufs + [db.clone()], ref[1], ref[2], [], [torch.tensor(step)] * 4, amsgrad=False,
+                           lr=1e-2, beta1=beta1, beta2=0.999, weight_decay=0.0, eps=1e-8, maximize=False)
+        if unit:
+            F.normalize_rows_(ref[0][2])
+        F.adam_rows_step_(params, exp_avg, exp_avg_sq, latents, rW_enc, rb_enc, rW_dec, db, [step] * 4, 1e-2, beta1,
+                          0.999, 1e-8, unit)
+        for got, want in zip(params + exp_avg + exp_avg_sq, ref[0] + ref[1] + ref[2]):
+            body = got.numel() - got.numel() % 16
+            if got is params[2] and unit and got.numel() % 16:  # a row normalised across the tail
+                body = (body // d) * d
+            assert torch.equal(got.flatten()[:body], want.flatten()[:body])
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
+        for t, s in zip(grads, saved):
+            assert torch.equal(t, s)
+
+
+def test_adam_rows_step_refuses_bad_arguments_and_passes_opcheck():
+    F = _native_optim_ops()
+    params, exp_avg, exp_avg_sq, (latents, rW_enc, rb_enc, rW_dec, db) = _adam_rows_case(5, 20, 8, torch.float32)
+    ok = (latents, rW_enc, rb_enc, rW_dec, db, [1.0] * 4, 1e-3, 0.9, 0.999, 1e-8, True)
+    torch.library.opcheck(F.adam_rows_step_, (params, exp_avg, exp_avg_sq, *ok))
+    bad_b = [params[0], params[1][:7], params[2], params[3]]
+    cases = [
+        ((params[:3], exp_avg[:3], exp_avg_sq[:3], *ok), "4 entries"),
+        ((bad_b, exp_avg, exp_avg_sq, *ok), "b_enc's tensors must have shape"),
+        (([p.double() for p in params], exp_avg, exp_avg_sq, *ok), "W_enc must be float32"),
+        ((params, exp_avg, exp_avg_sq, latents.flip(0), *ok[1:]), "strictly ascending"),
+        ((params, exp_avg, exp_avg_sq, latents, rW_enc[:, :3], *ok[2:]), "rW_enc must have shape"),
+        ((params, exp_avg, exp_avg_sq, *ok[:4], db[:3], *ok[5:]), "db_dec must have shape"),
+    ]
+    for args, message in cases:
+        with pytest.raises(RuntimeError, match=message):
+            F.adam_rows_step_(*args)
+
+
+@pytest.mark.parametrize("isa", ["avx2", "baseline"])
+def test_adam_rows_step_narrower_cpu_paths_match_torch_kernel(isa):
+    """The op's AVX2 and portable paths (FASTSAE_CPU_ISA caps what the extension uses) give
+    torch's kernel's bits too: DenseAdam's own start-up check, run in a fresh process."""
+    _native_optim_ops()
+    code = ("import fastsae.optim as o; "
+            "print(o._check_rows_kernel(0.9, 0.999, 1e-8), o._check_rows_kernel(0.3, 0.99, 1e-6))")
+    env = {**os.environ, "FASTSAE_CPU_ISA": isa}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["True", "True"]
+
+
+def test_dense_adam_keeps_the_buffered_step_where_the_op_disagrees_with_torch(monkeypatch):
+    """Where adam_rows_step_ does not reproduce torch's kernel (another torch build could fuse
+    other multiply-adds), the start-up check fails and step_row_sparse keeps the buffered
+    path: still torch.optim's bits. The disagreement is simulated by an lr larger by 1e-6."""
+    _native_optim_ops()
+    import fastsae.optim as optim_mod
+
+    real = optim_mod.ops.native
+
+    def skewed(name, device):
+        op = real(name, device)
+        if name != "adam_rows_step_" or op is None:
+            return op
+        return lambda *a: op(*a[:9], a[9] * (1 + 1e-6), *a[10:])
+
+    monkeypatch.setattr(optim_mod.ops, "native", skewed)
+    monkeypatch.setattr(optim_mod, "_rows_kernel_checks", {})
+    torch.manual_seed(0)
+    mods = [fastsae.TopKSAE(d_in=16, d_sae=48, k=3) for _ in range(2)]
+    mods[1].load_state_dict(mods[0].state_dict())
+    opts = [DenseAdam(dict(m.named_parameters()), lr=1e-2, unit_norm_rows=("W_dec",)) for m in mods]
+    opts[1].direct = False
+    assert not opts[0]._rows_kernel_applies()
+    u = torch.arange(0, 48, 3)
+    rows = RowSparseGrads(u, torch.randn(len(u), 16).t(), torch.randn(len(u)), torch.randn(len(u), 16), 48)
+    db = torch.randn(16)
+    for o in opts:
+        o.step_row_sparse(rows, db)
+    for pa, pb in zip(mods[0].parameters(), mods[1].parameters()):
+        assert torch.equal(pa, pb)
+
+
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_dense_adam_native_bookkeeping_matches_plain_pytorch(dtype):
     """DenseAdam.step_row_sparse with the C++ buffer builder and normalisation against the
@@ -455,31 +570,39 @@ def test_sparse_backward_lists_the_latents_kept_with_a_nonzero_value(zeros, n_ro
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_dense_adam_kernel_call_equals_torch_optim_step(dtype):
-    """DenseAdam calls torch's fused Adam kernel itself (direct); it must give torch.optim's
-    step() bits exactly: weights, moments and step counts, through lr changes, both step
-    paths (row-sparse buffers and .grad, steps where no latent and one latent fired), and a
-    state_dict round trip into a fresh optimizer."""
+@pytest.mark.parametrize("shape,betas,unit", [((9, 40), (0.9, 0.999), True), ((16, 48), (0.9, 0.999), True),
+                                              ((16, 48), (0.3, 0.99), False)])
+def test_dense_adam_kernel_call_equals_torch_optim_step(dtype, shape, betas, unit):
+    """DenseAdam calls torch's fused Adam kernel itself (direct), and where every parameter
+    has a multiple of 16 entries its row-sparse step runs the C++ op adam_rows_step_ instead
+    (no gradient buffers); both must give torch.optim's step() bits exactly: weights, moments
+    and step counts, through lr changes, both step paths (row-sparse and .grad, steps where
+    no latent and one latent fired), and a state_dict round trip into a fresh optimizer.
+    betas[0] < 0.5 takes the other form of the kernel's exp_avg.lerp_."""
+    d, n = shape
     torch.manual_seed(0)
-    mods = [fastsae.TopKSAE(d_in=9, d_sae=40, k=3, dtype=dtype) for _ in range(2)]
+    mods = [fastsae.TopKSAE(d_in=d, d_sae=n, k=3, dtype=dtype) for _ in range(2)]
     mods[1].load_state_dict(mods[0].state_dict())
-    opts = [DenseAdam(dict(m.named_parameters()), lr=1e-2, unit_norm_rows=("W_dec",)) for m in mods]
+    norm = ("W_dec",) if unit else ()
+    opts = [DenseAdam(dict(m.named_parameters()), lr=1e-2, betas=betas, unit_norm_rows=norm) for m in mods]
     assert opts[0].direct
     opts[1].direct = False
+    assert opts[0]._rows_kernel_applies() == (n % 16 == 0) and not opts[1]._rows_kernel_applies()
     g = torch.Generator().manual_seed(5)
     for step in range(8):
         if step == 4:  # resume both from their state dicts
             states = [o.state_dict() for o in opts]
-            opts = [DenseAdam(dict(m.named_parameters()), lr=1e-2, unit_norm_rows=("W_dec",)) for m in mods]
+            opts = [DenseAdam(dict(m.named_parameters()), lr=1e-2, betas=betas, unit_norm_rows=norm) for m in mods]
             opts[1].direct = False
             for o, st in zip(opts, states):
                 o.load_state_dict(st)
-        u = torch.nonzero(torch.rand(40, generator=g) < 0.5).flatten()
+        u = torch.nonzero(torch.rand(n, generator=g) < 0.5).flatten()
         u = {3: u[:0], 5: u[:1]}.get(step, u)  # row-sparse steps where no latent and one latent fired
-        rows = RowSparseGrads(u, torch.randn(len(u), 9, generator=g).t().to(mods[0].dtype),
+        scale = 10.0 ** torch.randint(-6, 2, (len(u), 1), generator=g)  # gradients of several magnitudes
+        rows = RowSparseGrads(u, (torch.randn(len(u), d, generator=g) * scale).t().to(mods[0].dtype),
                               torch.randn(len(u), generator=g).to(mods[0].dtype),
-                              torch.randn(len(u), 9, generator=g).to(mods[0].dtype), 40)
-        db = torch.randn(9, generator=g).to(mods[0].dtype)
+                              (torch.randn(len(u), d, generator=g) * scale).to(mods[0].dtype), n)
+        db = torch.randn(d, generator=g).to(mods[0].dtype)
         grads = [torch.randn(p.shape, generator=g).to(p.dtype) for p in mods[0].parameters()]
         for o, m in zip(opts, mods):
             o.set_lr(1e-2 / (1 + step))
@@ -494,5 +617,8 @@ def test_dense_adam_kernel_call_equals_torch_optim_step(dtype):
         assert torch.equal(opts[0].master[name], opts[1].master[name]), name
         sa, sb = (o.opt.state[o.master[name]] for o in opts)
         assert all(torch.equal(sa[k], sb[k]) for k in ("step", "exp_avg", "exp_avg_sq")), name
+    for pa, pb in zip(mods[0].parameters(), mods[1].parameters()):  # the module's own (bf16) weights too
+        assert torch.equal(pa, pb)
+    assert (opts[0]._grads is None) == (n % 16 == 0)  # the op keeps no gradient buffers
     assert float(opts[0].opt.state[opts[0].master["W_enc"]]["step"]) == 8
     assert all(p.grad is None for m in mods for p in m.parameters())
