@@ -42,31 +42,16 @@ class LoadedModel(NamedTuple):
 
 
 def import_pypi_kernels() -> None:
-    """Import the PyPI package `kernels` (which transformers imports) from its installed files.
-
-    Python run from this repository's root puts the root on sys.path, where the folder
-    kernels/ (fastsae's Triton sources, installed as fastsae.kernels) would otherwise be found
-    first and break `import transformers`. A no-op when the package is absent or imported."""
-    import importlib.metadata
-    import importlib.util
+    """Import the PyPI package `kernels` (which transformers imports) from its installed files,
+    before transformers looks for it: Python run from this repository's root would otherwise
+    find the folder kernels/ (fastsae's Triton sources) first. A no-op when the package is
+    absent or imported."""
     import sys
 
-    if "kernels" in sys.modules:
-        return
-    try:
-        init = Path(importlib.metadata.distribution("kernels").locate_file("kernels/__init__.py"))
-    except importlib.metadata.PackageNotFoundError:
-        return
-    if not init.is_file():
-        return
-    spec = importlib.util.spec_from_file_location("kernels", init, submodule_search_locations=[str(init.parent)])
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["kernels"] = module
-    try:
-        spec.loader.exec_module(module)
-    except BaseException:
-        del sys.modules["kernels"]
-        raise
+    from .kernels import load_pypi_kernels
+
+    if "kernels" not in sys.modules:
+        load_pypi_kernels()
 
 
 def _transformers():

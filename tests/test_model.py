@@ -257,3 +257,21 @@ def test_unreachable_hub_is_one_line_without_retries(monkeypatch, tmp_path):
     with pytest.raises(ConfigError, match="cannot be reached") as e:
         load_model("gpt2")
     assert "\n" not in str(e.value) and probes == [1] and not attempts  # one probe, no download attempt
+
+
+def test_a_script_in_the_checkout_root_imports_transformers_first(tmp_path):
+    """Python run from the repository's root finds the folder kernels/ under the top-level name
+    `kernels`, the PyPI package transformers imports; that folder hands over to the installed
+    package, so a user script there may import transformers before fastsae."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    code = ("import transformers, kernels; from transformers import BertConfig, BertModel; "
+            "BertModel(BertConfig(hidden_size=8, num_hidden_layers=1, num_attention_heads=2, intermediate_size=8, "
+            "vocab_size=20)); import fastsae, fastsae.kernels; "
+            "print(kernels.__file__ != fastsae.kernels.__file__)")
+    out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["True"]
