@@ -451,6 +451,24 @@ def test_adam_rows_step_matches_buffers_and_torch_kernel(dtype, shape, noncontig
             assert torch.equal(t, s)
 
 
+def test_adam_rows_step_gives_the_same_bits_on_any_thread_count():
+    """Every column block and row is stepped by one worker: 1 and 3 threads agree bit for bit
+    (shapes wide enough for several encoder blocks and decoder chunks)."""
+    F = _native_optim_ops()
+    case = _adam_rows_case(24, 2000, 1500, torch.float32)
+    outs = []
+    threads = torch.get_num_threads()
+    try:
+        for t in (1, 3):
+            torch.set_num_threads(t)
+            params, exp_avg, exp_avg_sq, grads = [[x.clone() for x in ts] for ts in case]
+            F.adam_rows_step_(params, exp_avg, exp_avg_sq, *grads, [3.0] * 4, 1e-3, 0.9, 0.999, 1e-8, True)
+            outs.append(params + exp_avg + exp_avg_sq)
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(a, b) for a, b in zip(*outs))
+
+
 def test_adam_rows_step_refuses_bad_arguments_and_passes_opcheck():
     F = _native_optim_ops()
     params, exp_avg, exp_avg_sq, (latents, rW_enc, rb_enc, rW_dec, db) = _adam_rows_case(5, 20, 8, torch.float32)
