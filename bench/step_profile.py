@@ -12,8 +12,9 @@ change on a shared machine hits every row alike:
                   tracking), with no dead latent
   trainer+auxk    the same with half the latents dead, so AuxK runs every step (its selection
                   taken in the encoder's pass where the backend has topk_encode_dead)
-and, for the Trainer step, its parts (select, decode, backward, optimizer, AuxK) and the fused Adam
-kernel alone (the optimizer's floor). Times are
+and, for the Trainer step, its parts (select, decode, backward, optimizer, AuxK), the optimizer
+with gradient buffers (its path where Adam cannot be fed the rows) and the fused Adam kernel
+alone (the optimizer's floor). Times are
 CPU seconds of this process (time.process_time), steadier than wall time when other jobs share
 the cores; the median over rounds is reported as a multiple of the GEMM's. Writes
 bench/results/step_profile-<slug>.{json,md}.
@@ -107,12 +108,22 @@ def parts(tr, x):
         "decode_selection": lambda: sae.decode_selection(sel),
         "sparse_backward": lambda: sae.sparse_backward(x, sel, (2.0 / x.shape[0]) * err),
         "dense Adam step_row_sparse": lambda: tr.opt.step_row_sparse(rows, db),
+        "dense Adam step_row_sparse, gradient buffers": lambda: buffered(tr.opt, rows, db),
         "Adam kernel alone (the optimizer's floor)": adam_kernel,
         "AuxK's loss and gradients, scanning the dead columns (half dead)":
             lambda: sae.auxk_grads(x, -err, dead, tr.k_aux, 1.0),
         "AuxK's loss and gradients, given the selection": lambda: sae.auxk_grads(x, -err, dead, tr.k_aux, 1.0,
                                                                                  dead_preacts),
     }
+
+
+def buffered(opt, rows, db):
+    """DenseAdam's step with gradient buffers filled (the path before Adam was fed the rows)."""
+    opt.rows_fed = False
+    try:
+        opt.step_row_sparse(rows, db)
+    finally:
+        opt.rows_fed = True
 
 
 def profile(shape, repeats: int) -> dict:

@@ -163,7 +163,7 @@ __attribute__((target("avx512f"))) void adam_update_avx512(float* p, float* m, f
                                                             const AdamScalars& s) {
   const __m512 coeff = _mm512_set1_ps(s.coeff), beta2 = _mm512_set1_ps(s.beta2), c2 = _mm512_set1_ps(s.sq_coeff),
                bc2 = _mm512_set1_ps(s.bc2_sqrt), step = _mm512_set1_ps(s.neg_step), eps = _mm512_set1_ps(s.eps);
-  const bool base_g = s.base_is_grad != 0.0f;
+  const bool base_g = s.base_is_grad;
   for (int64_t i = 0; i < n; i += 16) {
     const __mmask16 k = n - i >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (n - i)) - 1);
     const __m512 gv = g ? _mm512_maskz_loadu_ps(k, g + i) : _mm512_setzero_ps();
@@ -182,7 +182,7 @@ __attribute__((target("avx2,fma"))) int64_t adam_update_avx2(float* p, float* m,
                                                               const AdamScalars& s) {
   const __m256 coeff = _mm256_set1_ps(s.coeff), beta2 = _mm256_set1_ps(s.beta2), c2 = _mm256_set1_ps(s.sq_coeff),
                bc2 = _mm256_set1_ps(s.bc2_sqrt), step = _mm256_set1_ps(s.neg_step), eps = _mm256_set1_ps(s.eps);
-  const bool base_g = s.base_is_grad != 0.0f;
+  const bool base_g = s.base_is_grad;
   int64_t i = 0;
   for (; i + 8 <= n; i += 8) {
     const __m256 gv = g ? _mm256_loadu_ps(g + i) : _mm256_setzero_ps();
@@ -361,12 +361,12 @@ AdamScalars adam_scalars(double lr, double beta1, double beta2, double eps, doub
   const float w = static_cast<float>(1 - beta1);
   const bool small = std::abs(w) < 0.5f;
   return AdamScalars{small ? w : w - 1.0f,
-                     small ? 0.0f : 1.0f,
                      static_cast<float>(beta2),
                      static_cast<float>(1 - beta2),
                      static_cast<float>(std::sqrt(1 - std::pow(beta2, step))),
                      static_cast<float>(-(lr / (1 - std::pow(beta1, step)))),
-                     static_cast<float>(eps)};
+                     static_cast<float>(eps),
+                     !small};
 }
 
 void adam_update(float* p, float* m, float* v, const float* g, int64_t n, const AdamScalars& s) {
@@ -377,7 +377,7 @@ void adam_update(float* p, float* m, float* v, const float* g, int64_t n, const 
 #endif
   for (; i < n; ++i) {  // the same roundings one entry at a time (std::fma rounds once)
     const float gi = g ? g[i] : 0.0f;
-    const float m1 = std::fma(s.coeff, gi - m[i], s.base_is_grad != 0.0f ? gi : m[i]);
+    const float m1 = std::fma(s.coeff, gi - m[i], s.base_is_grad ? gi : m[i]);
     const float prod = v[i] * s.beta2;
     const float v1 = std::fma(s.sq_coeff * gi, gi, prod);
     const float den = std::sqrt(v1) / s.bc2_sqrt + s.eps;

@@ -1,8 +1,9 @@
-// Row primitives of the CPU kernels, y += a*x, x /= s, <a, b> and "first entry above t", for
-// fp32 and fp64, and two inline helpers (prefetch, grain_for). row_math.cpp compiles the
+// Row primitives of the CPU kernels, y += a*x, x /= s, <a, b>, "first entry above t" and one
+// Adam update, for fp32 (and fp64), and two inline helpers (prefetch, grain_for). row_math.cpp compiles the
 // primitives for AVX-512, AVX2 and baseline x86-64 (the search with AVX2 intrinsics) and picks
 // the best the CPU has at load time, so the build stays portable. Sums use fixed lanes combined
-// in a fixed order: the same inputs give the same bits on a given machine.
+// in a fixed order: the same inputs give the same bits on a given machine. The environment
+// variable FASTSAE_CPU_ISA=avx2 (or baseline) caps the hand-dispatched paths, for tests.
 #pragma once
 #include <cstdint>
 #include <limits>
@@ -45,7 +46,8 @@ void rows_to_columns(const float* src, int64_t ls, int64_t m, int64_t h, const i
 // the kernel does. Each entry's result does not depend on the vector width, so the same
 // bits come out on every path here. g null: a zero gradient.
 struct AdamScalars {
-  float coeff, base_is_grad, beta2, sq_coeff, bc2_sqrt, neg_step, eps;
+  float coeff, beta2, sq_coeff, bc2_sqrt, neg_step, eps;
+  bool base_is_grad;
 };
 AdamScalars adam_scalars(double lr, double beta1, double beta2, double eps, double step);
 void adam_update(float* p, float* m, float* v, const float* g, int64_t n, const AdamScalars& s);

@@ -106,6 +106,7 @@ class DenseAdam:
         self._rows_shapes_ok: bool | None = None  # _rows_kernel_applies' static part, once known
         self.native = True  # False: the plain-PyTorch bookkeeping around Adam (tests, benchmarks)
         self.direct = self._kernel_applies()  # False: through torch.optim.Adam.step() (tests, benchmarks)
+        self.rows_fed = True  # False: step_row_sparse always fills gradient buffers (tests, benchmarks)
         fused = bool(self.opt.defaults.get("fused"))
         for p in masters:  # allocate the state now, so memory does not jump at step 1
             self.opt.state[p]["step"] = torch.tensor(0.0, device=p.device if fused else "cpu")
@@ -174,7 +175,7 @@ class DenseAdam:
         with a multiple of 16 entries (torch's kernel takes a scalar double path for the last
         numel % 16, which the op does not reproduce), and the op matching torch's kernel bit
         for bit on this machine (checked once per process, _rows_kernel_matches_torch)."""
-        if not (self.native and self.direct) or self.opt.param_groups[0]["weight_decay"] != 0:
+        if not (self.rows_fed and self.native and self.direct) or self.opt.param_groups[0]["weight_decay"] != 0:
             return False
         if self._rows_shapes_ok is None:
             m = self.master
@@ -325,7 +326,7 @@ def _check_rows_kernel(beta1: float, beta2: float, eps: float) -> bool:
     for unit in (False, True):
         pair = [DenseAdam({k: nn.Parameter(v.clone()) for k, v in init.items()}, lr=1e-3, betas=(beta1, beta2),
                           eps=eps, unit_norm_rows=("W_dec",) if unit else ()) for _ in range(2)]
-        pair[1]._rows_shapes_ok = False  # the reference: gradient buffers and torch's kernel
+        pair[1].rows_fed = False  # the reference: gradient buffers and torch's kernel
         for step, lr in ((1, 1e-3), (2, 3e-4), (1000, 1e-3)):
             lat = torch.randperm(n, generator=gen)[:u].sort().values
             scale = 10.0 ** torch.randint(-6, 2, (u, 1), generator=gen)  # gradients of several magnitudes
