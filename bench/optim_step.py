@@ -7,8 +7,11 @@ For each shape (d_in, d_sae, u touched latents) it times, interleaved round by r
 load change on a shared machine hits every row alike:
   fused adam      DenseAdam.opt.step() with the gradients already in place (aten::_fused_adam_:
                   the floor, dense Adam's memory traffic)
-  step (native)   DenseAdam.step_row_sparse with the unit-norm decoder: the C++ buffer builder
-                  (dense_grads_from_rows_), fused Adam, the C++ normalize_rows_
+  step (rows fed) DenseAdam.step_row_sparse with the unit-norm decoder, Adam fed the rows by the
+                  C++ op adam_rows_step_ where it applies (CPU, every parameter a multiple of 16
+                  entries), else the same as the next row
+  step (buffers)  the same step with gradient buffers (DenseAdam.rows_fed = False): the C++
+                  buffer builder (dense_grads_from_rows_), fused Adam, the C++ normalize_rows_
   step (torch)    the same step on the plain-PyTorch path (DenseAdam.native = False): zero,
                   scatter, gather, project and normalise as separate torch ops
   grads op        dense_grads_from_rows_ alone;  normalize op: normalize_rows_ alone
@@ -39,26 +42,27 @@ def _rows(d_in: int, d_sae: int, u: int, seed: int = 0) -> RowSparseGrads:
     return RowSparseGrads(latents, r(u, d_in).t(), r(u), r(u, d_in), d_sae)
 
 
-def _optimizer(d_in: int, d_sae: int, native: bool) -> DenseAdam:
+def _optimizer(d_in: int, d_sae: int, native: bool, rows_fed: bool = True) -> DenseAdam:
     sae = fastsae.TopKSAE(d_in=d_in, d_sae=d_sae, k=32)
     opt = DenseAdam(dict(sae.named_parameters()), lr=1e-4, unit_norm_rows=("W_dec",))
-    opt.native = native
+    opt.native, opt.rows_fed = native, rows_fed
     return opt
 
 
 def measure(d_in: int, d_sae: int, u: int, rounds: int, min_ms: float = 60.0) -> dict[str, float]:
     rows, db = _rows(d_in, d_sae, u), torch.randn(d_in) * 1e-3
-    new, old, floor = (_optimizer(d_in, d_sae, n) for n in (True, False, True))
+    fed, buffers, old, floor = (_optimizer(d_in, d_sae, n, r) for n, r in
+                                ((True, True), (True, False), (False, False), (True, False)))
     floor.step_row_sparse(rows, db)  # allocates its buffers; then keep them as the gradients
     for name, m in floor.master.items():
         m.grad = floor._grads[name]
     F = torch.ops.fastsae
-    new.step_row_sparse(rows, db)
-    g = new._grads
-    w = new.master["W_dec"]
+    g = floor._grads
+    w = buffers.master["W_dec"]
     fns = {
         "fused adam": floor.opt.step,
-        "step (native)": lambda: new.step_row_sparse(rows, db),
+        "step (rows fed)": lambda: fed.step_row_sparse(rows, db),
+        "step (buffers)": lambda: buffers.step_row_sparse(rows, db),
         "step (torch)": lambda: old.step_row_sparse(rows, db),
         "grads op": lambda: F.dense_grads_from_rows_(g["W_enc"], g["b_enc"], g["W_dec"], rows.latents, rows.W_enc.t(),
                                                      rows.b_enc, rows.W_dec, w),
@@ -86,13 +90,13 @@ def main(argv=None) -> None:
     if fastsae.ops.native("dense_grads_from_rows_", "cpu") is None:
         raise SystemExit("the C++ extension (fastsae._C) with dense_grads_from_rows_ is not built")
     print(f"threads={args.threads} rounds={args.rounds}, CPU ms per call (process_time medians), x fused adam")
-    print("| d_in | d_sae | u | fused adam | step (native) | step (torch) | grads op | normalize op |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| d_in | d_sae | u | fused adam | step (rows fed) | step (buffers) | step (torch) | grads op | normalize op |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for d_in, d_sae, u in shapes:
         t = measure(d_in, d_sae, u, args.rounds)
         f = t["fused adam"]
         cells = [f"{f:.2f}"] + [f"{t[k]:.2f} ({t[k] / f:.2f}x)" for k in
-                                ("step (native)", "step (torch)", "grads op", "normalize op")]
+                                ("step (rows fed)", "step (buffers)", "step (torch)", "grads op", "normalize op")]
         print(f"| {d_in} | {d_sae} | {u} | " + " | ".join(cells) + " |", flush=True)
 
 

@@ -52,6 +52,7 @@ def test_dropin_quality_runs_the_trainer_with_settings(tmp_path):
 def test_optim_step_bench_prints_every_row(capsys):
     from bench import optim_step
 
-    optim_step.main(["--shape", "4,32,5", "--rounds", "1"])
+    # 16 x 32: Adam fed the rows; 4 x 32 (b_dec of 4 entries): the buffered step in both columns
+    optim_step.main(["--shape", "16,32,5", "--shape", "4,32,5", "--rounds", "1"])
     table = capsys.readouterr().out
-    assert "| 4 | 32 | 5 |" in table and table.count("x)") == 4
+    assert "| 16 | 32 | 5 |" in table and "| 4 | 32 | 5 |" in table and table.count("x)") == 10
