@@ -90,7 +90,8 @@ def main(argv=None) -> None:
     if fastsae.ops.native("dense_grads_from_rows_", "cpu") is None:
         raise SystemExit("the C++ extension (fastsae._C) with dense_grads_from_rows_ is not built")
     print(f"threads={args.threads} rounds={args.rounds}, CPU ms per call (process_time medians), x fused adam")
-    print("| d_in | d_sae | u | fused adam | step (rows fed) | step (buffers) | step (torch) | grads op | normalize op |")
+    print("| d_in | d_sae | u | fused adam | step (rows fed) | step (buffers) | step (torch) | grads op "
+          "| normalize op |")
     print("|---|---|---|---|---|---|---|---|---|")
     for d_in, d_sae, u in shapes:
         t = measure(d_in, d_sae, u, args.rounds)
