@@ -56,3 +56,14 @@ def test_optim_step_bench_prints_every_row(capsys):
     optim_step.main(["--shape", "16,32,5", "--shape", "4,32,5", "--rounds", "1"])
     table = capsys.readouterr().out
     assert "| 16 | 32 | 5 |" in table and "| 4 | 32 | 5 |" in table and table.count("x)") == 10
+
+
+def test_row_bandwidth_bench_prints_a_rate_per_working_set(capsys):
+    from bench import row_bandwidth
+
+    row_bandwidth.main(["--batch", "256", "--k", "16", "--d", "64", "--latents", "16", "64", "--rounds", "3"])
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| 16 |") or
+            line.startswith("| 64 |")]
+    assert len(rows) == 2 and all(float(r.split("|")[3]) > 0 for r in rows)
+    with pytest.raises(SystemExit):
+        row_bandwidth.main(["--k", "5", "--latents", "4"])
