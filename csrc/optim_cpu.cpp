@@ -32,13 +32,8 @@ namespace fastsae {
 namespace {
 
 // The encoder buffer [d, n] is written kCols columns (one 256-byte run per buffer row) at a
-// time: the source rows [u, d] of the latents in those columns are read sequentially, kPiece
-// values at a time, into a zeroed local tile [kPiece, kCols] (rows padded to kPitch: a
-// power-of-two stride would crowd a source row's values into a few cache sets), which is
-// then copied out run by run. Reading a source column instead (one value per row) misses
-// the cache on nearly every value.
+// time, from tiles of kPiece buffer rows (for_each_encoder_block).
 constexpr int64_t kCols = 64;
-constexpr int64_t kPitch = kCols + 16;
 constexpr int64_t kPiece = 128;
 // Decoder rows per parallel chunk at the least.
 constexpr int64_t kRows = 64;
@@ -72,38 +67,53 @@ std::vector<int64_t> chunk_starts(const int64_t* lat, int64_t u, int64_t chunks,
   return first;
 }
 
-// Column block c (Cols columns wide) of the encoder's gradient, Piece buffer rows at a time:
-// tile (rows padded to Pitch) gets the values of the source rows first[c]..first[c+1]-1 for
-// buffer rows i0..i0+h, zeros elsewhere; then fn(i0, h) consumes it.
-template <int64_t Cols, int64_t Piece, int64_t Pitch, typename scalar_t, typename Fn>
-void encoder_block(float* tile, int64_t c, int64_t d, const int64_t* lat, const std::vector<int64_t>& first,
-                   const scalar_t* rows, Fn&& fn) {
-  const int64_t j0 = c * Cols;
-  for (int64_t i0 = 0; i0 < d; i0 += Piece) {
-    const int64_t h = std::min(d, i0 + Piece) - i0;
-    std::fill(tile, tile + Piece * Pitch, 0.0f);
-    for (int64_t g = first[c]; g < first[c + 1]; ++g) {
-      const scalar_t* src = rows + g * d + i0;
-      prefetch(src + 2 * d, h);  // two rows ahead: a row's piece is too short to train the prefetcher
-      float* dst = tile + (lat[g] - j0);
-      for (int64_t i = 0; i < h; ++i) dst[i * Pitch] = static_cast<float>(src[i]);
+// The encoder's gradient [d, n] from the rows [u, d] of the latents lat (ascending), column
+// block by column block (Cols wide, blocks in parallel), Piece gradient rows at a time:
+// visit(j0, w, i0, h, tile, pitch) gets rows i0..i0+h-1 of columns j0..j0+w-1 in tile (rows
+// padded to pitch, zeros where no latent fired), or tile = nullptr once for the whole block
+// (i0 = 0, h = d) when none of its latents fired. The source rows are read sequentially into
+// the tile: reading a source column instead (one value per row) misses the cache on nearly
+// every value. The pitch is no power of two: that would crowd a source row's values into a
+// few cache sets.
+template <int64_t Cols, int64_t Piece, typename scalar_t, typename Visit>
+void for_each_encoder_block(int64_t n, int64_t d, const int64_t* lat, int64_t u, const scalar_t* rows,
+                            const Visit& visit) {
+  constexpr int64_t Pitch = Cols + 16;
+  const int64_t chunks = (n + Cols - 1) / Cols;
+  const std::vector<int64_t> first = chunk_starts(lat, u, chunks, Cols);
+  at::parallel_for(0, chunks, grain_for(Cols * d), [&](int64_t c0, int64_t c1) {
+    std::vector<float> tile(Piece * Pitch);
+    for (int64_t c = c0; c < c1; ++c) {
+      const int64_t j0 = c * Cols, w = std::min(n, j0 + Cols) - j0;
+      if (first[c] == first[c + 1]) {
+        visit(j0, w, int64_t(0), d, static_cast<const float*>(nullptr), Pitch);
+        continue;
+      }
+      for (int64_t i0 = 0; i0 < d; i0 += Piece) {
+        const int64_t h = std::min(d, i0 + Piece) - i0;
+        std::fill(tile.begin(), tile.end(), 0.0f);
+        for (int64_t g = first[c]; g < first[c + 1]; ++g) {
+          const scalar_t* src = rows + g * d + i0;
+          prefetch(src + 2 * d, h);  // two rows ahead: a row's piece is too short to train the prefetcher
+          float* dst = tile.data() + (lat[g] - j0);
+          for (int64_t i = 0; i < h; ++i) dst[i * Pitch] = static_cast<float>(src[i]);
+        }
+        visit(j0, w, i0, h, static_cast<const float*>(tile.data()), Pitch);
+      }
     }
-    fn(i0, h);
-  }
+  });
 }
 
 template <typename scalar_t>
 void encoder_columns(float* gW_enc, int64_t n, int64_t d, const int64_t* lat, int64_t u, const scalar_t* rows) {
-  const int64_t chunks = (n + kCols - 1) / kCols;
-  const std::vector<int64_t> first = chunk_starts(lat, u, chunks, kCols);
-  at::parallel_for(0, chunks, grain_for(kCols * d), [&](int64_t c0, int64_t c1) {
-    std::vector<float> tile(kPiece * kPitch);
-    for (int64_t c = c0; c < c1; ++c) {
-      const int64_t j0 = c * kCols, w = std::min(n, j0 + kCols) - j0;
-      encoder_block<kCols, kPiece, kPitch>(tile.data(), c, d, lat, first, rows, [&](int64_t i0, int64_t h) {
-        for (int64_t i = 0; i < h; ++i)
-          std::memcpy(gW_enc + (i0 + i) * n + j0, tile.data() + i * kPitch, w * sizeof(float));
-      });
+  for_each_encoder_block<kCols, kPiece>(n, d, lat, u, rows, [&](int64_t j0, int64_t w, int64_t i0, int64_t h,
+                                                                const float* tile, int64_t pitch) {
+    for (int64_t i = 0; i < h; ++i) {
+      float* out = gW_enc + (i0 + i) * n + j0;
+      if (tile)
+        std::memcpy(out, tile + i * pitch, w * sizeof(float));
+      else
+        std::memset(out, 0, w * sizeof(float));
     }
   });
 }
@@ -137,32 +147,19 @@ void decoder_rows(float* gb_enc, float* gW_dec, int64_t n, int64_t d, const int6
   });
 }
 
-// adam_rows_step_'s passes. The encoder [d, n]: each block's gradient tile (zeros where no
-// latent fired) steps that block of W_enc in place. The blocks are wider and shorter than
-// encoder_columns' (kAdamCols x kAdamPiece): the step reads and writes three [d, n] tensors,
-// which then stream in 2 KB runs instead of 256-byte ones.
-constexpr int64_t kAdamCols = 512, kAdamPiece = 16, kAdamPitch = kAdamCols + 16;
+// adam_rows_step_'s passes. The encoder [d, n]: each block's gradient tile steps that block
+// of W_enc in place. The blocks are wider and shorter than encoder_columns' (kAdamCols x
+// kAdamPiece): the step reads and writes three [d, n] tensors, which then stream in 2 KB runs
+// instead of 256-byte ones.
+constexpr int64_t kAdamCols = 512, kAdamPiece = 16;
 
 template <typename scalar_t>
 void adam_encoder(float* W, float* m, float* v, int64_t n, int64_t d, const int64_t* lat, int64_t u,
                   const scalar_t* rows, const AdamScalars& s) {
-  const int64_t chunks = (n + kAdamCols - 1) / kAdamCols;
-  const std::vector<int64_t> first = chunk_starts(lat, u, chunks, kAdamCols);
-  at::parallel_for(0, chunks, grain_for(kAdamCols * d), [&](int64_t c0, int64_t c1) {
-    std::vector<float> tile(kAdamPiece * kAdamPitch);
-    for (int64_t c = c0; c < c1; ++c) {
-      const int64_t j0 = c * kAdamCols, w = std::min(n, j0 + kAdamCols) - j0;
-      const auto step = [&](int64_t i0, int64_t h, const float* t) {
-        for (int64_t i = i0; i < i0 + h; ++i)
-          adam_update(W + i * n + j0, m + i * n + j0, v + i * n + j0, t ? t + (i - i0) * kAdamPitch : nullptr, w, s);
-      };
-      if (first[c] == first[c + 1]) {  // no latent fired here: a zero gradient, no tile
-        step(0, d, nullptr);
-        continue;
-      }
-      encoder_block<kAdamCols, kAdamPiece, kAdamPitch>(tile.data(), c, d, lat, first, rows,
-                                                       [&](int64_t i0, int64_t h) { step(i0, h, tile.data()); });
-    }
+  for_each_encoder_block<kAdamCols, kAdamPiece>(n, d, lat, u, rows, [&](int64_t j0, int64_t w, int64_t i0,
+                                                                        int64_t h, const float* tile, int64_t pitch) {
+    for (int64_t i = i0; i < i0 + h; ++i)
+      adam_update(W + i * n + j0, m + i * n + j0, v + i * n + j0, tile ? tile + (i - i0) * pitch : nullptr, w, s);
   });
 }
 
@@ -217,6 +214,23 @@ void check_ascending_latents(const at::Tensor& latents, int64_t n, const char* o
   }
 }
 
+// A row-sparse gradient of an [n, d] dictionary: latents strictly ascending in [0, n), rows
+// [u, d] / [u] of one floating dtype, on the CPU. Returns u.
+int64_t check_row_sparse(const at::Tensor& latents, const at::Tensor& rW_enc, const at::Tensor& rb_enc,
+                         const at::Tensor& rW_dec, int64_t n, int64_t d, const char* op) {
+  check_ascending_latents(latents, n, op);
+  const int64_t u = latents.size(0);
+  check_float_matrix(rW_dec, "rW_dec", op);
+  check_shape2(rW_dec, u, d, "rW_dec", op);
+  check_shape2(rW_enc, u, d, "rW_enc", op);
+  check_vector(rb_enc, u, "rb_enc", op);
+  check_same_dtype(rW_enc, rW_dec, "rW_enc", "rW_dec", op);
+  check_same_dtype(rb_enc, rW_dec, "rb_enc", "rW_dec", op);
+  for (auto& [t, name] : {std::pair{&rW_enc, "rW_enc"}, {&rb_enc, "rb_enc"}, {&rW_dec, "rW_dec"}})
+    TORCH_CHECK(t->is_cpu(), op, ": ", name, " must be a CPU tensor, got one on ", t->device());
+  return u;
+}
+
 }  // namespace
 
 void dense_grads_from_rows_(const at::Tensor& gW_enc, const at::Tensor& gb_enc, const at::Tensor& gW_dec,
@@ -229,16 +243,7 @@ void dense_grads_from_rows_(const at::Tensor& gW_enc, const at::Tensor& gb_enc, 
   check_vector(gb_enc, n, "gb_enc", op);
   for (auto& [t, name] : {std::pair{&gW_enc, "gW_enc"}, {&gb_enc, "gb_enc"}, {&gW_dec, "gW_dec"}})
     check_buffer(*t, name, op);
-  check_ascending_latents(latents, n, op);
-  const int64_t u = latents.size(0);
-  check_float_matrix(rW_dec, "rW_dec", op);
-  check_shape2(rW_dec, u, d, "rW_dec", op);
-  check_shape2(rW_enc, u, d, "rW_enc", op);
-  check_vector(rb_enc, u, "rb_enc", op);
-  check_same_dtype(rW_enc, rW_dec, "rW_enc", "rW_dec", op);
-  check_same_dtype(rb_enc, rW_dec, "rb_enc", "rW_dec", op);
-  for (auto& [t, name] : {std::pair{&rW_enc, "rW_enc"}, {&rb_enc, "rb_enc"}, {&rW_dec, "rW_dec"}})
-    TORCH_CHECK(t->is_cpu(), op, ": ", name, " must be a CPU tensor, got one on ", t->device());
+  const int64_t u = check_row_sparse(latents, rW_enc, rb_enc, rW_dec, n, d, op);
   at::Tensor master;
   if (W_dec_master.has_value()) {
     master = W_dec_master->contiguous();
@@ -276,18 +281,9 @@ void adam_rows_step_(at::TensorList params, at::TensorList exp_avgs, at::TensorL
       check_buffer(*t, names[i], op);
     }
   }
-  check_ascending_latents(latents, n, op);
-  const int64_t u = latents.size(0);
-  check_float_matrix(rW_dec, "rW_dec", op);
-  check_shape2(rW_dec, u, d, "rW_dec", op);
-  check_shape2(rW_enc, u, d, "rW_enc", op);
-  check_vector(rb_enc, u, "rb_enc", op);
-  check_same_dtype(rW_enc, rW_dec, "rW_enc", "rW_dec", op);
-  check_same_dtype(rb_enc, rW_dec, "rb_enc", "rW_dec", op);
+  const int64_t u = check_row_sparse(latents, rW_enc, rb_enc, rW_dec, n, d, op);
   check_vector(db_dec, d, "db_dec", op);
   check_buffer(db_dec, "db_dec", op);
-  for (auto& [t, name] : {std::pair{&rW_enc, "rW_enc"}, {&rb_enc, "rb_enc"}, {&rW_dec, "rW_dec"}})
-    TORCH_CHECK(t->is_cpu(), op, ": ", name, " must be a CPU tensor, got one on ", t->device());
   AdamScalars s[4];
   for (int i = 0; i < 4; ++i) s[i] = adam_scalars(lr, beta1, beta2, eps, steps[i]);
   auto ptr = [](const at::Tensor& t) { return t.data_ptr<float>(); };
