@@ -139,9 +139,11 @@ class DenseAdam:
     @torch.no_grad()
     def step_row_sparse(self, rows: RowSparseGrads, db_dec: torch.Tensor) -> None:
         """step() for an SAE's row-sparse gradient (the TopK family's explicit backward): the
-        gradient is zero outside rows.latents, so it is written into fp32 buffers kept between
-        steps (no [d_in, d_sae] allocation and scatter per step) and the unit-norm projection
-        touches those rows only. Dense Adam still moves every latent (its momentum)."""
+        gradient is zero outside rows.latents, and the unit-norm projection touches those rows
+        only. Dense Adam still moves every latent (its momentum). On CPU Adam is fed the rows
+        directly where _rows_kernel_applies (no gradient buffers, torch's kernel's bits); else
+        the gradient is written into fp32 buffers kept between steps (no [d_in, d_sae]
+        allocation and scatter per step) for torch's fused kernel."""
         unit = "W_dec" in self.unit_norm_rows
         if self._rows_kernel_applies():
             self._fused_rows_step(rows, db_dec, unit)
