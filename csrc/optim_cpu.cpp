@@ -81,7 +81,7 @@ void for_each_encoder_block(int64_t n, int64_t d, const int64_t* lat, int64_t u,
   const int64_t chunks = (n + Cols - 1) / Cols, pieces = (d + Piece - 1) / Piece;
   const std::vector<int64_t> first = chunk_starts(lat, u, chunks, Cols);
   at::parallel_for(0, chunks * pieces, grain_for(Cols * Piece), [&](int64_t t0, int64_t t1) {
-    std::vector<float> tile;
+    std::vector<float> tile(Piece * Pitch);
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t c = t / pieces, j0 = c * Cols, w = std::min(n, j0 + Cols) - j0;
       const int64_t i0 = (t % pieces) * Piece, h = std::min(d, i0 + Piece) - i0;
@@ -89,7 +89,7 @@ void for_each_encoder_block(int64_t n, int64_t d, const int64_t* lat, int64_t u,
         visit(j0, w, i0, h, static_cast<const float*>(nullptr), Pitch);
         continue;
       }
-      tile.assign(Piece * Pitch, 0.0f);
+      for (int64_t i = 0; i < h; ++i) std::fill_n(tile.data() + i * Pitch, w, 0.0f);  // the part visit reads
       for (int64_t g = first[c]; g < first[c + 1]; ++g) {
         const scalar_t* src = rows + g * d + i0;
         prefetch(src + 2 * d, h);  // two rows ahead: a row's piece is too short to train the prefetcher
