@@ -219,8 +219,7 @@ __attribute__((target("avx2"))) void transpose8x8_avx2(const float* s, int64_t l
 }
 #endif
 
-}  // namespace
-
+// dst[c * ld + r] = src[r * ls + c] for r < rows, c < cols: 8 x 8 blocks where there are whole ones.
 void transpose_block(const float* src, int64_t ls, int64_t rows, int64_t cols, float* dst, int64_t ld) {
   int64_t r = 0;
 #ifdef FASTSAE_AVX2_SCAN
@@ -236,6 +235,8 @@ void transpose_block(const float* src, int64_t ls, int64_t rows, int64_t cols, f
   for (int64_t c = 0; c < cols; ++c)  // the rows left, a short contiguous run of each dst row at a time
     for (int64_t q = r; q < rows; ++q) dst[c * ld + q] = src[q * ls + c];
 }
+
+}  // namespace
 
 void rows_to_columns(const float* src, int64_t ls, int64_t m, int64_t h, const int64_t* cols, int64_t col0,
                      float* dst, int64_t ld) {

@@ -27,13 +27,11 @@ void weighted_row_sum(const float* const* rows, const float* v, int64_t m, int64
 void dots_and_weighted_sum(const float* const* rows, const float* v, int64_t m, const float* w, int64_t d,
                            float* dv, float* out, float* scratch);
 // Transposed writes of fp32 rows, 8 x 8 blocks at a time (AVX2 shuffles where the CPU has
-// them) instead of one scalar store per value, each into another row of the output.
-//   transpose_block: dst[c * ld + r] = src[r * ls + c] for r < rows, c < cols.
+// them) instead of one scalar store per value, each into another row of the output:
 //   rows_to_columns: dst[i * ld + cols[r] - col0] = src[r * ls + i] for r < m, i < h (cols
 //   ascending): rows summed in a small buffer written into the columns of a [d, n] matrix.
 //   Runs of 8+ consecutive column ids go by 8 x 8 blocks; the other rows by one pass per dst
 //   row (h passes over src, which is meant to be cache-resident).
-void transpose_block(const float* src, int64_t ls, int64_t rows, int64_t cols, float* dst, int64_t ld);
 void rows_to_columns(const float* src, int64_t ls, int64_t m, int64_t h, const int64_t* cols, int64_t col0,
                      float* dst, int64_t ld);
 // One Adam step over n fp32 entries in place, with the arithmetic of torch's fused CPU

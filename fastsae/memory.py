@@ -126,7 +126,9 @@ def estimate(d_in: int, d_sae: int, dtype: str = "float32", optimizer: str = "ad
         if row_sparse:
             grads = 0
         elif torch_adam:
-            rows_fed = sparse_path and device == "cpu" and all(v % 16 == 0 for v in (d * n, *vectors))
+            from .optim import rows_fed_sizes
+
+            rows_fed = sparse_path and device == "cpu" and rows_fed_sizes((d * n, *vectors))
             grads = (0 if rows_fed else 4 * elems) if sparse_path else elems * b + (4 * elems if low else 0)
         else:
             grads = 0 if sparse_path else elems * b

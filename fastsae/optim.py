@@ -173,18 +173,17 @@ class DenseAdam:
     def _rows_kernel_applies(self) -> bool:
         """Whether step_row_sparse may run the C++ op adam_rows_step_ (Adam fed the rows
         directly, no gradient buffers): torch's fused kernel called directly (`direct`), no
-        weight decay, the four fp32 contiguous CPU masters W_enc, b_enc, W_dec, b_dec, each
-        with a multiple of 16 entries (torch's kernel takes a scalar double path for the last
-        numel % 16, which the op does not reproduce), and the op matching torch's kernel bit
-        for bit on this machine (checked once per process, _rows_kernel_matches_torch)."""
+        weight decay, the four fp32 contiguous CPU masters W_enc, b_enc, W_dec, b_dec of sizes
+        rows_fed_sizes allows, and the op matching torch's kernel bit for bit on this machine
+        (checked once per process, _rows_kernel_matches_torch)."""
         if not (self.rows_fed and self.native and self.direct) or self.opt.param_groups[0]["weight_decay"] != 0:
             return False
         if self._rows_shapes_ok is None:
             m = self.master
             self._rows_shapes_ok = (
                 tuple(m) == _ROW_PARAMS and set(self.unit_norm_rows) <= {"W_dec"}
-                and all(t.dtype == torch.float32 and t.device.type == "cpu" and t.is_contiguous()
-                        and t.numel() % 16 == 0 for t in m.values())
+                and all(t.dtype == torch.float32 and t.device.type == "cpu" and t.is_contiguous() for t in m.values())
+                and rows_fed_sizes(t.numel() for t in m.values())
                 and ops.native("adam_rows_step_", "cpu") is not None)
         if not self._rows_shapes_ok:
             return False
@@ -299,6 +298,13 @@ class DenseAdam:
 
 
 _ROW_PARAMS = ("W_enc", "b_enc", "W_dec", "b_dec")
+
+
+def rows_fed_sizes(numels: Iterable[int]) -> bool:
+    """Whether tensors of these sizes can take DenseAdam's step fed the rows (adam_rows_step_):
+    each a multiple of 16 entries, where torch's fused kernel takes its vector body throughout
+    (the last numel % 16 entries go through a scalar double path the op does not reproduce)."""
+    return all(n % 16 == 0 for n in numels)
 _rows_kernel_checks: dict[tuple[float, float, float], bool] = {}
 
 
