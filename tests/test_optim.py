@@ -294,8 +294,9 @@ def _native_optim_ops():
     return torch.ops.fastsae
 
 
-# (d, n, u): some latents, none, one, all of them, d = 1, a d that is no multiple of a vector width
-GRAD_SHAPES = [(5, 130, 70), (6, 9, 0), (7, 9, 1), (4, 12, 12), (1, 40, 17), (33, 300, 200)]
+# (d, n, u): some latents, none, one, all of them, d = 1, a d that is no multiple of a vector width,
+# a dictionary of one latent (fired or not)
+GRAD_SHAPES = [(5, 130, 70), (6, 9, 0), (7, 9, 1), (4, 12, 12), (1, 40, 17), (33, 300, 200), (3, 1, 1), (3, 1, 0)]
 
 
 def _sparse_case(d, n, u, dtype, seed=0, noncontig=False):
