@@ -124,6 +124,32 @@ __attribute__((target("avx2"))) int64_t collect_at_least_avx2(const float* x, co
   return m;
 }
 
+// The same with AVX-512, and without a branch per hit: each 16-entry vector's hit positions
+// are packed (a register compress) and stored whole, the count advanced by the mask's
+// popcount. Where hits are frequent (a row's first tiles) the per-hit loop above mispredicts
+// on about every block; this costs the same whatever the hit rate.
+template <bool kBias>
+__attribute__((target("avx512f"))) int64_t collect_at_least_avx512(const float* x, const float* bias, int64_t n,
+                                                                  float t, int32_t* out) {
+  const __m512 tv = _mm512_set1_ps(t);
+  __m512i pos = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  const __m512i step = _mm512_set1_epi32(16);
+  int64_t m = 0, i = 0;
+  for (; i + 16 <= n; i += 16) {  // m <= i: the 16-slot store stays within out[0, n)
+    __m512 v = _mm512_loadu_ps(x + i);
+    if (kBias) v = _mm512_add_ps(v, _mm512_loadu_ps(bias + i));
+    const __mmask16 hit = _mm512_cmp_ps_mask(v, tv, _CMP_NLT_UQ);
+    _mm512_storeu_si512(out + m, _mm512_maskz_compress_epi32(hit, pos));
+    m += __builtin_popcount(hit);
+    pos = _mm512_add_epi32(pos, step);
+  }
+  for (; i < n; ++i) {
+    const float v = kBias ? x[i] + bias[i] : x[i];
+    if (!(v < t)) out[m++] = static_cast<int32_t>(i);
+  }
+  return m;
+}
+
 template <bool kBias>
 __attribute__((target("avx2"))) float kth_lower_bound_avx2(const float* x, const float* bias, int64_t n, int64_t k) {
   const int64_t sets = (k + 7) / 8, vecs = n / 8;
@@ -219,6 +245,60 @@ __attribute__((target("avx2"))) void transpose8x8_avx2(const float* s, int64_t l
 }
 #endif
 
+// select_largest's partition of a[lo, hi) by key > pivot: the keys above go to above[0..),
+// the others are compacted to a[lo..). Returns how many are above.
+int64_t partition_above_portable(uint64_t* a, int64_t lo, int64_t hi, uint64_t pivot, uint64_t* above) {
+  int64_t na = 0, nb = lo;
+  for (int64_t i = lo; i < hi; ++i) {  // both writes, one advance: no branch to mispredict
+    const uint64_t v = a[i];
+    above[na] = v;
+    a[nb] = v;
+    na += v > pivot;
+    nb += !(v > pivot);
+  }
+  return na;
+}
+
+#ifdef FASTSAE_AVX2_SCAN
+// kCompress4[mask]: the 32-bit lane permutation that packs the 64-bit lanes set in mask first.
+#define FASTSAE_LANES(a, b, c, d) {2 * a, 2 * a + 1, 2 * b, 2 * b + 1, 2 * c, 2 * c + 1, 2 * d, 2 * d + 1}
+alignas(32) const int32_t kCompress4[16][8] = {
+    FASTSAE_LANES(0, 0, 0, 0), FASTSAE_LANES(0, 0, 0, 0), FASTSAE_LANES(1, 0, 0, 0), FASTSAE_LANES(0, 1, 0, 0),
+    FASTSAE_LANES(2, 0, 0, 0), FASTSAE_LANES(0, 2, 0, 0), FASTSAE_LANES(1, 2, 0, 0), FASTSAE_LANES(0, 1, 2, 0),
+    FASTSAE_LANES(3, 0, 0, 0), FASTSAE_LANES(0, 3, 0, 0), FASTSAE_LANES(1, 3, 0, 0), FASTSAE_LANES(0, 1, 3, 0),
+    FASTSAE_LANES(2, 3, 0, 0), FASTSAE_LANES(0, 2, 3, 0), FASTSAE_LANES(1, 2, 3, 0), FASTSAE_LANES(0, 1, 2, 3)};
+#undef FASTSAE_LANES
+
+// Four keys a step: an unsigned compare (signed, on keys with the top bit flipped), then each
+// side packed by a table shuffle and stored whole (the next store overwrites the spare lanes).
+__attribute__((target("avx2"))) int64_t partition_above_avx2(uint64_t* a, int64_t lo, int64_t hi, uint64_t pivot,
+                                                              uint64_t* above) {
+  const __m256i flip = _mm256_set1_epi64x(static_cast<long long>(0x8000000000000000ull));
+  const __m256i pv = _mm256_xor_si256(_mm256_set1_epi64x(static_cast<long long>(pivot)), flip);
+  int64_t na = 0, nb = lo, i = lo;
+  for (; i + 4 <= hi; i += 4) {
+    const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a + i));
+    const int gt = _mm256_movemask_pd(_mm256_castsi256_pd(_mm256_cmpgt_epi64(_mm256_xor_si256(v, flip), pv)));
+    const int le = ~gt & 15;
+    const __m256i pack_gt = _mm256_load_si256(reinterpret_cast<const __m256i*>(kCompress4[gt]));
+    const __m256i pack_le = _mm256_load_si256(reinterpret_cast<const __m256i*>(kCompress4[le]));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(above + na), _mm256_permutevar8x32_epi32(v, pack_gt));
+    na += __builtin_popcount(gt);
+    // nb <= i: the store stays within keys already read
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(a + nb), _mm256_permutevar8x32_epi32(v, pack_le));
+    nb += __builtin_popcount(le);
+  }
+  for (; i < hi; ++i) {
+    const uint64_t v = a[i];
+    above[na] = v;
+    a[nb] = v;
+    na += v > pivot;
+    nb += !(v > pivot);
+  }
+  return na;
+}
+#endif
+
 // dst[c * ld + r] = src[r * ls + c] for r < rows, c < cols: 8 x 8 blocks where there are whole ones.
 void transpose_block(const float* src, int64_t ls, int64_t rows, int64_t cols, float* dst, int64_t ld) {
   int64_t r = 0;
@@ -237,6 +317,35 @@ void transpose_block(const float* src, int64_t ls, int64_t rows, int64_t cols, f
 }
 
 }  // namespace
+
+void select_largest(uint64_t* a, int64_t n, int64_t k) {
+  thread_local std::vector<uint64_t> above;
+  if (static_cast<int64_t>(above.size()) < n + 4) above.resize(n + 4);
+  int64_t lo = 0, hi = n, need = k;  // [0, lo) outrank [lo, hi), which holds the k-th
+  // Median-of-three pivots; past 2 log2(n) + 8 rounds (an adversarial order) nth_element,
+  // whose introselect bounds the work, finishes.
+  for (int round = 0, rounds = 2 * (64 - __builtin_clzll(static_cast<uint64_t>(n) | 1)) + 8;
+       hi - lo > 16 && round < rounds; ++round) {
+    const uint64_t p0 = a[lo], p1 = a[lo + (hi - lo) / 2], p2 = a[hi - 1];
+    const uint64_t pivot = std::max(std::min(p0, p1), std::min(std::max(p0, p1), p2));  // < the max: na >= 1
+#ifdef FASTSAE_AVX2_SCAN
+    const int64_t na = kHasAvx2 ? partition_above_avx2(a, lo, hi, pivot, above.data())
+                                : partition_above_portable(a, lo, hi, pivot, above.data());
+#else
+    const int64_t na = partition_above_portable(a, lo, hi, pivot, above.data());
+#endif
+    if (na >= need) {  // the k-th is above the pivot: keep those only
+      std::copy(above.data(), above.data() + na, a + lo);
+      hi = lo + na;
+    } else {  // all above are kept: look among the rest (the pivot among them)
+      std::copy_backward(a + lo, a + hi - na, a + hi);
+      std::copy(above.data(), above.data() + na, a + lo);
+      lo += na;
+      need -= na;
+    }
+  }
+  std::nth_element(a + lo, a + lo + need - 1, a + hi, std::greater<uint64_t>());
+}
 
 void rows_to_columns(const float* src, int64_t ls, int64_t m, int64_t h, const int64_t* cols, int64_t col0,
                      float* dst, int64_t ld) {
@@ -398,6 +507,8 @@ int64_t find_above(const double* x, int64_t n, double t) {
 }
 int64_t collect_at_least(const float* x, const float* bias, int64_t n, float t, int32_t* out) {
   if (!kHasAvx2) return collect_at_least_portable(x, bias, n, t, out);
+  if (kHasAvx512)
+    return bias ? collect_at_least_avx512<true>(x, bias, n, t, out) : collect_at_least_avx512<false>(x, bias, n, t, out);
   return bias ? collect_at_least_avx2<true>(x, bias, n, t, out) : collect_at_least_avx2<false>(x, bias, n, t, out);
 }
 float kth_lower_bound(const float* x, const float* bias, int64_t n, int64_t k) {

@@ -61,6 +61,11 @@ int64_t find_above(const double* x, int64_t n, double t);
 // is too short for k groups of whole 8-entry vectors.
 int64_t collect_at_least(const float* x, const float* bias, int64_t n, float t, int32_t* out);
 float kth_lower_bound(const float* x, const float* bias, int64_t n, int64_t k);
+// The k largest of a[0..n) (distinct keys, 1 <= k <= n) moved to a[0..k) in no particular
+// order, the k-th largest at a[k-1]; a[k..n) is left unspecified. A quickselect whose
+// partitions are branch-free (AVX2 compress by shuffle where the CPU has it): a running
+// top-k's cut, 2.5-4x faster than the 8-bit radix selection it replaced at 100-1000 keys.
+void select_largest(uint64_t* a, int64_t n, int64_t k);
 
 // The same for mixed storage (fp16/bf16 rows summed in fp32): plain loops.
 template <typename acc_t, typename scalar_t>

@@ -52,8 +52,8 @@ inline bool ranks_before(const Entry<acc_t>& a, const Entry<acc_t>& b) {
 
 // The same ranking for fp32 sums and ids below 2^32, as one unsigned 64-bit key: the value's
 // bits mapped to an order-preserving uint32 (NaN on top, -0 as +0) above the id's complement.
-// One integer compare instead of the NaN-aware comparator, and keys a radix selection can cut
-// by their bits: the cuts are most of a top-k's selection once k reaches AuxK's hundreds.
+// One integer compare instead of the NaN-aware comparator, and a selection on plain integers:
+// the cuts are most of a top-k's selection once k reaches AuxK's hundreds.
 struct Key32 {
   uint64_t key;
   Key32() {}  // left unset: a running top-k's buffer grows by the entries written next
@@ -92,58 +92,16 @@ struct RankFirst {
   bool operator()(const E& a, const E& b) const { return ranks_before(a, b); }
 };
 
-// Packed keys: the k largest of a[0..n) by their bits, most significant digit first, 8 bits a
-// pass from the top bit where the remaining candidates differ. Each pass counts the digits,
-// keeps the digits above the one holding the k-th key and narrows to that one; no compare
-// branches to mispredict, where nth_element's partitions mispredict about every other entry.
-// Keys are unique (each holds its latent id), so the narrowing ends.
-inline void radix_select(Key32* a, int64_t n, int64_t k) {
-  thread_local std::vector<uint64_t> higher, tied;
-  higher.resize(n);
-  tied.resize(n);
-  int64_t lo = 0, hi = n, need = k;  // [0, lo) rank above the k-th, which lies in [lo, hi)
-  for (;;) {
-    uint64_t diff = 0;
-    for (int64_t i = lo; i < hi; ++i) diff |= a[i].key ^ a[lo].key;
-    if (diff == 0) break;  // one key left
-    const int top = 63 - __builtin_clzll(diff);
-    const int shift = top > 7 ? top - 7 : 0;
-    uint32_t count[256] = {};
-    for (int64_t i = lo; i < hi; ++i) ++count[(a[i].key >> shift) & 0xFF];
-    int64_t t = 255, above = 0;
-    while (above + count[t] < need) above += count[t--];
-    int64_t nh = 0, nt = 0;
-    for (int64_t i = lo; i < hi; ++i) {
-      const uint64_t key = a[i].key;
-      const int64_t digit = static_cast<int64_t>((key >> shift) & 0xFF);
-      higher[nh] = key;
-      nh += digit > t;
-      tied[nt] = key;
-      nt += digit == t;
-    }
-    for (int64_t i = 0; i < nh; ++i) a[lo + i].key = higher[i];
-    for (int64_t i = 0; i < nt; ++i) a[lo + nh + i].key = tied[i];
-    lo += nh;
-    hi = lo + nt;
-    need -= nh;
-    if (need == nt) break;
-  }
-  int64_t least = lo;  // every key of [lo, hi) is kept: the least of them is the k-th
-  for (int64_t i = lo + 1; i < hi; ++i)
-    if (a[i].key < a[least].key) least = i;
-  std::swap(a[least], a[hi - 1]);
-}
-
 // The k best of a[0..n) (n > k >= 1) moved to the front in no particular order, the k-th best
-// at a[k-1]. Radix selection for packed keys once the list is long enough to repay its digit
-// counts; nth_element otherwise.
-constexpr int64_t kRadixMin = 64;
+// at a[k-1]: row_math's select_largest on the packed keys; nth_element for fp64's pairs.
 template <typename E>
 void select_best(E* a, int64_t n, int64_t k) {
   if constexpr (std::is_same_v<E, Key32>) {
-    if (n >= kRadixMin) return radix_select(a, n, k);
+    static_assert(sizeof(Key32) == sizeof(uint64_t));
+    select_largest(reinterpret_cast<uint64_t*>(a), n, k);
+  } else {
+    std::nth_element(a, a + (k - 1), a + n, RankFirst<E>{});
   }
-  std::nth_element(a, a + (k - 1), a + n, RankFirst<E>{});
 }
 
 // A row's running top-k: a buffer that holds a superset of the k best entries offered so far.

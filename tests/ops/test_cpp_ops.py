@@ -198,6 +198,62 @@ def test_topk_encode_fp32_ranks_ties_nan_inf_and_signed_zero(k):
     assert torch.equal(F.topk_encode(x, W, b, None, k)[1], idx)
 
 
+# Rows of fp32 pre-activations that exercise the running top-k's cuts: random, ascending
+# (every tile beats the last bar), descending, heavy ties and a late burst (the best in the
+# last tile). One-hot x and b_enc = 0 make the encoder's sums the rows exactly.
+FP32_ROW_KINDS = ("random", "ascending", "descending", "ties", "late burst")
+_SELECTION_CHECK = """
+import torch, fastsae._C
+F = torch.ops.fastsae
+
+def rows(n, seed):
+    g = torch.Generator().manual_seed(seed)
+    late = torch.randn(n, generator=g)
+    late[-200:] += 10
+    return torch.stack([torch.randn(n, generator=g), torch.linspace(-3, 3, n), torch.linspace(3, -3, n),
+                        torch.randint(0, 4, (n,), generator=g).float(), late])
+
+def ranked(row, ids):  # larger value first, ties toward the smaller id (a stable sort)
+    order = torch.sort(-row[ids], stable=True).indices
+    return ids[order]
+
+bad = []
+for n, ks in ((300, (1, 17, 299, 300)), (4100, (1, 32, 200, 4099))):
+    W = rows(n, n)
+    x, b = torch.eye(W.shape[0]), torch.zeros(n)
+    dead = torch.arange(0, n, 2)
+    for k in ks:
+        ka = min(k, dead.numel())
+        vals, idx, dvals, didx = F.topk_encode_dead(x, W, b, None, k, dead, ka)
+        for r in range(W.shape[0]):
+            want = ranked(W[r], torch.arange(n))[:k]
+            want_dead = ranked(W[r], dead)[:ka]
+            if not (torch.equal(idx[r], want) and torch.equal(vals[r], W[r, want].relu())
+                    and torch.equal(torch.sort(didx[r]).values, torch.sort(want_dead).values)
+                    and torch.equal(dvals[r], W[r, didx[r]].relu())):
+                bad.append((n, k, r))
+print("bad", bad)
+"""
+
+
+@pytest.mark.parametrize("isa", ["native", "avx2", "baseline"])
+def test_topk_encode_fp32_selection_matches_a_stable_sort_on_every_cpu_path(isa):
+    """The fp32 selections (packed keys, cut by row_math's select_largest) against a stable
+    sort, for k = 1, k = n and AuxK-sized k, on rows whose order stresses the cuts (see
+    FP32_ROW_KINDS), on the CPU paths FASTSAE_CPU_ISA can cap to, each in a fresh process."""
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ)
+    if isa != "native":
+        env["FASTSAE_CPU_ISA"] = isa
+    out = subprocess.run([sys.executable, "-c", _SELECTION_CHECK], env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "bad []", out.stdout
+
+
 def test_batchtopk_encode_tie_with_a_smaller_id_later_in_the_stream():
     """BatchTopK's running top-(B·k) sees row 1's first tile before row 0's last one, so an
     entry tied with the bar but of a smaller flat id (b·n + j) can arrive after the bar was set:
