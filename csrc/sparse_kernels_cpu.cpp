@@ -59,7 +59,7 @@ constexpr int64_t kSegBlock = 16;
 
 // Given W_dec, dvalues is written here first, entry by entry: <grad[b(e)], W_dec[latent]>.
 template <typename scalar_t>
-void segment_sums_kernel(const LatentCSR& csr, int64_t k, int64_t d, bool dense_rows,
+void segment_sums_kernel(const LatentCSR& csr, int64_t d, bool dense_rows,
                          const scalar_t* values, const scalar_t* grad,      // for dW_dec
                          scalar_t* dvalues, const scalar_t* xin,            // for dW_enc, db_enc
                          RowsOut<scalar_t> dW_dec, RowsOut<scalar_t> dW_enc, scalar_t* db_enc,
@@ -69,6 +69,7 @@ void segment_sums_kernel(const LatentCSR& csr, int64_t k, int64_t d, bool dense_
   const int64_t* lat = csr.latents.data_ptr<int64_t>();
   const int64_t* off = csr.offsets.data_ptr<int64_t>();
   const int64_t* ord = csr.order.data_ptr<int64_t>();
+  const int64_t* row_of = csr.row.data_ptr<int64_t>();  // the row of ord[p]
   const int64_t blocks = (u + kSegBlock - 1) / kSegBlock;
   const int64_t entries = csr.order.numel();
   // fp32/fp64 rows that are contiguous in the output are summed in place; a transposed or
@@ -98,9 +99,9 @@ void segment_sums_kernel(const LatentCSR& csr, int64_t k, int64_t d, bool dense_
         if constexpr (kFloat) {
           const int64_t m = off[g + 1] - off[g];
           if (blocked && m > 1) {  // one entry: the per-entry loop below (measured no slower)
-            const int64_t* seg = ord + off[g];
+            const int64_t *seg = ord + off[g], *seg_row = row_of + off[g];
             if (g + 1 < u) {  // the next segment's decoder row and first rows: short segments wait on them
-              const int64_t nb = ord[off[g + 1]] / k;
+              const int64_t nb = row_of[off[g + 1]];
               if (W_dec) prefetch(W_dec + lat[g + 1] * d, d);
               if (dW_dec.base) prefetch(grad + nb * d, d);
               if (dW_enc.base) prefetch(xin + nb * d, d);
@@ -111,7 +112,7 @@ void segment_sums_kernel(const LatentCSR& csr, int64_t k, int64_t d, bool dense_
             scratch.resize(16 * m);
             if (dW_dec.base) {  // sum_e values[e]*grad[b(e)], and with W_dec each <grad[b(e)], w>
               for (int64_t p = 0; p < m; ++p) {
-                rows[p] = grad + (seg[p] / k) * d;
+                rows[p] = grad + seg_row[p] * d;
                 weights[p] = values[seg[p]];
               }
               if (W_dec) {
@@ -128,7 +129,7 @@ void segment_sums_kernel(const LatentCSR& csr, int64_t k, int64_t d, bool dense_
               for (int64_t p = 0; p < m; ++p) {
                 weights[p] = values[seg[p]] > 0.0f ? dvalues[seg[p]] : 0.0f;
                 acc_b += weights[p];
-                rows[p] = xin ? xin + (seg[p] / k) * d : nullptr;
+                rows[p] = xin ? xin + seg_row[p] * d : nullptr;
               }
               if (dW_enc.base) {
                 std::fill(ae, ae + d, 0.0f);
@@ -145,9 +146,9 @@ void segment_sums_kernel(const LatentCSR& csr, int64_t k, int64_t d, bool dense_
         const scalar_t* w = W_dec ? W_dec + lat[g] * d : nullptr;
         if (W_dec && g + 1 < u) prefetch(W_dec + lat[g + 1] * d, d);
         for (int64_t p = off[g]; p < off[g + 1]; ++p) {
-          const int64_t e = ord[p], b = e / k;
+          const int64_t e = ord[p], b = row_of[p];
           if (p + 1 < entries) {  // the next entry's rows (its segment's, or the next segment's first)
-            const int64_t nb = ord[p + 1] / k;
+            const int64_t nb = row_of[p + 1];
             if (dW_dec.base || W_dec) prefetch(grad + nb * d, d);
             if (dW_enc.base) prefetch(xin + nb * d, d);
           }
@@ -241,7 +242,7 @@ void segment_sums_cpu(const LatentCSR& csr, const SegmentSums& a) {
     RowsOut<scalar_t> enc = a.enc_transposed && a.dW_enc.defined()
                                 ? RowsOut<scalar_t>{ptr(a.dW_enc), 1, a.dW_enc.size(1)}
                                 : RowsOut<scalar_t>{ptr(a.dW_enc), d, 1};
-    segment_sums_kernel<scalar_t>(csr, a.k, d, a.dense_rows, a.values.data_ptr<scalar_t>(), ptr(a.grad),
+    segment_sums_kernel<scalar_t>(csr, d, a.dense_rows, a.values.data_ptr<scalar_t>(), ptr(a.grad),
                                   ptr(a.dvalues), ptr(a.xin), dec, enc, ptr(a.db_enc), ptr(a.W_dec));
   });
 }

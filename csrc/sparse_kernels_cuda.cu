@@ -177,6 +177,8 @@ LatentCSR csr_by_latent_cuda(const at::Tensor& indices, int64_t /*n*/) {
   const at::Tensor& counts = std::get<2>(runs);
   csr.offsets = at::cat({at::zeros({1}, counts.options()), counts.cumsum(0)});
   csr.slot = at::empty_like(flat).scatter_(0, csr.order, std::get<1>(runs));
+  const int64_t k = indices.dim() == 2 ? indices.size(1) : 1;
+  csr.row = k > 0 ? at::div(csr.order, k, "floor") : csr.order.clone();
   return csr;
 }
 
