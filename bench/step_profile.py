@@ -16,7 +16,9 @@ and, for the Trainer step, its parts (select, decode, backward, optimizer, AuxK)
 with gradient buffers (its path where Adam cannot be fed the rows) and the fused Adam kernel
 alone (the optimizer's floor). Times are
 CPU seconds of this process (time.process_time), steadier than wall time when other jobs share
-the cores; the median over rounds is reported as a multiple of the GEMM's. Writes
+the cores; the median over rounds is reported as a multiple of the GEMM's. The process keeps
+freed memory (fastsae.keep_freed_memory, which the Trainer calls), so no row pays page faults
+for its buffers; bench.fit_loop times the loops on fresh batches with and without it. Writes
 bench/results/step_profile-<slug>.{json,md}.
 """
 
@@ -38,10 +40,11 @@ SHAPES = [(256, 16384, 32, 2048), (256, 16384, 32, 512), (384, 4096, 32, 1024), 
 
 
 def build(shape, seed=0):
-    from fastsae import SAEConfig, TopKSAE
+    from fastsae import SAEConfig, TopKSAE, keep_freed_memory
     from fastsae.trainer import TrainConfig, Trainer
 
     d, n, k, B = shape
+    keep_freed_memory()  # as the Trainer built below does: every path timed with it
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(B, d, generator=g)
     cfg = SAEConfig(d_in=d, d_sae=n, architecture="topk", k=k)

@@ -12,6 +12,7 @@ from .architectures import BatchTopKSAE, GatedSAE, JumpReLUSAE, MatryoshkaBatchT
 from .config import SAEConfig, TrainConfig
 from .data import PairedSource
 from .errors import CheckpointError, ConfigError, FastSAEError, InputError
+from .malloc import keep_freed_memory
 from .sae import SAE_CLASSES, BaseSAE, TrainOutput, build_sae, sae_class, sparse_architectures
 from .sparse import SparseActs
 from .trainer import Trainer, train

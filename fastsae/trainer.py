@@ -41,6 +41,7 @@ from .constraints import normalize_rows_
 from .data import ActivationSource, as_source, fingerprint_changes
 from .errors import ConfigError, InputError
 from .init import geometric_median, init_b_dec_, init_from_data_, resample_latents_
+from .malloc import keep_freed_memory
 from .optim import DenseAdam, RowSparseAdam, build_optimizer, merge_row_sparse
 from .parallel import LOCAL, ParallelContext
 from .run_dir import CONSOLIDATE_MAX_BYTES, RunDir, latest_checkpoint, list_checkpoints
@@ -83,6 +84,7 @@ class Trainer:
         """initialise: apply cfg's data-dependent init (b_dec_init, init) to the SAE; None = only
         to an SAE built here (a given SAE is trained as it is, e.g. one being resumed)."""
         self.cfg = cfg
+        keep_freed_memory()  # a step's buffers stay in the process (fastsae.malloc)
         if layout is None:
             layout = sae.context if sae is not None else LOCAL
         self.layout = layout

@@ -67,3 +67,17 @@ def test_row_bandwidth_bench_prints_a_rate_per_working_set(capsys):
     assert len(rows) == 2 and all(float(r.split("|")[3]) > 0 for r in rows)
     with pytest.raises(SystemExit):
         row_bandwidth.main(["--k", "5", "--latents", "4"])
+
+
+def test_fit_loop_bench_reports_both_allocator_settings(tmp_path):
+    from bench import fit_loop
+
+    assert fit_loop.main(["--shape", "8,64,2,16", "--rounds", "1", "--steps", "12", "--out", str(tmp_path),
+                          "--name", "t"]) == 0
+    rep = json.loads((tmp_path / "t.json").read_text())
+    median = rep["results"][0]["median"]
+    for loop in fit_loop.LOOPS:
+        for setting in fit_loop.SETTINGS:
+            m = median[loop][setting]
+            assert m["cpu_ms"] > 0 and m["gemm_ms"] > 0 and m["faults"] >= 0
+    assert "| module loop | freed memory kept |" in (tmp_path / "t.md").read_text()
