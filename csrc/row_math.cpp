@@ -100,21 +100,40 @@ __attribute__((target("avx2"))) inline __m256 row_values(const float* x, const f
   return kBias ? _mm256_add_ps(v, _mm256_loadu_ps(bias + i)) : v;
 }
 
+// kCompress8.lanes[mask]: the lanes set in an 8-bit mask, packed first (the AVX2 stand-in for
+// a compress instruction: one table load and one lane permutation).
+struct Compress8 {
+  alignas(32) int32_t lanes[256][8];
+};
+constexpr Compress8 make_compress8() {
+  Compress8 t{};
+  for (int mask = 0; mask < 256; ++mask)
+    for (int lane = 0, packed = 0; lane < 8; ++lane)
+      if ((mask >> lane) & 1) t.lanes[mask][packed++] = lane;
+  return t;
+}
+constexpr Compress8 kCompress8 = make_compress8();
+
+// 32 entries per test, one branch per block (most blocks have no hit once a row's bar is set);
+// a block with hits stores each vector's hit positions packed, without a branch per hit.
 template <bool kBias>
 __attribute__((target("avx2"))) int64_t collect_at_least_avx2(const float* x, const float* bias, int64_t n, float t,
                                                              int32_t* out) {
   const __m256 tv = _mm256_set1_ps(t);
+  const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
   int64_t m = 0, i = 0;
-  // 32 entries per test: one branch per block, then one iteration per hit
   for (; i + 32 <= n; i += 32) {
-    uint32_t hits = 0;
-    for (int b = 0; b < 4; ++b)
-      hits |= static_cast<uint32_t>(_mm256_movemask_ps(_mm256_cmp_ps(row_values<kBias>(x, bias, i + 8 * b), tv,
-                                                                     _CMP_NLT_UQ)))
-              << (8 * b);
-    while (hits) {
-      out[m++] = static_cast<int32_t>(i + __builtin_ctz(hits));
-      hits &= hits - 1;
+    int hits[4], any = 0;
+    for (int b = 0; b < 4; ++b) {
+      hits[b] = _mm256_movemask_ps(_mm256_cmp_ps(row_values<kBias>(x, bias, i + 8 * b), tv, _CMP_NLT_UQ));
+      any |= hits[b];
+    }
+    if (!any) continue;
+    for (int b = 0; b < 4; ++b) {  // m <= i + 8b: the 8-slot store stays within out[0, n)
+      const __m256i pos = _mm256_add_epi32(lane, _mm256_set1_epi32(static_cast<int32_t>(i + 8 * b)));
+      const __m256i pack = _mm256_load_si256(reinterpret_cast<const __m256i*>(kCompress8.lanes[hits[b]]));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + m), _mm256_permutevar8x32_epi32(pos, pack));
+      m += __builtin_popcount(static_cast<unsigned>(hits[b]));
     }
   }
   for (; i < n; ++i) {
@@ -124,10 +143,10 @@ __attribute__((target("avx2"))) int64_t collect_at_least_avx2(const float* x, co
   return m;
 }
 
-// The same with AVX-512, and without a branch per hit: each 16-entry vector's hit positions
+// The same with AVX-512, without even the block test: each 16-entry vector's hit positions
 // are packed (a register compress) and stored whole, the count advanced by the mask's
-// popcount. Where hits are frequent (a row's first tiles) the per-hit loop above mispredicts
-// on about every block; this costs the same whatever the hit rate.
+// popcount. A branch per hit (the loop this replaced) mispredicted on about every block of a
+// row's first tiles, where hits are frequent; this costs the same whatever the hit rate.
 template <bool kBias>
 __attribute__((target("avx512f"))) int64_t collect_at_least_avx512(const float* x, const float* bias, int64_t n,
                                                                   float t, int32_t* out) {
@@ -246,10 +265,11 @@ __attribute__((target("avx2"))) void transpose8x8_avx2(const float* s, int64_t l
 #endif
 
 // select_largest's partition of a[lo, hi) by key > pivot: the keys above go to above[0..),
-// the others are compacted to a[lo..). Returns how many are above.
-int64_t partition_above_portable(uint64_t* a, int64_t lo, int64_t hi, uint64_t pivot, uint64_t* above) {
-  int64_t na = 0, nb = lo;
-  for (int64_t i = lo; i < hi; ++i) {  // both writes, one advance: no branch to mispredict
+// the others are compacted to a[lo..). Returns how many are above. partition_from does keys
+// i.. of it, na above and the others up to a[nb) placed already (the vector path's tail).
+int64_t partition_from(uint64_t* a, int64_t i, int64_t hi, uint64_t pivot, uint64_t* above, int64_t na,
+                       int64_t nb) {
+  for (; i < hi; ++i) {  // both writes, one advance: no branch to mispredict
     const uint64_t v = a[i];
     above[na] = v;
     a[nb] = v;
@@ -259,18 +279,14 @@ int64_t partition_above_portable(uint64_t* a, int64_t lo, int64_t hi, uint64_t p
   return na;
 }
 
-#ifdef FASTSAE_AVX2_SCAN
-// kCompress4[mask]: the 32-bit lane permutation that packs the 64-bit lanes set in mask first.
-#define FASTSAE_LANES(a, b, c, d) {2 * a, 2 * a + 1, 2 * b, 2 * b + 1, 2 * c, 2 * c + 1, 2 * d, 2 * d + 1}
-alignas(32) const int32_t kCompress4[16][8] = {
-    FASTSAE_LANES(0, 0, 0, 0), FASTSAE_LANES(0, 0, 0, 0), FASTSAE_LANES(1, 0, 0, 0), FASTSAE_LANES(0, 1, 0, 0),
-    FASTSAE_LANES(2, 0, 0, 0), FASTSAE_LANES(0, 2, 0, 0), FASTSAE_LANES(1, 2, 0, 0), FASTSAE_LANES(0, 1, 2, 0),
-    FASTSAE_LANES(3, 0, 0, 0), FASTSAE_LANES(0, 3, 0, 0), FASTSAE_LANES(1, 3, 0, 0), FASTSAE_LANES(0, 1, 3, 0),
-    FASTSAE_LANES(2, 3, 0, 0), FASTSAE_LANES(0, 2, 3, 0), FASTSAE_LANES(1, 2, 3, 0), FASTSAE_LANES(0, 1, 2, 3)};
-#undef FASTSAE_LANES
+int64_t partition_above_portable(uint64_t* a, int64_t lo, int64_t hi, uint64_t pivot, uint64_t* above) {
+  return partition_from(a, lo, hi, pivot, above, 0, lo);
+}
 
+#ifdef FASTSAE_AVX2_SCAN
 // Four keys a step: an unsigned compare (signed, on keys with the top bit flipped), then each
-// side packed by a table shuffle and stored whole (the next store overwrites the spare lanes).
+// side packed by kCompress8 (a 64-bit lane's compare sets both its 32-bit halves) and stored
+// whole (the next store overwrites the spare lanes).
 __attribute__((target("avx2"))) int64_t partition_above_avx2(uint64_t* a, int64_t lo, int64_t hi, uint64_t pivot,
                                                               uint64_t* above) {
   const __m256i flip = _mm256_set1_epi64x(static_cast<long long>(0x8000000000000000ull));
@@ -278,24 +294,17 @@ __attribute__((target("avx2"))) int64_t partition_above_avx2(uint64_t* a, int64_
   int64_t na = 0, nb = lo, i = lo;
   for (; i + 4 <= hi; i += 4) {
     const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a + i));
-    const int gt = _mm256_movemask_pd(_mm256_castsi256_pd(_mm256_cmpgt_epi64(_mm256_xor_si256(v, flip), pv)));
-    const int le = ~gt & 15;
-    const __m256i pack_gt = _mm256_load_si256(reinterpret_cast<const __m256i*>(kCompress4[gt]));
-    const __m256i pack_le = _mm256_load_si256(reinterpret_cast<const __m256i*>(kCompress4[le]));
+    const __m256i gt = _mm256_cmpgt_epi64(_mm256_xor_si256(v, flip), pv);
+    const int gt8 = _mm256_movemask_ps(_mm256_castsi256_ps(gt)), le8 = ~gt8 & 0xFF;
+    const __m256i pack_gt = _mm256_load_si256(reinterpret_cast<const __m256i*>(kCompress8.lanes[gt8]));
+    const __m256i pack_le = _mm256_load_si256(reinterpret_cast<const __m256i*>(kCompress8.lanes[le8]));
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(above + na), _mm256_permutevar8x32_epi32(v, pack_gt));
-    na += __builtin_popcount(gt);
+    na += __builtin_popcount(static_cast<unsigned>(gt8)) / 2;
     // nb <= i: the store stays within keys already read
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(a + nb), _mm256_permutevar8x32_epi32(v, pack_le));
-    nb += __builtin_popcount(le);
+    nb += __builtin_popcount(static_cast<unsigned>(le8)) / 2;
   }
-  for (; i < hi; ++i) {
-    const uint64_t v = a[i];
-    above[na] = v;
-    a[nb] = v;
-    na += v > pivot;
-    nb += !(v > pivot);
-  }
-  return na;
+  return partition_from(a, i, hi, pivot, above, na, nb);
 }
 #endif
 
