@@ -33,8 +33,8 @@ from pathlib import Path
 
 import torch
 
-from .report import RESULTS, git_info, machine_info
-from .step_profile import SHAPES
+from .report import machine_info
+from .step_profile import add_common_args, shapes_of, write_results
 
 LOOPS = ("trainer", "module loop")
 SETTINGS = ("freed memory returned", "freed memory kept")
@@ -136,25 +136,20 @@ def markdown(results: list[dict], machine: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.fit_loop", description=__doc__.split("\n\n")[0])
-    p.add_argument("--shape", action="append", default=[], help="d_in,d_sae,k,batch (repeatable; default: "
-                   + "; ".join(",".join(map(str, s)) for s in SHAPES) + ")")
+    add_common_args(p, "fit_loop")
     p.add_argument("--rounds", type=int, default=3, help="runs per loop and setting (default 3)")
     p.add_argument("--seconds", type=float, default=4.0, help="about how long one run trains (default 4)")
-    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
-    p.add_argument("--out", type=Path, default=RESULTS, help="results folder")
-    p.add_argument("--name", default="fit_loop", help="file name stem")
+    p.add_argument("--steps", type=int, help="steps a run (default: about --seconds worth)")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--loop", choices=LOOPS, help=argparse.SUPPRESS)
-    p.add_argument("--steps", type=int, help="steps a run (default: about --seconds worth)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.worker:
         print(json.dumps(worker(tuple(int(v) for v in args.worker.split(",")), args.loop, args.steps)))
         return 0
-    shapes = [tuple(int(v) for v in s.split(",")) for s in args.shape] or SHAPES
     machine = machine_info()
     results = []
-    for shape in shapes:
+    for shape in shapes_of(args):
         steps = args.steps or steps_for(shape, args.seconds)
         runs = {loop: {s: [] for s in SETTINGS} for loop in LOOPS}
         for _ in range(args.rounds):
@@ -167,13 +162,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps({"shape": shape, "x_gemm": {f"{loop}, {s}": round(m["x_gemm"], 3)
                                                      for loop, by in median.items() for s, m in by.items()}}),
               flush=True)
-    machine["load_average_at_end"] = list(os.getloadavg())
-    rep = {"machine": machine, "git": git_info(), "threads": args.threads, "results": results}
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / f"{args.name}.json").write_text(json.dumps(rep, indent=1))
-    text = markdown(results, machine)
-    (args.out / f"{args.name}.md").write_text(text)
-    print(text)
+    write_results(args, machine, results, markdown(results, machine))
     return 0
 
 

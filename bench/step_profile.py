@@ -163,31 +163,43 @@ def markdown(results: list[dict], machine: dict) -> str:
     return "\n".join(out) + "\n"
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m bench.step_profile", description=__doc__.split("\n\n")[0])
+def add_common_args(p: argparse.ArgumentParser, name: str) -> None:
+    """The options bench.step_profile and bench.fit_loop share: shapes, threads, output."""
     p.add_argument("--shape", action="append", default=[], help="d_in,d_sae,k,batch (repeatable; default: "
                    + "; ".join(",".join(map(str, s)) for s in SHAPES) + ")")
-    p.add_argument("--repeats", type=int, default=5, help="rounds (default 5)")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
     p.add_argument("--out", type=Path, default=RESULTS, help="results folder")
-    p.add_argument("--name", default="step_profile", help="file name stem")
-    args = p.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    shapes = [tuple(int(v) for v in s.split(",")) for s in args.shape] or SHAPES
-    machine = machine_info()
-    results = []
-    for shape in shapes:
-        r = profile(shape, args.repeats)
-        results.append(r)
-        print(json.dumps({"shape": r["shape"], "x_gemm": {k: round(v, 3) for k, v in r["x_gemm"].items()}}),
-              flush=True)
+    p.add_argument("--name", default=name, help="file name stem")
+
+
+def shapes_of(args) -> list[tuple[int, ...]]:
+    return [tuple(int(v) for v in s.split(",")) for s in args.shape] or SHAPES
+
+
+def write_results(args, machine: dict, results: list[dict], text: str) -> None:
+    """<out>/<name>.json (machine, commit, results) and .md (text), and text on stdout."""
     machine["load_average_at_end"] = list(os.getloadavg())
     rep = {"machine": machine, "git": git_info(), "threads": args.threads, "results": results}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"{args.name}.json").write_text(json.dumps(rep, indent=1))
-    text = markdown(results, machine)
     (args.out / f"{args.name}.md").write_text(text)
     print(text)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.step_profile", description=__doc__.split("\n\n")[0])
+    add_common_args(p, "step_profile")
+    p.add_argument("--repeats", type=int, default=5, help="rounds (default 5)")
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    machine = machine_info()
+    results = []
+    for shape in shapes_of(args):
+        r = profile(shape, args.repeats)
+        results.append(r)
+        print(json.dumps({"shape": r["shape"], "x_gemm": {k: round(v, 3) for k, v in r["x_gemm"].items()}}),
+              flush=True)
+    write_results(args, machine, results, markdown(results, machine))
     return 0
 
 
