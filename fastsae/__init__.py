@@ -47,4 +47,4 @@ __all__ = [
     "TrainOutput", "SparseActs", "SAE_CLASSES", "sae_class", "sparse_architectures", "build_sae", "load",
     "FastSAEError", "InputError", "ConfigError", "CheckpointError", "__version__",
 ]
-__all__ += ["TrainConfig", "Trainer", "train"]
+__all__ += ["TrainConfig", "Trainer", "train", "keep_freed_memory"]

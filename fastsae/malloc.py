@@ -36,10 +36,10 @@ def _glibc():
         return None
     try:
         libc = ctypes.CDLL(None)
-        libc.gnu_get_libc_version  # glibc only: musl has a mallopt that does nothing
-        return libc
-    except (OSError, AttributeError):
+    except OSError:
         return None
+    # glibc only: musl has a mallopt that does nothing
+    return libc if hasattr(libc, "gnu_get_libc_version") and hasattr(libc, "mallopt") else None
 
 
 def keep_freed_memory() -> bool:
