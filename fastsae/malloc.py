@@ -5,9 +5,10 @@ rows, the selection's buffers). glibc's malloc hands freed memory at the top of 
 to the OS once more than M_TRIM_THRESHOLD lies free there, and serves blocks above
 M_MMAP_THRESHOLD with fresh mappings. It adapts both thresholds to the sizes it sees, but a
 loop that also fetches batches and logs keeps falling back into returning memory, which then
-comes back as page faults the kernel zeroes: about 3,400 a step at d_in=384, d_sae=4096,
-batch 1024 (8 ms, a fifth of the encoder GEMM) and 11,600 at d_in=256, d_sae=16384, batch
-2048 (24 ms), in fastsae's Trainer and in a plain drop-in loop alike.
+comes back as page faults the kernel zeroes: in Trainer.fit(), about 3,400 a step at d_in=384,
+d_sae=4096, batch 1024 (8.5 ms, a fifth of the encoder GEMM) and 9,100 at d_in=256,
+d_sae=16384, batch 2048 (23 ms). A plain drop-in loop can fall into it too (1,766 a step at
+384/4096 in one run, none in others: it depends on the process's history).
 
 keep_freed_memory() fixes the two thresholds (blocks up to 32 MiB from the heap, up to 1 GiB
 kept free at its top), which ends those faults. The Trainer calls it; a drop-in loop can too.
