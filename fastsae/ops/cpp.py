@@ -18,6 +18,8 @@ a kernel for the tensors' device falls back to the reference implementation.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from .. import (
@@ -33,7 +35,14 @@ _DISPATCH_KEY = {"cpu": "CPU", "cuda": "CUDA"}
 def has_kernel(op: str, device: torch.device | str) -> bool:
     """Whether torch.ops.fastsae.<op> has a native kernel for tensors on `device`."""
     key = _DISPATCH_KEY.get(torch.device(device).type)
-    return key is not None and torch._C._dispatch_has_kernel_for_dispatch_key(f"fastsae::{op}", key)
+    return key is not None and _registered(op, key)
+
+
+@functools.cache
+def _registered(op: str, key: str) -> bool:
+    # the library registered every kernel when it loaded (above): the answer cannot change,
+    # and the dispatcher query costs ~6 us, several times a training step
+    return torch._C._dispatch_has_kernel_for_dispatch_key(f"fastsae::{op}", key)
 
 
 def _devices(op: str) -> tuple[str, ...]:
