@@ -265,8 +265,9 @@ __attribute__((target("avx2"))) void transpose8x8_avx2(const float* s, int64_t l
 #endif
 
 // select_largest's partition of a[lo, hi) by key > pivot: the keys above go to above[0..),
-// the others are compacted to a[lo..). Returns how many are above. partition_from does keys
-// i.. of it, na above and the others up to a[nb) placed already (the vector path's tail).
+// the others are compacted to a[lo..); returns how many are above. Called on keys i.. of it
+// with na above and the others up to a[nb) placed already: (a, lo, hi, pivot, above, 0, lo)
+// for the whole range, and the vector path's tail.
 int64_t partition_from(uint64_t* a, int64_t i, int64_t hi, uint64_t pivot, uint64_t* above, int64_t na,
                        int64_t nb) {
   for (; i < hi; ++i) {  // both writes, one advance: no branch to mispredict
@@ -277,10 +278,6 @@ int64_t partition_from(uint64_t* a, int64_t i, int64_t hi, uint64_t pivot, uint6
     nb += !(v > pivot);
   }
   return na;
-}
-
-int64_t partition_above_portable(uint64_t* a, int64_t lo, int64_t hi, uint64_t pivot, uint64_t* above) {
-  return partition_from(a, lo, hi, pivot, above, 0, lo);
 }
 
 #ifdef FASTSAE_AVX2_SCAN
@@ -339,9 +336,9 @@ void select_largest(uint64_t* a, int64_t n, int64_t k) {
     const uint64_t pivot = std::max(std::min(p0, p1), std::min(std::max(p0, p1), p2));  // < the max: na >= 1
 #ifdef FASTSAE_AVX2_SCAN
     const int64_t na = kHasAvx2 ? partition_above_avx2(a, lo, hi, pivot, above.data())
-                                : partition_above_portable(a, lo, hi, pivot, above.data());
+                                : partition_from(a, lo, hi, pivot, above.data(), 0, lo);
 #else
-    const int64_t na = partition_above_portable(a, lo, hi, pivot, above.data());
+    const int64_t na = partition_from(a, lo, hi, pivot, above.data(), 0, lo);
 #endif
     if (na >= need) {  // the k-th is above the pivot: keep those only
       std::copy(above.data(), above.data() + na, a + lo);

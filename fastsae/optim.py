@@ -305,6 +305,8 @@ def rows_fed_sizes(numels: Iterable[int]) -> bool:
     each a multiple of 16 entries, where torch's fused kernel takes its vector body throughout
     (the last numel % 16 entries go through a scalar double path the op does not reproduce)."""
     return all(n % 16 == 0 for n in numels)
+
+
 _rows_kernel_checks: dict[tuple[float, float, float], bool] = {}
 
 
