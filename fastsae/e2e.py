@@ -45,6 +45,7 @@ import torch.nn.functional as F
 
 from .data import ActivationSource
 from .errors import ConfigError, InputError
+from .metrics import fired_latents
 from .sae import BaseSAE, reconstruction_terms
 from .sparse import RowSparseGrads, Selection
 from .streaming import TokenStream, model_digest
@@ -404,12 +405,11 @@ class E2ETrainer(Trainer):
         if not self._agree(bool(torch.isfinite(out.loss.detach() + aux)))[0]:
             return None
         self.step_row_sparse(*out.backward(sae), aux_rows)  # the Trainer's sparse update
-        acts = sel.acts
+        fired, l0 = fired_latents(sel.acts)
         loss = float(out.loss.detach()) + float(aux)
         scalars = {"loss": loss, "kl": out.kl, "downstream": out.downstream, "mse": float(mse), "fvu": float(fvu),
-                   "l0": float((acts.values > 0).sum(-1).float().mean()), "auxk": float(aux),
-                   "sparsity": 0.0}
-        return scalars, y, x2, acts.indices[acts.values > 0]
+                   "l0": l0, "auxk": float(aux), "sparsity": 0.0}
+        return scalars, y, x2, fired
 
 
 __all__ = ["E2ESource", "E2ETrainer", "E2ELoss", "CleanPass", "clean_pass", "e2e_loss", "e2e_settings", "SETTINGS"]

@@ -9,6 +9,7 @@ recovery when there is no ground truth). Codes and reconstructions: `latent_fire
 
 from __future__ import annotations
 
+import math
 from typing import Union
 
 import torch
@@ -63,11 +64,28 @@ def dictionary_mmcs(a: torch.Tensor, b: torch.Tensor) -> float:
     return mmcs(small, large)
 
 
+def fired_latents(acts: Acts) -> tuple[torch.Tensor, float]:
+    """(the latent id of every activation that fired, repeats kept, in row order; the mean
+    number per row, nan for no rows) of a batch's codes: > 0 for SparseActs, != 0 for dense
+    [..., d_sae]. What a training step records."""
+    if isinstance(acts, SparseActs):
+        values, indices = acts.values, acts.indices
+        positive = values > 0
+        count = int(positive.sum())
+        # a TopK step usually keeps every slot: its ids as they are, without a masked copy
+        fired = indices.reshape(-1) if count == positive.numel() else indices[positive]
+    else:
+        values = acts
+        fired = torch.nonzero(acts.reshape(-1, acts.shape[-1]))[:, 1]
+        count = fired.numel()
+    rows = values.numel() // values.shape[-1] if values.shape[-1] else math.prod(values.shape[:-1])
+    return fired, count / rows if rows else math.nan
+
+
 def latent_fire_counts(acts: Acts, d_sae: int | None = None) -> torch.Tensor:
     """How many rows each latent fired (> 0) in: int64 [d_sae], from dense [..., d_sae] or SparseActs."""
     if isinstance(acts, SparseActs):
-        fired = acts.indices[acts.values > 0]
-        return torch.bincount(fired.reshape(-1), minlength=acts.d_sae)
+        return torch.bincount(fired_latents(acts)[0], minlength=acts.d_sae)
     if not isinstance(acts, torch.Tensor) or acts.dim() == 0:
         raise InputError(f"acts must be a SparseActs or a dense tensor [..., d_sae], got {type(acts).__name__}")
     if d_sae is not None and acts.shape[-1] != d_sae:
@@ -83,7 +101,7 @@ def dead_latents(fire_counts: torch.Tensor) -> int:
 def l0(acts: Acts) -> float:
     """Mean number of active latents per row."""
     if isinstance(acts, SparseActs):
-        return float((acts.values > 0).sum(-1).float().mean())
+        return fired_latents(acts)[1]
     return float((acts != 0).sum(-1).float().mean())
 
 

@@ -506,7 +506,12 @@ class BaseSAE(nn.Module):
     def decode_selection(self, sel: Selection, x2: torch.Tensor | None = None) -> torch.Tensor:
         """The reconstruction [N, d_out] of a Selection (its local values and ids), plus the skip
         connection's term of input x2 when there is one and x2 is given."""
-        out = self.finish_decode(self.op("sparse_decode")(sel.values.to(self.dtype), sel.indices, self.W_dec, None))
+        decode = self.op("sparse_decode")
+        values = sel.values.to(self.dtype)
+        if self.sharded:  # b_dec once, after the shards' partial sums meet
+            out = self.finish_decode(decode(values, sel.indices, self.W_dec, None))
+        else:  # the op adds b_dec: no second [N, d] pass
+            out = decode(values, sel.indices, self.W_dec, self.b_dec)
         skip = self.skip_term(x2) if x2 is not None else None
         return out if skip is None else out + skip
 

@@ -52,7 +52,7 @@ class Tracker:
         (repeats allowed), `scalars` the step's loss terms."""
         self.tokens_since_fired += n_tokens
         if fired.numel():
-            self.tokens_since_fired[fired] = 0
+            self.tokens_since_fired.index_fill_(0, fired, 0)
             self.window_fires.index_add_(0, fired, torch.ones_like(fired))
         for k in SCALARS:
             self.sums[k] += float(scalars.get(k, 0.0))

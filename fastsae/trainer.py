@@ -42,6 +42,7 @@ from .data import ActivationSource, as_source, fingerprint_changes
 from .errors import ConfigError, InputError
 from .init import geometric_median, init_b_dec_, init_from_data_, resample_latents_
 from .malloc import keep_freed_memory
+from .metrics import fired_latents
 from .optim import DenseAdam, RowSparseAdam, build_optimizer, merge_row_sparse
 from .parallel import LOCAL, ParallelContext
 from .run_dir import CONSOLIDATE_MAX_BYTES, RunDir, latest_checkpoint, list_checkpoints
@@ -254,11 +255,10 @@ class Trainer:
         if not self._agree(bool(torch.isfinite(recon + aux)))[0]:
             return None
         self.step_row_sparse(*sae.sparse_backward(x, sel, grad_out), aux_rows)
-        acts = sel.acts
-        l0 = float((acts.values > 0).sum(-1).float().mean())
+        fired, l0 = fired_latents(sel.acts)
         scalars = {"mse": float(mse), "fvu": float(fvu), "l0": l0, "auxk": float(aux),
                    "sparsity": 0.0, "loss": float(recon) + float(aux)}
-        return scalars, x_hat, target, acts.indices[acts.values > 0]
+        return scalars, x_hat, target, fired
 
     def step_row_sparse(self, rows: RowSparseGrads, db_dec: torch.Tensor, aux_rows: RowSparseGrads | None) -> None:
         """The sparse path's update: the loss's row-sparse gradients plus AuxK's (from _auxk),
@@ -301,11 +301,7 @@ class Trainer:
         if self.dense_opt is not None:
             self.dense_opt.step()
             self.dense_opt.zero_grad()
-        acts = out.acts
-        if isinstance(acts, SparseActs):
-            fired = acts.indices[acts.values > 0]
-        else:
-            fired = torch.nonzero(acts.detach())[:, 1]
+        fired = fired_latents(out.acts if isinstance(out.acts, SparseActs) else out.acts.detach())[0]
         scalars = {"mse": float(out.mse.detach()), "fvu": float(out.fvu.detach()), "l0": float(out.l0),
                    "sparsity": float(sf * out.sparsity.detach()), "auxk": float(aux.detach()),
                    "loss": float(loss.detach()) + float(aux.detach())}
@@ -340,10 +336,7 @@ class Trainer:
                 sae.W_dec.copy_((norms * self._finetune_dirs).to(sae.W_dec.dtype))
             self.finetune_gain.grad = None
         sae.zero_grad(set_to_none=True)
-        if isinstance(acts, SparseActs):
-            fired, l0 = acts.indices[acts.values > 0], float((acts.values > 0).sum(-1).float().mean())
-        else:
-            fired, l0 = torch.nonzero(acts)[:, 1], float((acts != 0).sum(-1).float().mean())
+        fired, l0 = fired_latents(acts)
         scalars = {"mse": float(mse.detach()), "fvu": float(fvu.detach()), "l0": l0, "auxk": 0.0, "sparsity": 0.0,
                    "loss": float(mse.detach())}
         return scalars, x_hat.detach(), x, fired
