@@ -305,7 +305,8 @@ class BaseSAE(nn.Module):
     def op(self, name: str):
         """The implementation of op `name` this module uses (fastsae.ops: the backend's own, or the
         next backend's of the device's chain)."""
-        return ops.get(name, self.backend, self.device)
+        device = self.device  # one parameter lookup: op() runs several times a training step
+        return ops.get(name, ops.resolve_backend(self.cfg.backend, device), device)
 
     def local_view(self) -> LocalView:
         return LocalView(self)

@@ -45,6 +45,17 @@ def test_tensor_source_epochs_are_permutations_and_resume():
     assert all(torch.equal(a, b) for a, b in zip(after, _take(again, 7)))
 
 
+def test_tensor_source_order_is_its_seeded_permutation_across_epochs():
+    # the order a run's checkpoint resumes in: a change here would make a resumed run repeat or
+    # skip rows of its epoch
+    from fastsae.data import _generator
+    x = _rows(30)
+    got = torch.cat(_take(TensorSource(x, batch_size=7, seed=3), 9))[:, 0].long()  # 63 rows: 2 epochs + 3
+    want = [torch.randperm(30, generator=_generator(3, e))[:28] for e in (0, 1)]  # 4 whole batches each
+    want.append(torch.randperm(30, generator=_generator(3, 2))[:7])
+    assert torch.equal(got, torch.cat(want))
+
+
 @pytest.mark.parametrize("kind", ["npy", "safetensors"])
 def test_shard_source_covers_every_row_once_per_epoch(tmp_path, kind):
     x = _rows(1000)

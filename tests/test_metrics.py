@@ -76,6 +76,32 @@ def test_fire_counts_dead_latents_and_l0_dense_and_sparse():
     assert M.l0(sparse) == pytest.approx(1.5)
 
 
+@pytest.mark.parametrize("zeros", [0, 1, 5])
+@pytest.mark.parametrize("shape", [(6, 3), (2, 3, 4), (1, 1), (0, 4), (5, 0)])
+def test_fired_latents_match_the_masked_ids_and_the_mean_count(shape, zeros):
+    g = torch.Generator().manual_seed(len(shape) * 10 + zeros)
+    values = torch.rand(shape, generator=g) + 0.1
+    flat = values.view(-1)
+    flat[torch.randperm(flat.numel(), generator=g)[:zeros]] = 0.0  # no firing, whatever the slot
+    if flat.numel() > 1:
+        flat[-1] = -1.0 if zeros else flat[-1]
+    indices = torch.randint(0, 9, shape, generator=g)
+    before = (values.clone(), indices.clone())
+    fired, l0 = M.fired_latents(SparseActs(values, indices, 9))
+    assert torch.equal(fired, indices[values > 0])  # the same ids in the same (row) order
+    rows = math.prod(shape[:-1])
+    if rows == 0:
+        assert math.isnan(l0)
+    else:
+        assert l0 == pytest.approx(float((values > 0).sum(-1).float().mean()))
+    assert torch.equal(values, before[0]) and torch.equal(indices, before[1])
+    dense = torch.zeros(*shape[:-1], 9).scatter_(-1, indices, values.clamp_min(0)) if shape[-1] else torch.zeros(
+        *shape[:-1], 9)
+    fired_dense, l0_dense = M.fired_latents(dense)
+    assert torch.equal(fired_dense, torch.nonzero(dense.reshape(-1, 9))[:, 1])
+    assert math.isnan(l0_dense) if rows == 0 else l0_dense == pytest.approx(float((dense != 0).sum(-1).float().mean()))
+
+
 def test_fvu_perfect_mean_and_zero():
     x = random_dictionary(32, 5, 5)
     assert M.fvu(x, x) == 0.0

@@ -103,7 +103,8 @@ def _load_backends() -> None:
 
 
 def _dev(device: torch.device | str) -> str:
-    return torch.device(device).type
+    # a lookup runs on every op call: skip building a torch.device where there is one
+    return device.type if isinstance(device, torch.device) else torch.device(device).type
 
 
 def chain(device: torch.device | str, start: str | None = None) -> tuple[str, ...]:
