@@ -76,9 +76,9 @@ def fired_latents(acts: Acts) -> tuple[torch.Tensor, float]:
         fired = indices.reshape(-1) if count == positive.numel() else indices[positive]
     else:
         values = acts
-        fired = torch.nonzero(acts.reshape(-1, acts.shape[-1]))[:, 1]
+        fired = torch.nonzero(acts.detach().reshape(-1, acts.shape[-1]))[:, 1]
         count = fired.numel()
-    rows = values.numel() // values.shape[-1] if values.shape[-1] else math.prod(values.shape[:-1])
+    rows = math.prod(values.shape[:-1])
     return fired, count / rows if rows else math.nan
 
 

@@ -48,7 +48,7 @@ from .parallel import LOCAL, ParallelContext
 from .run_dir import CONSOLIDATE_MAX_BYTES, RunDir, latest_checkpoint, list_checkpoints
 from .sae import BaseSAE, build_sae, reconstruction_terms
 from .schedules import lr_factor, sparsity_factor
-from .sparse import RowSparseGrads, SparseActs
+from .sparse import RowSparseGrads
 from .tracking import Tracker, plot_curves
 
 
@@ -301,7 +301,7 @@ class Trainer:
         if self.dense_opt is not None:
             self.dense_opt.step()
             self.dense_opt.zero_grad()
-        fired = fired_latents(out.acts if isinstance(out.acts, SparseActs) else out.acts.detach())[0]
+        fired = fired_latents(out.acts)[0]
         scalars = {"mse": float(out.mse.detach()), "fvu": float(out.fvu.detach()), "l0": float(out.l0),
                    "sparsity": float(sf * out.sparsity.detach()), "auxk": float(aux.detach()),
                    "loss": float(loss.detach()) + float(aux.detach())}
