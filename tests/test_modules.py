@@ -250,3 +250,28 @@ def test_reconstruction_terms_and_sparse_loss_match_the_plain_formulas(rows, str
     torch.testing.assert_close(loss.double(), e64.pow(2).sum() / n, **fp32)
     torch.testing.assert_close(grad_out.double(), 2.0 / n * e64, **fp32)
     assert torch.equal(x_hat, kept[0]) and torch.equal(x, kept[1])
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("rows", [0, 1, 6])
+@pytest.mark.parametrize("n,k", [(1, 1), (N, K), (N, N)])
+def test_decode_selection_adds_b_dec_and_its_gradient(backend, rows, n, k):
+    # an unsharded module hands b_dec to the decode op: the formula, b_dec's gradient through
+    # the op, and nothing it reads changed, at 0 and 1 rows, 1 latent and k = n
+    torch.manual_seed(rows * 100 + n)
+    sae = fastsae.TopKSAE(d_in=D, d_sae=n, k=k, dtype="float64", backend=backend)
+    with torch.no_grad():
+        sae.b_dec.normal_(0, 0.5)
+    x = torch.randn(rows, D, dtype=torch.float64)
+    with torch.no_grad():
+        sel = sae.select(x)
+    saved = [t.detach().clone() for t in (x, sel.values, sel.indices, *sae.parameters())]
+    x_hat = sae.decode_selection(sel)
+    dense = sel.acts.to_dense()
+    torch.testing.assert_close(x_hat, dense @ sae.W_dec + sae.b_dec)
+    upstream = torch.randn(rows, D, dtype=torch.float64)
+    (x_hat * upstream).sum().backward()
+    torch.testing.assert_close(sae.b_dec.grad, upstream.sum(0))
+    torch.testing.assert_close(sae.W_dec.grad, dense.t() @ upstream)
+    for before, after in zip(saved, (x, sel.values, sel.indices, *sae.parameters())):
+        assert torch.equal(before, after.detach())
